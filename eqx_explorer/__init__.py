@@ -1,0 +1,18 @@
+"""eqx_explorer: see, click and export parameter freezing in Equinox models.
+
+```python
+import eqx_explorer as ex
+spec = ex.FilterSpec(model).freeze("encoder")
+params, static = eqx.partition(model, spec.tree)
+print(ex.summary(model, spec))
+```
+"""
+
+from ._errors import ExplorerError as ExplorerError
+from ._paths import format_path as format_path
+from ._paths import parse_path as parse_path
+from ._spec import FilterSpec as FilterSpec
+from ._summary import summary as summary
+from ._tree import ModelTree as ModelTree
+
+__version__ = "0.1.0"

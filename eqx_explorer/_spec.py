@@ -1,0 +1,289 @@
+"""FilterSpec: an immutable trainable/frozen mask over a model's leaves.
+
+Polarity follows Equinox: `True` = trainable (the `filter_spec` of `eqx.partition`).
+`optax.freeze` uses the opposite (`True` = frozen); `to_code("optax")` writes labels instead.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jax.tree_util as jtu
+import numpy as np
+
+from ._errors import ExplorerError
+from ._select import Selection, select
+from ._tree import ModelTree
+
+__all__ = ["FilterSpec"]
+
+_FORMAT = "eqx_explorer.FilterSpec"
+TRAINABLE, FROZEN, MIXED, STATIC = "trainable", "frozen", "mixed", "static"
+
+
+class FilterSpec:
+    """Which leaves of `model` train: a value, never changed in place.
+
+    ```python
+    spec = eqx_explorer.FilterSpec(model)              # every float/complex array trainable
+    spec = spec.freeze("encoder").unfreeze("encoder.layers[-1]")
+    params, static = eqx.partition(model, spec.tree)   # spec.tree: Python bools, model structure
+    ```
+
+    `freeze`/`unfreeze` take targets: a path (`"blocks[3].attn"`), a glob (`"blocks[*].attn"`,
+    `"**.bias"`), a `where` function (`lambda m: m.encoder`), a predicate on leaves
+    (`lambda path, leaf: leaf.ndim == 2`), a module class (`eqx.nn.LayerNorm`), or a list of
+    these. Later calls override earlier ones. Only inexact (float/complex) arrays can be
+    trainable; int/bool arrays and non-array leaves (functions, floats, strings) are always
+    `False` in `.tree` and have state `"static"`.
+
+    Edge cases: a stacked layer (`eqx.nn.MLP(..., scan=True)`) is one array leaf, so one bool
+    freezes all its layers at once; `eqx.nn.Shared` ties arrays so only the source is a leaf.
+    """
+
+    __slots__ = ("_model_tree", "_mask", "_cum", "constraints")
+
+    def __init__(
+        self, model: Any, *, _tree: ModelTree | None = None, _mask=None, _constraints=None
+    ):
+        self._model_tree = _tree if _tree is not None else ModelTree(model)
+        mask = self._model_tree.inexact.copy() if _mask is None else _mask
+        mask.setflags(write=False)
+        self._mask = mask
+        self._cum = None
+        self.constraints = dict(_constraints or {})
+
+    # -- construction -------------------------------------------------------
+    def _replace(
+        self, mask: np.ndarray | None = None, constraints: dict | None = None
+    ) -> FilterSpec:
+        return FilterSpec(
+            None,
+            _tree=self._model_tree,
+            _mask=self._mask if mask is None else mask,
+            _constraints=self.constraints if constraints is None else constraints,
+        )
+
+    @classmethod
+    def from_tree(cls, model: Any, filter_spec: Any) -> FilterSpec:
+        """The spec of a hand-written `filter_spec` (a prefix of `model` with bools/callables).
+
+        Reads it as `eqx.partition` does; `True` on a non-float leaf is ignored, as there.
+        """
+        spec = cls(model)
+        try:
+            full = jtu.tree_map(
+                lambda s, sub: jtu.tree_map(lambda x: bool(s(x) if callable(s) else s), sub),
+                filter_spec,
+                model,
+            )
+            flags = jtu.tree_leaves(full)
+        except (ValueError, TypeError) as e:
+            raise ExplorerError(
+                f"this filter_spec is not a prefix of the model's structure ({e}); build it "
+                "from the model, e.g. `jtu.tree_map(lambda _: False, model)` then `eqx.tree_at`"
+            ) from None
+        if len(flags) != spec._model_tree.num_leaves:
+            raise ExplorerError("this filter_spec does not match the model's leaves")
+        return spec._replace(np.asarray(flags, bool) & spec._model_tree.inexact)
+
+    @property
+    def model_tree(self) -> ModelTree:
+        return self._model_tree
+
+    @property
+    def model(self) -> Any:
+        return self._model_tree.model
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Read-only bool array over leaves (`jtu.tree_leaves(model)` order); True = trainable."""
+        return self._mask
+
+    def select(self, target: Any) -> Selection:
+        return select(self._model_tree, target)
+
+    def freeze(self, *targets: Any) -> FilterSpec:
+        """A new spec with every leaf under `targets` frozen (`self` is unchanged)."""
+        if not targets:
+            raise ExplorerError("freeze() needs at least one target, e.g. spec.freeze('encoder')")
+        sel = self.select(list(targets) if len(targets) > 1 else targets[0])
+        mask = self._mask.copy()
+        mask[sel.mask] = False
+        return self._replace(mask)
+
+    def unfreeze(self, *targets: Any) -> FilterSpec:
+        """A new spec with every float/complex array under `targets` trainable.
+
+        Raises `ExplorerError` if a target holds no float/complex array (an int/bool array, a
+        function, a Python scalar): those can never train.
+        """
+        if not targets:
+            raise ExplorerError("unfreeze() needs at least one target, e.g. spec.unfreeze('head')")
+        tree = self._model_tree
+        mask = self._mask.copy()
+        for target in targets:
+            sel = self.select(target)
+            hit = sel.mask & tree.inexact
+            if not hit.any():
+                raise ExplorerError(self._cannot_train_message(sel))
+            mask[hit] = True
+        return self._replace(mask)
+
+    def _cannot_train_message(self, sel: Selection) -> str:
+        tree = self._model_tree
+        first = int(np.flatnonzero(sel.mask)[0]) if sel.mask.any() else None
+        if first is None:
+            return f"{sel.label} selects no leaves, so there is nothing to unfreeze"
+        node = int(tree.leaf_node[first])
+        what = tree.summary(node)
+        return (
+            f"cannot unfreeze {sel.label}: it holds no floating-point array "
+            f"(e.g. `{tree.paths[node]}` is {what}). Only float/complex arrays can train; "
+            "int/bool arrays, functions and Python values stay as they are. "
+            "Unfreeze a module or array that has float weights."
+        )
+
+    def set_mask(self, mask: Any) -> FilterSpec:
+        """A new spec from a bool array over leaves (True = trainable)."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != self._mask.shape:
+            raise ExplorerError(
+                f"mask has shape {mask.shape} but the model has {self._mask.shape[0]} leaves"
+            )
+        bad = mask & ~self._model_tree.inexact
+        if bad.any():
+            node = int(self._model_tree.leaf_node[int(np.flatnonzero(bad)[0])])
+            raise ExplorerError(
+                f"leaf `{self._model_tree.paths[node]}` cannot be trainable: it is "
+                f"{self._model_tree.summary(node)}, not a float/complex array"
+            )
+        return self._replace(mask.copy())
+
+    # -- reading ------------------------------------------------------------
+    @property
+    def tree(self) -> Any:
+        """The filter spec: a pytree of Python bools with exactly the model's structure."""
+        return jtu.tree_unflatten(self._model_tree.treedef, [bool(b) for b in self._mask])
+
+    def _cumsum(self) -> np.ndarray:
+        if self._cum is None:
+            self._cum = np.concatenate([[0], np.cumsum(self._mask)])
+        return self._cum
+
+    def node_state(self, node: int) -> str:
+        tree = self._model_tree
+        lo, hi = tree.lo[node], tree.hi[node]
+        n_inexact = tree.n_inexact(node)
+        if n_inexact == 0:
+            return STATIC
+        cum = self._cumsum()
+        n_true = int(cum[hi] - cum[lo])
+        if n_true == n_inexact:
+            return TRAINABLE
+        return FROZEN if n_true == 0 else MIXED
+
+    def state(self, path: str = "") -> str:
+        """`"trainable"`, `"frozen"`, `"mixed"`, or `"static"` (no float array below)."""
+        return self.node_state(self._model_tree.find(path))
+
+    def node_states(self) -> list[str]:
+        return [self.node_state(i) for i in range(len(self._model_tree))]
+
+    @property
+    def counts(self) -> dict:
+        """Parameter and byte totals; tied (`eqx.nn.Shared`) arrays count once."""
+        tree = self._model_tree
+        inexact = tree.inexact
+        train = self._mask
+        frozen = inexact & ~train
+        return {
+            "trainable_params": int(tree.size[train].sum()),
+            "frozen_params": int(tree.size[frozen].sum()),
+            "trainable_bytes": int(tree.nbytes[train].sum()),
+            "frozen_bytes": int(tree.nbytes[frozen].sum()),
+            "static_leaves": int((~inexact).sum()),
+            "total_params": int(tree.size[inexact].sum()),
+            "trainable_leaves": int(train.sum()),
+            "frozen_leaves": int(frozen.sum()),
+        }
+
+    def frozen_paths(self) -> list[str]:
+        tree = self._model_tree
+        return [tree.paths[tree.leaf_node[i]] for i in np.flatnonzero(tree.inexact & ~self._mask)]
+
+    def trainable_paths(self) -> list[str]:
+        tree = self._model_tree
+        return [tree.paths[tree.leaf_node[i]] for i in np.flatnonzero(self._mask)]
+
+    # -- comparison ---------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FilterSpec):
+            return NotImplemented
+        return (
+            self._model_tree.treedef == other._model_tree.treedef
+            and np.array_equal(self._mask, other._mask)
+            and self.constraints == other.constraints
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        c = self.counts
+        total = c["total_params"] or 1
+        return (
+            f"FilterSpec({self._model_tree.cls[0]}: {c['trainable_params']:,} trainable / "
+            f"{c['total_params']:,} params ({100 * c['trainable_params'] / total:.1f}%), "
+            f"{c['frozen_leaves']} frozen arrays)"
+        )
+
+    # -- JSON ---------------------------------------------------------------
+    def to_json(self) -> str:
+        """JSON with every float/complex leaf's path under `trainable` or `frozen`."""
+        doc = {
+            "format": _FORMAT,
+            "version": 1,
+            "model": self._model_tree.cls[0],
+            "trainable": self.trainable_paths(),
+            "frozen": self.frozen_paths(),
+        }
+        return json.dumps(doc, indent=1, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, model: Any, text: str) -> FilterSpec:
+        """The spec saved by `to_json`, for `model`; raises if the model's leaves changed."""
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ExplorerError(f"not valid JSON ({e}); pass the text of spec.to_json()") from None
+        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+            raise ExplorerError(f"this JSON is not a saved FilterSpec (no format {_FORMAT!r})")
+        spec = cls(model)
+        tree = spec._model_tree
+        inexact_paths = {tree.paths[tree.leaf_node[i]]: i for i in np.flatnonzero(tree.inexact)}
+        trainable = list(doc.get("trainable", []))
+        frozen = list(doc.get("frozen", []))
+        saved = trainable + frozen
+        gone = [p for p in saved if p not in inexact_paths]
+        new = sorted(set(inexact_paths) - set(saved), key=inexact_paths.get)
+        if gone or new:
+            parts = []
+            if gone:
+                parts.append(
+                    f"{len(gone)} saved path(s) are not float arrays of this model: "
+                    + ", ".join(f"`{p}`" for p in gone[:10])
+                )
+            if new:
+                parts.append(
+                    f"{len(new)} float array(s) of this model are not in the saved spec: "
+                    + ", ".join(f"`{p}`" for p in new[:10])
+                )
+            raise ExplorerError(
+                "the model's structure changed since this spec was saved; "
+                + "; ".join(parts)
+                + ". Rebuild the spec for the new model (e.g. FilterSpec(model).freeze(...))."
+            )
+        mask = np.zeros(tree.num_leaves, bool)
+        mask[[inexact_paths[p] for p in trainable]] = True
+        return spec._replace(mask)

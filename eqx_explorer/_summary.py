@@ -1,0 +1,99 @@
+"""Text summary of a model and its spec: the widget's content for terminals and logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._spec import MIXED, FilterSpec
+from ._tree import CONTAINER_KINDS
+
+__all__ = ["summary", "counts_line"]
+
+
+def counts_line(spec: FilterSpec) -> str:
+    """PEFT-style one-liner: `trainable params: 1,234 || all params: 5,678 || trainable%: 21.73`."""
+    c = spec.counts
+    total = c["total_params"]
+    pct = 100 * c["trainable_params"] / total if total else 0.0
+    return (
+        f"trainable params: {c['trainable_params']:,} || all params: {total:,} || "
+        f"trainable%: {pct:.2f}"
+    )
+
+
+def _rows(spec: FilterSpec, max_rows: int) -> tuple[list[int], int]:
+    tree = spec.model_tree
+    if len(tree) <= max_rows:
+        return list(range(len(tree))), 0
+    # Too many rows: expand only mixed containers, so every row shown is uniform or mixed.
+    shown = [0]
+    stack = [0]
+    while stack:
+        node = stack.pop()
+        if node != 0 and spec.node_state(node) != MIXED:
+            continue
+        kids = tree.children[node]
+        shown.extend(kids)
+        stack.extend(reversed([k for k in kids if tree.kind[k] in CONTAINER_KINDS]))
+    shown.sort()
+    hidden = len(shown) - max_rows
+    return shown[:max_rows], max(hidden, 0)
+
+
+def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -> str:
+    """A table of the model's nodes with shapes, parameter counts and train state.
+
+    ```python
+    print(eqx_explorer.summary(model, eqx_explorer.FilterSpec(model).freeze("encoder")))
+    ```
+
+    Large models (more than `max_rows` nodes) show only what is needed to read the spec:
+    sub-trees with one state are shown as one row.
+    """
+    if spec is None:
+        spec = FilterSpec(model)
+    elif spec.model_tree.treedef != FilterSpec(model).model_tree.treedef:
+        from ._errors import ExplorerError
+
+        raise ExplorerError(
+            "this spec was built for a model with another structure; build it from this model"
+        )
+    tree = spec.model_tree
+    rows, hidden = _rows(spec, max_rows)
+    sharded = any(tree.sharding(i) for i in rows)
+    table = []
+    for i in rows:
+        node = tree.node(i)
+        indent = "  " * node.depth
+        name = indent + (node.path or "(root)")
+        kind_text = node.cls
+        if node.static:
+            kind_text += "(" + ", ".join(f"{k}={v}" for k, v in node.static.items()) + ")"
+        shape = node.summary if node.kind in ("array", "leaf", "none") else ""
+        params = f"{node.size:,}" if node.size and node.trainable else ""
+        row = [name, kind_text, shape, params, spec.node_state(i)]
+        if sharded:
+            row.append(node.sharding or "")
+        table.append(row)
+    header = ["path", "class", "value", "params", "state"] + (["sharding"] if sharded else [])
+    widths = [min(max(len(r[j]) for r in table + [header]), 60) for j in range(len(header))]
+
+    def fmt(row: list[str]) -> str:
+        cells = []
+        for text, w in zip(row, widths):
+            text = text if len(text) <= w else text[: w - 1] + "…"
+            cells.append(text.ljust(w))
+        return "  ".join(cells).rstrip()
+
+    c = spec.counts
+    lines = [fmt(header), "─" * len(fmt(header))]
+    lines += [fmt(r) for r in table]
+    if hidden:
+        lines.append(f"… {hidden} more rows (pass max_rows= to see them)")
+    lines.append("─" * len(fmt(header)))
+    lines.append(counts_line(spec))
+    lines.append(
+        f"frozen params: {c['frozen_params']:,} ({c['frozen_bytes']:,} bytes) || "
+        f"trainable bytes: {c['trainable_bytes']:,} || non-trainable leaves: {c['static_leaves']}"
+    )
+    return "\n".join(lines)

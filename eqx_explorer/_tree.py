@@ -1,0 +1,310 @@
+"""A flat node table over any pytree: the one walk every other module reads.
+
+Nodes are numbered in pre-order; the leaves under a node are the contiguous range
+`[lo, hi)` of `jax.tree_util.tree_leaves(model)` (flatten order is pre-order), which makes
+sub-tree questions (state, counts) O(1) with prefix sums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+from ._errors import ExplorerError
+from ._paths import format_key, format_path, parse_path
+
+__all__ = ["ModelTree", "Node"]
+
+# Node kinds.
+MODULE, LIST, TUPLE, NAMEDTUPLE, DICT, NODE = (
+    "module",
+    "list",
+    "tuple",
+    "namedtuple",
+    "dict",
+    "node",
+)
+ARRAY, LEAF, NONE = "array", "leaf", "none"
+CONTAINER_KINDS = frozenset({MODULE, LIST, TUPLE, NAMEDTUPLE, DICT, NODE})
+
+# Types that are always leaves: skip the (raising) one-level flatten for them.
+_ATOMS = (jax.Array, np.ndarray, np.generic, int, float, complex, str, bytes, bool)
+
+
+class Node(NamedTuple):
+    """One row of the node table (a read-only view; the table itself is columnar)."""
+
+    index: int
+    path: str
+    parent: int
+    kind: str
+    cls: str
+    depth: int
+    lo: int
+    hi: int
+    shape: tuple | None
+    dtype: str | None
+    size: int
+    nbytes: int
+    sharding: str | None
+    trainable: bool
+    static: dict
+    summary: str
+
+
+def _short_repr(x: Any, limit: int = 40) -> str:
+    if callable(x) and hasattr(x, "__name__"):
+        text = getattr(x, "__qualname__", x.__name__)
+        return text if "<lambda>" not in text else "lambda"
+    if type(x).__name__ == "custom_jvp" and hasattr(x, "fun"):
+        return getattr(x.fun, "__name__", "custom_jvp")
+    text = repr(x)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _describe_sharding(x: Any) -> str | None:
+    sharding = getattr(x, "sharding", None)
+    if sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return None
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        axes = ", ".join(f"{name}={size}" for name, size in sharding.mesh.shape.items())
+        return f"{sharding.spec} on mesh({axes})"
+    return type(sharding).__name__
+
+
+def _kind_of(obj: Any) -> tuple[str, list | None]:
+    """Kind of `obj` and, for containers, its `(key, child)` pairs."""
+    if obj is None:
+        return NONE, None
+    if isinstance(obj, _ATOMS) and not isinstance(obj, tuple):
+        return (ARRAY if eqx.is_array(obj) else LEAF), None
+    try:
+        children, _ = jtu.flatten_one_level_with_keys(obj)
+    except ValueError:
+        return (ARRAY if eqx.is_array(obj) else LEAF), None
+    if isinstance(obj, eqx.Module):
+        kind = MODULE
+    elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        kind = NAMEDTUPLE
+    elif isinstance(obj, tuple):
+        kind = TUPLE
+    elif isinstance(obj, list):
+        kind = LIST
+    elif isinstance(obj, dict):
+        kind = DICT
+    else:
+        kind = NODE
+    return kind, list(children)
+
+
+def _static_fields(obj: Any) -> dict:
+    if not dataclasses.is_dataclass(obj):
+        return {}
+    return {
+        f.name: _short_repr(getattr(obj, f.name, None))
+        for f in dataclasses.fields(obj)
+        if f.metadata.get("static", False)
+    }
+
+
+class ModelTree:
+    """The node table of a pytree: every module, container and leaf with its path.
+
+    ```python
+    tree = eqx_explorer.ModelTree(eqx.nn.MLP(2, 2, 8, 2, key=jax.random.key(0)))
+    tree.node(tree.find("layers[0].weight")).shape   # (8, 2)
+    ```
+
+    Static fields (`eqx.field(static=True)`) are listed in `node.static` of their module,
+    not as leaves. `None` fields are nodes of kind `"none"` with no leaves. The model is
+    only read, never copied or changed.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.treedef = jtu.tree_structure(model)
+        paths: list[str] = []
+        keys: list[tuple] = []
+        parent: list[int] = []
+        kinds: list[str] = []
+        classes: list[str] = []
+        depth: list[int] = []
+        lo: list[int] = []
+        statics: list[dict] = []
+        objects: list[Any] = []
+        leaves: list[Any] = []
+        leaf_node: list[int] = []
+        children: list[list[int]] = []
+
+        stack: list[tuple[Any, tuple, str, int, int]] = [(model, (), "", -1, 0)]
+        while stack:
+            obj, key_path, text, par, d = stack.pop()
+            index = len(paths)
+            kind, kids = _kind_of(obj)
+            paths.append(text)
+            keys.append(key_path)
+            parent.append(par)
+            kinds.append(kind)
+            classes.append(type(obj).__name__)
+            depth.append(d)
+            lo.append(len(leaves))
+            statics.append(_static_fields(obj) if kind == MODULE else {})
+            objects.append(obj)
+            children.append([])
+            if par >= 0:
+                children[par].append(index)
+            if kids is None:
+                if kind != NONE:
+                    leaves.append(obj)
+                    leaf_node.append(index)
+                continue
+            for key, child in reversed(kids):
+                step = format_key(key)
+                child_text = text + step if text else step.removeprefix(".")
+                stack.append((child, key_path + (key,), child_text, index, d + 1))
+
+        n = len(paths)
+        hi = list(lo)
+        for i in range(n - 1, -1, -1):
+            if kinds[i] in (ARRAY, LEAF):
+                hi[i] = lo[i] + 1
+            elif children[i]:
+                hi[i] = hi[children[i][-1]]
+
+        self.paths = paths
+        self.keys = keys
+        self.parent = parent
+        self.kind = kinds
+        self.cls = classes
+        self.depth = depth
+        self.lo = np.asarray(lo, dtype=np.int64)
+        self.hi = np.asarray(hi, dtype=np.int64)
+        self.static = statics
+        self.objects = objects
+        self.children = children
+        self.leaves = leaves
+        self.leaf_node = np.asarray(leaf_node, dtype=np.int64)
+        self._index = {p: i for i, p in enumerate(paths)}
+        if len(self._index) != n:
+            raise ExplorerError(
+                "two nodes of this pytree print the same path; give dict keys distinct "
+                "printed forms (e.g. not both 1 and True)"
+            )
+
+        nl = len(leaves)
+        self.is_array = np.fromiter((eqx.is_array(x) for x in leaves), bool, nl)
+        self.inexact = np.fromiter((eqx.is_inexact_array(x) for x in leaves), bool, nl)
+        self.size = np.fromiter(
+            (int(np.prod(np.shape(x))) if a else 0 for x, a in zip(leaves, self.is_array)),
+            np.int64,
+            nl,
+        )
+        self.nbytes = np.fromiter(
+            (
+                int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize if a else 0
+                for x, a in zip(leaves, self.is_array)
+            ),
+            np.int64,
+            nl,
+        )
+        # Prefix sums over leaves: sub-tree totals in O(1).
+        self._cum_inexact = np.concatenate([[0], np.cumsum(self.inexact)])
+        self._cum_params = np.concatenate([[0], np.cumsum(np.where(self.inexact, self.size, 0))])
+
+    # -- sizes --------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_leaves(self) -> int:
+        return len(self.leaves)
+
+    @property
+    def leaf_paths(self) -> list[str]:
+        return [self.paths[i] for i in self.leaf_node]
+
+    def n_inexact(self, node: int) -> int:
+        return int(self._cum_inexact[self.hi[node]] - self._cum_inexact[self.lo[node]])
+
+    def params(self, node: int) -> int:
+        """Number of trainable-kind (inexact) array elements under `node`."""
+        return int(self._cum_params[self.hi[node]] - self._cum_params[self.lo[node]])
+
+    # -- rows ---------------------------------------------------------------
+    def is_leaf(self, node: int) -> bool:
+        return self.kind[node] in (ARRAY, LEAF)
+
+    def node(self, index: int) -> Node:
+        kind = self.kind[index]
+        obj = self.objects[index]
+        leaf = kind in (ARRAY, LEAF)
+        li = int(self.lo[index]) if leaf else -1
+        is_arr = kind == ARRAY
+        return Node(
+            index=index,
+            path=self.paths[index],
+            parent=self.parent[index],
+            kind=kind,
+            cls=self.cls[index],
+            depth=self.depth[index],
+            lo=int(self.lo[index]),
+            hi=int(self.hi[index]),
+            shape=tuple(np.shape(obj)) if is_arr else None,
+            dtype=str(obj.dtype) if is_arr else None,
+            size=int(self.size[li]) if is_arr else self.params(index) if not leaf else 0,
+            nbytes=int(self.nbytes[li]) if is_arr else 0,
+            sharding=_describe_sharding(obj) if is_arr else None,
+            trainable=bool(self.inexact[li]) if leaf else self.n_inexact(index) > 0,
+            static=self.static[index],
+            summary=self.summary(index),
+        )
+
+    def summary(self, index: int) -> str:
+        """Short text for a row: shape/dtype for arrays, a repr for other leaves."""
+        kind, obj = self.kind[index], self.objects[index]
+        if kind == ARRAY:
+            return f"{np.dtype(obj.dtype).name}{list(np.shape(obj))}"
+        if kind == LEAF:
+            return _short_repr(obj)
+        if kind == NONE:
+            return "None"
+        return f"{len(self.children[index])} children"
+
+    def sharding(self, index: int) -> str | None:
+        return _describe_sharding(self.objects[index]) if self.kind[index] == ARRAY else None
+
+    # -- lookup -------------------------------------------------------------
+    def find(self, path: str) -> int:
+        """Index of the node at `path` (leading dot optional); `ExplorerError` if none."""
+        if isinstance(path, str) and path in self._index:
+            return self._index[path]
+        keys = parse_path(path)
+        canonical = format_path(keys)
+        if canonical in self._index:
+            return self._index[canonical]
+        raise ExplorerError(self._unknown_path_message(keys, canonical))
+
+    def _unknown_path_message(self, keys: tuple, canonical: str) -> str:
+        # Walk down as far as the path exists, then suggest among that node's children.
+        node, depth = 0, 0
+        for depth in range(len(keys), 0, -1):
+            prefix = format_path(keys[:depth])
+            if prefix in self._index:
+                node = self._index[prefix]
+                break
+        else:
+            depth = 0
+        names = [self.paths[c] for c in self.children[node]]
+        close = difflib.get_close_matches(canonical, names, n=3, cutoff=0.5) or names[:5]
+        where = f"`{self.paths[node]}`" if depth else "the model root"
+        hint = ", ".join(f"`{p}`" for p in close) if close else "(it has no children)"
+        return (
+            f"no node at path `{canonical}` in this {self.cls[0]}: the longest existing prefix "
+            f"is {where}. Closest existing paths: {hint}."
+        )
