@@ -238,6 +238,13 @@ class FilterSpec:
             f"{c['frozen_leaves']} frozen arrays)"
         )
 
+    # -- export -----------------------------------------------------------
+    def to_code(self, style: str = "tree_at") -> str:
+        """Python code that rebuilds this spec from `model`; see `eqx_explorer._codegen`."""
+        from ._codegen import to_code
+
+        return to_code(self, style)
+
     # -- JSON ---------------------------------------------------------------
     def to_json(self) -> str:
         """JSON with every float/complex leaf's path under `trainable` or `frozen`."""

@@ -92,6 +92,8 @@ def _kind_of(obj: Any) -> tuple[str, list | None]:
         kind = MODULE
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
         kind = NAMEDTUPLE
+        # jax 0.10's one-level flatten repeats the first field's key for namedtuples.
+        children = [(jtu.GetAttrKey(f), c) for f, (_, c) in zip(obj._fields, children)]
     elif isinstance(obj, tuple):
         kind = TUPLE
     elif isinstance(obj, list):
