@@ -12,6 +12,7 @@ from typing import Any
 import jax.tree_util as jtu
 import numpy as np
 
+from ._constraints import make_rule
 from ._errors import ExplorerError
 from ._select import Selection, select
 from ._tree import ModelTree
@@ -131,19 +132,47 @@ class FilterSpec:
             mask[hit] = True
         return self._replace(mask)
 
-    def _cannot_train_message(self, sel: Selection) -> str:
+    def _cannot_train_message(self, sel: Selection, verb: str = "unfreeze") -> str:
         tree = self._model_tree
         first = int(np.flatnonzero(sel.mask)[0]) if sel.mask.any() else None
         if first is None:
-            return f"{sel.label} selects no leaves, so there is nothing to unfreeze"
+            return f"{sel.label} selects no leaves, so there is nothing to {verb}"
         node = int(tree.leaf_node[first])
         what = tree.summary(node)
         return (
-            f"cannot unfreeze {sel.label}: it holds no floating-point array "
+            f"cannot {verb} {sel.label}: it holds no floating-point array "
             f"(e.g. `{tree.paths[node]}` is {what}). Only float/complex arrays can train; "
             "int/bool arrays, functions and Python values stay as they are. "
-            "Unfreeze a module or array that has float weights."
+            f"{verb.capitalize()} a module or array that has float weights."
         )
+
+    def constrain(self, where: Any, rule: Any) -> FilterSpec:
+        """A new spec whose selected float arrays follow an update `rule` when trained.
+
+        `where` takes the same forms as `freeze`; `rule` is `"positive"`, `"orthogonal"`,
+        `"unit_norm"`, `("interval", lo, hi)`, a callable `rule(param, update) -> new_param`,
+        or `None` to remove constraints. See `eqx_explorer._constraints`.
+
+        ```python
+        spec = FilterSpec(model).constrain("scale", "positive")
+        ```
+        """
+        tree = self._model_tree
+        sel = self.select(where)
+        hit = np.flatnonzero(sel.mask & tree.inexact)
+        constraints = dict(self.constraints)
+        if rule is None:
+            for i in hit:
+                constraints.pop(tree.paths[tree.leaf_node[i]], None)
+            return self._replace(constraints=constraints)
+        if not len(hit):
+            raise ExplorerError(self._cannot_train_message(sel, "constrain"))
+        made = make_rule(rule)
+        for i in hit:
+            path = tree.paths[tree.leaf_node[i]]
+            made.check(path, tree.leaves[i])
+            constraints[path] = made
+        return self._replace(constraints=constraints)
 
     def set_mask(self, mask: Any) -> FilterSpec:
         """A new spec from a bool array over leaves (True = trainable)."""
@@ -255,6 +284,8 @@ class FilterSpec:
             "trainable": self.trainable_paths(),
             "frozen": self.frozen_paths(),
         }
+        if self.constraints:
+            doc["constraints"] = {p: r.to_json() for p, r in self.constraints.items()}
         return json.dumps(doc, indent=1, ensure_ascii=False)
 
     @classmethod
@@ -293,4 +324,7 @@ class FilterSpec:
             )
         mask = np.zeros(tree.num_leaves, bool)
         mask[[inexact_paths[p] for p in trainable]] = True
-        return spec._replace(mask)
+        spec = spec._replace(mask)
+        for path, rule in doc.get("constraints", {}).items():
+            spec = spec.constrain(path, tuple(rule) if isinstance(rule, list) else rule)
+        return spec
