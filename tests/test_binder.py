@@ -1,0 +1,181 @@
+"""binder/ works on Binder, checked without Docker.
+
+1. `repo2docker --no-build` reads the repository as Binder would: it must pick binder/, the
+   Python version of binder/runtime.txt (its default is too old for current JAX) and install
+   binder/requirements.txt after copying the repository (the `.` line is the repo itself).
+2. A fresh venv made only from binder/requirements.txt, with pip run from the repository root
+   as repo2docker runs it, executes every notebook.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+from .test_notebooks import NOTEBOOKS, record_time, run_notebook
+
+ROOT = Path(__file__).resolve().parent.parent
+BINDER = ROOT / "binder"
+IN_CI = bool(os.environ.get("CI"))
+
+
+def _requirements() -> list[str]:
+    lines = (BINDER / "requirements.txt").read_text().splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+def _runtime_version() -> str:
+    text = (BINDER / "runtime.txt").read_text().strip()
+    match = re.fullmatch(r"python-(3\.\d+)", text)
+    assert match, f"binder/runtime.txt should read like python-3.11, not {text!r}"
+    return match.group(1)
+
+
+def _repo2docker() -> str:
+    exe = Path(sys.executable).parent / "repo2docker"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("repo2docker")
+    if found:
+        return found
+    message = "repo2docker is not installed: add jupyter-repo2docker to the test extras"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def test_binder_folder_has_only_environment_files():
+    names = sorted(p.name for p in BINDER.iterdir())
+    assert names == ["requirements.txt", "runtime.txt"]  # nothing Docker-specific
+
+
+def test_requirements_are_pinned_cpu_and_install_the_repo():
+    reqs = _requirements()
+    assert "." in reqs, "binder/requirements.txt must install the package itself with `.`"
+    pinned = [r for r in reqs if r != "."]
+    for req in pinned:
+        assert re.fullmatch(r"[A-Za-z0-9_.\-]+==[0-9][A-Za-z0-9.]*", req), f"not pinned: {req}"
+    names = {r.split("==")[0].lower().replace("_", "-") for r in pinned}
+    assert {"jax", "jaxlib", "equinox", "optax", "anywidget", "jupyterlab"} <= names
+    assert not any(n.startswith(("jax-cuda", "jax-tpu", "nvidia-")) for n in names)
+    assert not any("[cuda" in r or "[tpu" in r for r in reqs)
+
+
+def test_runtime_python_suits_the_pins():
+    """runtime.txt names a Python the pinned JAX supports; repo2docker's default does not."""
+    version = Version(_runtime_version())
+    for dist in ("jax", "jaxlib", "numpy"):
+        requires = metadata.metadata(dist)["Requires-Python"] or ""
+        assert version in SpecifierSet(requires), f"{dist} needs Python {requires}"
+
+
+def test_pins_match_the_tested_venv():
+    """The notebooks are tested in this venv; pins that drift from it are only a warning."""
+    drift = []
+    for req in _requirements():
+        if req == ".":
+            continue
+        name, version = req.split("==")
+        try:
+            installed = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+        if installed != version:
+            drift.append(f"{name}: pinned {version}, venv has {installed}")
+    if drift:
+        message = "binder/requirements.txt pins differ from the venv: " + "; ".join(drift)
+        warnings.warn(message, stacklevel=1)
+
+
+def _dry_run(repo: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [_repo2docker(), "--no-build", "--no-run", str(repo)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=repo,
+    )
+
+
+def test_repo2docker_accepts_the_binder_folder():
+    result = _dry_run(ROOT)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    version = _runtime_version()
+    match = re.search(r"Building conda environment for python=(\S+)", log)
+    assert match, log
+    print(f"repo2docker would build Python {match.group(1)}")
+    assert match.group(1) == version
+    dockerfile = result.stdout
+    # the environment comes from binder/, after the whole repository is copied in (so `.` is
+    # the repository root, the directory pip runs in)
+    install = 'pip install --no-cache-dir -r "binder/requirements.txt"'
+    assert install in dockerfile
+    assert dockerfile.index("COPY --chown=0:0 src/ ${REPO_DIR}/") < dockerfile.index(install)
+    assert "pip install --no-cache-dir ." not in dockerfile.replace(install, "")
+
+
+def test_repo2docker_default_python_is_too_old_without_runtime_txt(tmp_path: Path):
+    """Why runtime.txt exists: without it repo2docker picks a Python JAX does not support."""
+    (tmp_path / "binder").mkdir()
+    shutil.copy(BINDER / "requirements.txt", tmp_path / "binder" / "requirements.txt")
+    result = _dry_run(tmp_path)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log
+    default = re.search(r"Building conda environment for python=(\S+)", log).group(1)
+    requires = SpecifierSet(metadata.metadata("jax")["Requires-Python"])
+    assert Version(default) not in requires, f"default {default} now fits; runtime.txt optional"
+
+
+@pytest.mark.slow
+def test_fresh_binder_venv_runs_every_notebook(tmp_path: Path):
+    """Install binder/requirements.txt into a new venv as repo2docker does (pip from the repo
+    root) and run every notebook with that venv's Python as the kernel."""
+    venv = tmp_path / "binder-venv"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
+    pip = subprocess.run(
+        [python, "-m", "pip", "install", "-q", "-r", "binder/requirements.txt"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert pip.returncode == 0, pip.stdout[-5000:] + pip.stderr[-5000:]
+    record_time("pip install -r binder/requirements.txt", time.perf_counter() - start, "binder")
+
+    # the kernel imports the freshly installed package, not the repo's working tree
+    probe = subprocess.run(
+        [python, "-c", "import eqx_explorer, jax; print(eqx_explorer.__file__, jax.__version__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert str(venv) in probe.stdout, probe.stdout
+
+    failures = []
+    for path in NOTEBOOKS:
+        try:
+            _, seconds = run_notebook(path, python=python)
+        except Exception as e:  # report every failing notebook, not only the first
+            failures.append(f"{path.name}: {type(e).__name__}: {str(e)[-2000:]}")
+            continue
+        record_time(path.name, seconds, "binder")
+    assert not failures, "\n\n".join(failures)
