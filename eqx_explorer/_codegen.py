@@ -1,0 +1,527 @@
+"""Export a FilterSpec as the Python code a careful Equinox user would write by hand.
+
+```python
+spec = eqx_explorer.FilterSpec(model).freeze("embed", "blocks[*].attn")
+code = spec.to_code("tree_at")     # or "path", "optax", "stop_gradient", "train_step"
+namespace = {"model": model}
+exec(code, namespace)              # defines `filter_spec` (and the style's extras)
+```
+
+Every style renders one decomposition of the spec: the *highest* sub-trees whose float arrays
+are all trainable or all frozen, found by walking from the root into mixed nodes only. The code
+starts from whichever of "everything frozen" / "every float array trains" needs fewer of these
+sub-trees changed, then changes them all in one `eqx.tree_at` (or lists them as key-path
+prefixes). Sub-trees without float arrays (ints, functions, `None`) are `False` either way, so
+they are never targeted; that also keeps `eqx.tree_at` away from `None`, which it cannot target.
+
+The code is exact (it rebuilds `spec.tree` leaf for leaf), self-contained, deterministic, and
+already in `ruff format` layout (line length 100). Dict keys are written as literals built here,
+never copied from user text, so no key can inject code.
+"""
+
+from __future__ import annotations
+
+import ast
+import keyword
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax.tree_util as jtu
+
+from ._errors import ExplorerError
+from ._spec import FROZEN, MIXED, TRAINABLE, FilterSpec
+from ._tree import LIST, TUPLE, ModelTree
+
+__all__ = ["STYLES", "to_code"]
+
+_WIDTH = 100  # the repo's ruff line length; emitted code is laid out for it
+_INDENT = "    "
+_ROOTS = ("m", "float_arrays", "model")  # names the emitted `where` code reads
+
+
+# -- the decomposition ------------------------------------------------------------------------
+class _Plan(NamedTuple):
+    """The highest uniform sub-trees of a spec, and which start needs fewer of them changed."""
+
+    spec: FilterSpec
+    trainable: list[int]  # node indices, pre-order
+    frozen: list[int]
+
+    @property
+    def tree(self) -> ModelTree:
+        return self.spec.model_tree
+
+    @property
+    def start_trainable(self) -> bool:
+        # Ties go to the Equinox default (`eqx.is_inexact_array`): it reads as "freeze these".
+        return len(self.frozen) <= len(self.trainable)
+
+    @property
+    def changed(self) -> list[int]:
+        return self.frozen if self.start_trainable else self.trainable
+
+
+def _plan(spec: FilterSpec) -> _Plan:
+    tree = spec.model_tree
+    trainable: list[int] = []
+    frozen: list[int] = []
+    stack = [0]
+    while stack:
+        node = stack.pop()
+        state = spec.node_state(node)
+        if state == TRAINABLE:
+            trainable.append(node)
+        elif state == FROZEN:
+            frozen.append(node)
+        elif state == MIXED:
+            stack.extend(reversed(tree.children[node]))
+        # STATIC: no float array below, `False` from either start; never targeted.
+    return _Plan(spec, trainable, frozen)
+
+
+# -- literals and accessors -------------------------------------------------------------------
+class _Unwritable(Exception):
+    """A node that a `where` function cannot reach; carries the reason."""
+
+
+def _quoted(body: str, doubles: int, singles: int, prefix: str = "") -> str:
+    # ruff's quote rule: double quotes unless that needs more escapes than single quotes.
+    quote = "'" if doubles > singles else '"'
+    escaped = body.replace(quote, "\\" + quote)
+    return f"{prefix}{quote}{escaped}{quote}"
+
+
+def _literal(key: Any) -> str:
+    """Python source for a dict key: a literal that evaluates back to `key`, in ruff's style."""
+    if key is None or isinstance(key, bool):
+        return repr(key)
+    if isinstance(key, int):
+        return repr(int(key))
+    if isinstance(key, float):
+        if not math.isfinite(key):
+            raise _Unwritable(f"the dict key {key!r} has no Python literal")
+        # float's own repr (numpy's would print `np.float64(...)`); ruff writes 1e16, not 1e+16.
+        return float.__repr__(float(key)).replace("e+", "e")
+    if isinstance(key, str):
+        # repr of one character escapes it (backslash, newline, non-printables) but leaves both
+        # quote characters bare; `_quoted` escapes the quote it picks.
+        body = "".join(repr(c)[1:-1] for c in key)
+        return _quoted(body, key.count('"'), key.count("'"))
+    if isinstance(key, bytes):
+        body = "".join(repr(bytes([b]))[2:-1] for b in key)
+        return _quoted(body, key.count(b'"'), key.count(b"'"), prefix="b")
+    if isinstance(key, tuple):
+        items = [_literal(k) for k in key]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    raise _Unwritable(f"the dict key {key!r} ({type(key).__name__}) has no Python literal")
+
+
+def _render_keys(keys: tuple, root: str) -> str:
+    """`root.blocks[3]["k"]`: Python that follows `keys` from `root`."""
+    text = root
+    for key in keys:
+        if isinstance(key, jtu.GetAttrKey):
+            name = key.name
+            if name.isidentifier() and not keyword.iskeyword(name):
+                text += f".{name}"
+            else:
+                text = f"getattr({text}, {_literal(name)})"
+        elif isinstance(key, jtu.SequenceKey):
+            text += f"[{key.idx}]"
+        elif isinstance(key, jtu.DictKey):
+            text += f"[{_literal(key.key)}]"
+        elif isinstance(key, jtu.FlattenedIndexKey):
+            raise _Unwritable(
+                f"its key `[<flat index {key.key}>]` is a position in a flattened node "
+                "(e.g. an `eqx.nn.State`), which Python cannot index"
+            )
+        else:
+            raise _Unwritable(f"its key {key!r} ({type(key).__name__}) has no Python accessor")
+    return text
+
+
+class _Run(NamedTuple):
+    """Targets `container[j] + suffix` for a contiguous range of `j`: one comprehension."""
+
+    container: int
+    start: int
+    stop: int
+    suffix: tuple
+
+
+def _list_ancestor(tree: ModelTree, node: int) -> tuple[int, int] | None:
+    """The outermost list/tuple above `node`, and the index of its child on the way down."""
+    found = None
+    child, parent = node, tree.parent[node]
+    while parent >= 0:
+        if tree.kind[parent] in (LIST, TUPLE):
+            found = (parent, tree.keys[child][-1].idx)
+        child, parent = parent, tree.parent[parent]
+    return found
+
+
+def _group(tree: ModelTree, nodes: list[int]) -> list[int | _Run]:
+    """`nodes` in order, with 3+ consecutive siblings reached by the same suffix folded."""
+    runs: dict[tuple, list[tuple[int, int]]] = {}
+    for node in nodes:
+        found = _list_ancestor(tree, node)
+        if found is not None:
+            container, j = found
+            suffix = tree.keys[node][len(tree.keys[container]) + 1 :]
+            runs.setdefault((container, suffix), []).append((j, node))
+    folded: dict[int, _Run] = {}  # first node of a run -> the run
+    inside: set[int] = set()  # the run's other nodes
+    for (container, suffix), members in runs.items():
+        start = 0
+        while start < len(members):
+            stop = start + 1
+            while stop < len(members) and members[stop][0] == members[stop - 1][0] + 1:
+                stop += 1
+            if stop - start >= 3:
+                first, last = members[start][0], members[stop - 1][0]
+                folded[members[start][1]] = _Run(container, first, last + 1, suffix)
+                inside.update(node for _, node in members[start + 1 : stop])
+            start = stop
+    return [folded.get(n, n) for n in nodes if n not in inside]
+
+
+def _loop_name(tree: ModelTree, container: int) -> str:
+    """`block` for `m.blocks`: the list's field name without its plural `s`, else `x`."""
+    keys = tree.keys[container]
+    name = keys[-1].name if keys and isinstance(keys[-1], jtu.GetAttrKey) else ""
+    single = name[:-1] if name.endswith("s") else ""
+    ok = single.isidentifier() and not keyword.iskeyword(single)
+    ok = ok and single not in _ROOTS and single not in ("l", "O", "I")  # E741: ambiguous
+    return single if ok else "x"
+
+
+def _run_expr(tree: ModelTree, run: _Run, root: str) -> str:
+    source = _render_keys(tree.keys[run.container], root)
+    size = len(tree.children[run.container])
+    if (run.start, run.stop) != (0, size):
+        lo = "" if run.start == 0 else str(run.start)
+        hi = "" if run.stop == size else str(run.stop)
+        source += f"[{lo}:{hi}]"
+    if not run.suffix:
+        return f"*{source}"
+    var = _loop_name(tree, run.container)
+    return f"*[{_render_keys(run.suffix, var)} for {var} in {source}]"
+
+
+def _targets(tree: ModelTree, nodes: list[int], root: str) -> Any:
+    """What a `where` function returns for `nodes`: one node, or a tuple/list of them."""
+    items = [
+        _run_expr(tree, item, root)
+        if isinstance(item, _Run)
+        else _render_keys(tree.keys[item], root)
+        for item in _group(tree, nodes)
+    ]
+    if len(items) == 1:
+        # A lone `*[b.attn for b in m.blocks]` is just the list; `*m.blocks[:6]` the slice.
+        return items[0].removeprefix("*")
+    return _Seq("(", items, ")")
+
+
+def _unwritable(tree: ModelTree, nodes: list[int]) -> tuple[int, str] | None:
+    """The first node a `where` function cannot reach, and why; `None` if all can be."""
+    for node in nodes:
+        try:
+            _render_keys(tree.keys[node], "m")
+        except _Unwritable as e:
+            return node, str(e)
+    return None
+
+
+def _check_writable(tree: ModelTree, nodes: list[int], style: str, instead: str) -> None:
+    failure = _unwritable(tree, nodes)
+    if failure is not None:
+        node, why = failure
+        raise ExplorerError(
+            f"style {style!r} cannot write a `where` function reaching `{tree.paths[node]}`: "
+            f"{why}. {instead}"
+        )
+
+
+# -- layout -----------------------------------------------------------------------------------
+class _Seq(NamedTuple):
+    """A bracketed, comma-separated group: one line if it fits, else one item per line."""
+
+    open: str
+    items: list  # of str | _Seq | _Arg
+    close: str
+
+
+class _Arg(NamedTuple):
+    """`lead` glued to a value that may itself be laid out: `replace=(...)`, `lambda m: (...)`."""
+
+    lead: str
+    value: Any
+
+
+def _flat(x: Any) -> str:
+    if isinstance(x, str):
+        return x
+    if isinstance(x, _Arg):
+        return x.lead + _flat(x.value)
+    inner = ", ".join(_flat(i) for i in x.items)
+    comma = "," if x.open == "(" and len(x.items) == 1 else ""  # a one-element tuple
+    return f"{x.open}{inner}{comma}{x.close}"
+
+
+def _layout(x: Any, indent: str, lead: str = "", tail: str = "") -> list[str]:
+    """Lines of `lead + x + tail` as `ruff format` leaves them.
+
+    A group that does not fit goes one item per line with a trailing comma, which ruff keeps
+    (the magic trailing comma) rather than trying other splits.
+    """
+    if isinstance(x, _Arg):
+        return _layout(x.value, indent, lead + x.lead, tail)
+    flat = _flat(x)
+    if isinstance(x, str) or len(indent) + len(lead) + len(flat) + len(tail) <= _WIDTH:
+        return [f"{indent}{lead}{flat}{tail}"]
+    lines = [f"{indent}{lead}{x.open}"]
+    for item in x.items:
+        lines += _layout(item, indent + _INDENT, "", ",")
+    lines.append(f"{indent}{x.close}{tail}")
+    return lines
+
+
+def _statement(x: Any, lead: str = "", indent: str = "") -> str:
+    return "\n".join(_layout(x, indent, lead))
+
+
+# -- the filter_spec block --------------------------------------------------------------------
+_IMPORTS = {
+    "eqx": "import equinox as eqx",
+    "jax": "import jax",
+    "jtu": "import jax.tree_util as jtu",
+    "optax": "import optax",
+}
+
+_USE_PATH = 'Use style "path": it matches key paths as text and handles every key.'
+
+
+def _with_header(plan: _Plan, body: str) -> str:
+    """A title comment and the imports `body` uses (read from its names, never its comments)."""
+    used = {node.id for node in ast.walk(ast.parse(body)) if isinstance(node, ast.Name)}
+    counts = plan.spec.counts
+    name = plan.tree.cls[0] if plan.tree.cls[0].isidentifier() else "this model"  # no newlines
+    return "\n".join(
+        [
+            f"# Filter spec for {name}: {counts['trainable_params']:,} of "
+            f"{counts['total_params']:,} parameters train. Generated by eqx_explorer.",
+            "",
+            *(line for name, line in _IMPORTS.items() if name in used),
+            "",
+            body,
+        ]
+    )
+
+
+def _start(start_trainable: bool) -> str:
+    if start_trainable:
+        return "filter_spec = jtu.tree_map(eqx.is_inexact_array, model)"
+    return "filter_spec = jtu.tree_map(lambda _: False, model)"
+
+
+def _uniform_block(plan: _Plan) -> list[str]:
+    if plan.start_trainable:
+        note = "# Every float array trains (the Equinox default); ints, functions and flags do not."
+    else:
+        note = "# Everything is frozen."
+    return [note, _start(plan.start_trainable)]
+
+
+def _tree_at_block(plan: _Plan) -> list[str]:
+    if not plan.changed:
+        return _uniform_block(plan)
+    tree = plan.tree
+    where = _Arg("lambda m: ", _targets(tree, plan.changed, "m"))
+    if plan.start_trainable:
+        lines = [
+            "# Start from the Equinox default (every float array trains), then freeze sub-trees.",
+            _start(True),
+        ]
+        replace = _Arg("replace_fn=", "lambda sub: jtu.tree_map(lambda _: False, sub)")
+    else:
+        lines = [
+            "# Start with everything frozen, then train the float arrays of whole sub-trees",
+            "# (read from `float_arrays`, so int arrays and functions in them stay False).",
+            "float_arrays = jtu.tree_map(eqx.is_inexact_array, model)",
+            _start(False),
+        ]
+        replace = _Arg("replace=", _targets(tree, plan.changed, "float_arrays"))
+    call = _Seq("eqx.tree_at(", [where, "filter_spec", replace], ")")
+    return [*lines, _statement(call, "filter_spec = ")]
+
+
+def _path_block(plan: _Plan) -> list[str]:
+    if not plan.changed:
+        return _uniform_block(plan)
+    tree = plan.tree
+    if plan.start_trainable:
+        name, polarity, test = "FROZEN", "frozen", "prefixes.isdisjoint(FROZEN)"
+    else:
+        name, polarity, test = "TRAINABLE", "trainable", "not prefixes.isdisjoint(TRAINABLE)"
+    listed = _Seq("(", [_literal(jtu.keystr(tree.keys[n])) for n in plan.changed], ")")
+    return [
+        f"# Sub-trees that are {polarity}, as `jtu.keystr` of their key paths. A leaf is in",
+        "# one when its path cut at a key boundary is listed: `.b[1]` never matches `.b[10]`.",
+        _statement(listed, f"{name} = "),
+        "",
+        "",
+        "def is_trainable(path, leaf):",
+        "    prefixes = {jtu.keystr(path[:n]) for n in range(len(path) + 1)}",
+        f"    return eqx.is_inexact_array(leaf) and {test}",
+        "",
+        "",
+        "filter_spec = jtu.tree_map_with_path(is_trainable, model)",
+    ]
+
+
+def _spec_block(plan: _Plan) -> list[str]:
+    """`tree_at` when every changed sub-tree can be reached by a `where`, else `path`."""
+    if _unwritable(plan.tree, plan.changed) is not None:
+        return _path_block(plan)
+    return _tree_at_block(plan)
+
+
+# -- styles -------------------------------------------------------------------------------------
+# Fixed parts of the emitted code, exactly as they appear in it.
+
+_OPTAX = '''
+# Polarity: `filter_spec` says True = trainable (Equinox); `optax.freeze` masks say
+# True = frozen. Named labels cannot be read the wrong way round.
+labels = jtu.tree_map(lambda t: "trainable" if t else "frozen", filter_spec)
+
+
+def make_optimizer(inner):
+    """`inner` on trainable leaves; frozen leaves never move and hold no optimizer state.
+
+    Initialise with `optimizer.init(eqx.filter(model, eqx.is_inexact_array))`.
+    """
+    # `optax.set_to_zero()` is stateless: frozen leaves get no Adam moments, so neither
+    # momentum nor weight decay can move them. `optax.masked(inner, mask)` alone is not a
+    # freeze: it passes masked-out leaves their raw gradient as the update.
+    # `lambda _: labels`: optax calls a callable `labels`, and an Equinox module is one.
+    return optax.multi_transform(
+        {"trainable": inner, "frozen": optax.set_to_zero()}, lambda _: labels
+    )'''
+
+_STOP_GRADIENT = '''
+
+def _stop_gradient(x):
+    # Only float arrays carry gradients; int arrays, functions and flags pass through.
+    return jax.lax.stop_gradient(x) if eqx.is_inexact_array(x) else x
+
+
+def apply_freeze(model):
+    """Call inside the loss, on every step: frozen leaves then get zero gradients.
+
+    Zero gradients are not a freeze: weight decay (e.g. `optax.adamw`) and momentum
+    from earlier steps still move these leaves. `stop_gradient` applied once at
+    initialisation, outside the loss, does nothing. To keep leaves fixed, train only
+    `eqx.partition(model, filter_spec)[0]` (style "train_step").
+    """
+'''
+
+_TRAIN_STEP = '''
+
+def init_opt_state(optimizer, model):
+    # Exactly the part that gets gradients, by the same filter_spec as the step. (Built
+    # with `eqx.is_array`, int arrays would get state but no gradient: a structure error.)
+    params, _ = eqx.partition(model, filter_spec)
+    return optimizer.init(params)
+
+
+def make_train_step(loss_fn, optimizer):
+    """`step(model, opt_state, batch) -> (model, opt_state, loss)` training `filter_spec`."""
+
+    @eqx.filter_jit
+    def _step(params, static, opt_state, batch):
+        def loss_of(trainable):
+            return loss_fn(eqx.combine(trainable, static), batch)
+
+        loss, grads = eqx.filter_value_and_grad(loss_of)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        # Onto the whole trainable part: `static` keeps frozen arrays, ints, functions
+        # and flags as they are, so none of them comes back as None.
+        params = eqx.apply_updates(params, updates)
+        return params, opt_state, loss
+
+    def step(model, opt_state, batch):
+        # Split outside the jit, reading `filter_spec` on every call: a spec captured
+        # inside a jitted function goes stale when it changes. (A new spec also needs a
+        # new `init_opt_state`.)
+        params, static = eqx.partition(model, filter_spec)
+        params, opt_state, loss = _step(params, static, opt_state, batch)
+        return eqx.combine(params, static), opt_state, loss
+
+    return step'''
+
+_NO_WHERE = (
+    'Use style "train_step" or "optax": they freeze through `filter_spec`, which they write '
+    'with key paths (as style "path" does) when a `where` cannot reach a sub-tree.'
+)
+
+
+def _tree_at(plan: _Plan) -> list[str]:
+    _check_writable(plan.tree, plan.changed, "tree_at", _USE_PATH)
+    return _tree_at_block(plan)
+
+
+def _path(plan: _Plan) -> list[str]:
+    return _path_block(plan)
+
+
+def _optax(plan: _Plan) -> list[str]:
+    return [*_spec_block(plan), _OPTAX]
+
+
+def _apply_freeze_body(plan: _Plan) -> str:
+    if not plan.frozen:
+        return "    return model  # nothing is frozen"
+    if plan.frozen == [0]:
+        return "    return jtu.tree_map(_stop_gradient, model)"
+    where = _Arg("lambda m: ", _targets(plan.tree, plan.frozen, "m"))
+    replace = _Arg("replace_fn=", "lambda sub: jtu.tree_map(_stop_gradient, sub)")
+    return _statement(_Seq("eqx.tree_at(", [where, "model", replace], ")"), "return ", _INDENT)
+
+
+def _stop_gradient(plan: _Plan) -> list[str]:
+    _check_writable(plan.tree, plan.frozen + plan.changed, "stop_gradient", _NO_WHERE)
+    return [
+        *_tree_at_block(plan),
+        _STOP_GRADIENT + _apply_freeze_body(plan),
+    ]
+
+
+def _train_step(plan: _Plan) -> list[str]:
+    return [*_spec_block(plan), _TRAIN_STEP]
+
+
+# One entry per style; the widget's style selector reads `STYLES`.
+_RENDERERS: dict[str, Callable[[_Plan], list[str]]] = {
+    "tree_at": _tree_at,
+    "path": _path,
+    "optax": _optax,
+    "stop_gradient": _stop_gradient,
+    "train_step": _train_step,
+}
+STYLES = tuple(_RENDERERS)
+
+
+def to_code(spec: FilterSpec, style: str = "tree_at") -> str:
+    """Python source that rebuilds `spec` from a variable `model`, written in `style`.
+
+    Every style defines `filter_spec` (Python bools, the model's structure); `optax` adds
+    `labels` and `make_optimizer(inner)`, `stop_gradient` adds `apply_freeze(model)`,
+    `train_step` adds `init_opt_state(optimizer, model)` and `make_train_step(loss_fn, optimizer)`.
+    """
+    if style not in _RENDERERS:
+        raise ExplorerError(
+            f"unknown code style {style!r}; choose one of {', '.join(map(repr, STYLES))}"
+        )
+    plan = _plan(spec)
+    return _with_header(plan, "\n".join(_RENDERERS[style](plan))) + "\n"

@@ -1,0 +1,478 @@
+"""`FilterSpec.to_code`: every style rebuilds the spec exactly, runs, and is ruff-clean."""
+
+import ast
+import collections
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eqx_explorer import ExplorerError, FilterSpec
+from eqx_explorer._codegen import STYLES, _literal, to_code
+from eqx_explorer._examples import Hypernet, TinyTransformer, example_batch, mse_loss
+from tests.strategies import models, random_edits
+
+RUFF = str(Path(sys.executable).parent / "ruff")
+INJECTION = '"]; import os; os.system("x") #'
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def run(code: str, model: Any) -> dict:
+    namespace = {"model": model}
+    exec(code, namespace)
+    return namespace
+
+
+def assert_rebuilds(code: str, spec: FilterSpec) -> dict:
+    namespace = run(code, spec.model)
+    built = namespace["filter_spec"]
+    assert jtu.tree_structure(built) == jtu.tree_structure(spec.tree)
+    leaves = jtu.tree_leaves(built)
+    assert all(type(b) is bool for b in leaves)
+    assert leaves == jtu.tree_leaves(spec.tree)
+    return namespace
+
+
+def assert_ruff_clean(codes: list[str], tmp_dir: Path) -> None:
+    """`ruff check --select E,F,W` (with `model` a builtin) and `ruff format --check`, at once."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, code in enumerate(dict.fromkeys(codes)):
+        path = tmp_dir / f"out_{i}.py"
+        path.write_text(code)
+        files.append(str(path))
+    common = ["--isolated", "--line-length", "100", "--no-cache"]
+    check = [RUFF, "check", *common, "--select", "E,F,W", "--config", 'builtins = ["model"]']
+    lint = subprocess.run([*check, *files], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    fmt = subprocess.run(
+        [RUFF, "format", "--check", "--diff", *common, *files], capture_output=True, text=True
+    )
+    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
+
+
+def frozen_leaves_identical(before: Any, after: Any, spec: FilterSpec) -> bool:
+    old, new = jtu.tree_leaves(before), jtu.tree_leaves(after)
+    frozen = spec.model_tree.inexact & ~spec.mask
+    return all(
+        np.asarray(old[i]).tobytes() == np.asarray(new[i]).tobytes() for i in np.flatnonzero(frozen)
+    )
+
+
+def trainable_leaves_moved(before: Any, after: Any, spec: FilterSpec) -> bool:
+    old, new = jtu.tree_leaves(before), jtu.tree_leaves(after)
+    return all(not np.array_equal(old[i], new[i]) for i in np.flatnonzero(spec.mask))
+
+
+# -- models -------------------------------------------------------------------------------------
+Pair = collections.namedtuple("Pair", ["left", "right"])
+
+
+class WithNone(eqx.Module):
+    linear: eqx.nn.Linear
+    missing: Any
+    counts: jax.Array
+    act: Any
+    pair: Pair
+
+
+class Odd:
+    """A custom pytree node whose attribute names are not identifiers."""
+
+    def __init__(self, a, b):
+        setattr(self, "my field", a)
+        setattr(self, "class", b)
+
+
+jtu.register_pytree_with_keys(
+    Odd,
+    lambda o: (
+        (
+            (jtu.GetAttrKey("my field"), getattr(o, "my field")),
+            (jtu.GetAttrKey("class"), getattr(o, "class")),
+        ),
+        None,
+    ),
+    lambda _, children: Odd(*children),
+)
+
+
+def arr(*shape: int, value: float = 1.0) -> jax.Array:
+    return jnp.full(shape or (2,), value, jnp.float32)
+
+
+def odd_keys_model() -> dict:
+    return {
+        "text": {
+            INJECTION: arr(),
+            "it's": arr(),
+            'say "hi"': arr(),
+            "a\\b": arr(),
+            "line\nbreak": arr(),
+            "ключ": arr(),
+            "": arr(),
+        },
+        "ints": {7: arr(), -1: arr()},
+        "tuples": {(1, "a"): arr(), (2, "b"): arr()},
+        "bytes": {b"raw'\"": arr()},
+        "floats": {1e16: arr(), 0.5: arr()},
+        "odd": Odd(arr(), {"k": arr(), "j": arr(), "n": jnp.arange(3)}),
+    }
+
+
+def with_none_model() -> WithNone:
+    return WithNone(
+        linear=eqx.nn.Linear(2, 2, key=jax.random.key(3)),
+        missing=None,
+        counts=jnp.arange(4),
+        act=jax.nn.relu,
+        pair=Pair(arr(3), [None, arr(2), jnp.zeros(2, jnp.int32)]),
+    )
+
+
+class Stateful(eqx.Module):
+    norm: eqx.nn.BatchNorm
+    linear: eqx.nn.Linear
+
+    def __init__(self, key):
+        self.norm = eqx.nn.BatchNorm(3, "batch")
+        self.linear = eqx.nn.Linear(3, 3, key=key)
+
+
+def shared_model() -> eqx.nn.Shared:
+    a = eqx.nn.Linear(3, 3, key=jax.random.key(1))
+    b = eqx.nn.Linear(3, 3, key=jax.random.key(2))
+    return eqx.nn.Shared((a, b), lambda p: p[1].weight, lambda p: p[0].weight)
+
+
+def blocks_model(n: int = 12) -> dict:
+    keys = jax.random.split(jax.random.key(5), n)
+    return {"blocks": [TinyBlock(k) for k in keys], "head": arr(4)}
+
+
+class TinyBlock(eqx.Module):
+    attn: eqx.nn.Linear
+    mlp: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.attn = eqx.nn.Linear(2, 2, key=k1)
+        self.mlp = eqx.nn.Linear(2, 2, key=k2)
+
+
+def example_specs() -> dict[str, FilterSpec]:
+    tiny = TinyTransformer(jax.random.key(0))
+    hyper = Hypernet(jax.random.key(0))
+    stateful, state = eqx.nn.make_with_state(Stateful)(jax.random.key(4))
+    scan = eqx.nn.MLP(2, 2, 4, 3, scan=True, key=jax.random.key(6))
+    odd = odd_keys_model()
+    odd_spec = FilterSpec(odd).freeze(
+        lambda m: m["text"][INJECTION],
+        lambda m: m["text"]["line\nbreak"],
+        lambda m: m["ints"][7],
+        lambda m: m["tuples"][(2, "b")],
+        lambda m: m["bytes"],
+        lambda m: m["floats"][1e16],
+        lambda m: getattr(m["odd"], "my field"),
+        lambda m: getattr(m["odd"], "class")["k"],
+    )
+    return {
+        "tiny_attn": FilterSpec(tiny).freeze("embed", "blocks[*].attn"),
+        "tiny_all_trainable": FilterSpec(tiny),
+        "tiny_all_frozen": FilterSpec(tiny).freeze("**"),
+        "tiny_head_only": FilterSpec(tiny).freeze("**").unfreeze("head"),
+        "hyper_seed_001": FilterSpec(hyper).freeze("**").unfreeze("hyper_net"),
+        "hyper_mixed": FilterSpec(hyper).freeze("target", "hyper_net.layers[0].bias"),
+        "odd_keys": odd_spec,
+        "odd_keys_trainable_few": FilterSpec(odd).freeze("**").unfreeze(odd_spec.frozen_paths()[0]),
+        "with_none": FilterSpec(with_none_model()).freeze("pair.right", "linear.bias"),
+        "stateful": FilterSpec(stateful).freeze("norm"),
+        "stateful_with_state": FilterSpec((stateful, state)).freeze("[1]", "[0].linear.bias"),
+        "shared": FilterSpec(shared_model()).freeze("pytree[0].bias"),
+        "scan_mlp": FilterSpec(scan).freeze("layers[1].weight"),  # all stacked hidden layers
+        "blocks_run": FilterSpec(blocks_model()).freeze(
+            *[f'["blocks"][{i}].attn' for i in range(2, 9)], '["blocks"][11]'
+        ),
+        "no_float_arrays": FilterSpec({"ids": jnp.arange(3), "act": jax.nn.relu}),
+    }
+
+
+SPECS = example_specs()
+
+
+# -- the contract -------------------------------------------------------------------------------
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", list(SPECS))
+def test_every_style_rebuilds_the_spec(name, style):
+    assert_rebuilds(to_code(SPECS[name], style), SPECS[name])
+
+
+def test_example_outputs_are_ruff_clean_and_deterministic(tmp_path):
+    codes = [to_code(spec, style) for spec in SPECS.values() for style in STYLES]
+    assert codes == [to_code(spec, style) for spec in SPECS.values() for style in STYLES]
+    assert_ruff_clean(codes, tmp_path)
+
+
+def test_to_code_method_and_unknown_style():
+    spec = SPECS["tiny_attn"]
+    assert spec.to_code() == to_code(spec, "tree_at")
+    with pytest.raises(ExplorerError, match="unknown code style 'jax'.*'tree_at'"):
+        spec.to_code("jax")
+
+
+def test_tree_at_is_the_seed_idiom_with_grouped_where():
+    code = to_code(SPECS["tiny_attn"], "tree_at")
+    assert "filter_spec = jtu.tree_map(eqx.is_inexact_array, model)" in code
+    assert "lambda m: (m.embed, *[block.attn for block in m.blocks])" in code
+    assert code.count("eqx.tree_at(") == 1
+    # Mostly frozen: start from everything frozen and train one sub-tree, read from the model.
+    seed = to_code(SPECS["hyper_seed_001"], "tree_at")
+    assert "filter_spec = jtu.tree_map(lambda _: False, model)" in seed
+    assert "eqx.tree_at(lambda m: m.hyper_net, filter_spec, replace=float_arrays.hyper_net)" in seed
+
+
+def test_uniform_specs_need_no_tree_at():
+    for name in ("tiny_all_trainable", "tiny_all_frozen", "no_float_arrays"):
+        for style in ("tree_at", "path"):
+            assert "tree_at(" not in to_code(SPECS[name], style)
+            assert "is_trainable" not in to_code(SPECS[name], style)
+
+
+def test_runs_fold_into_comprehensions_over_slices():
+    code = to_code(SPECS["blocks_run"], "tree_at")
+    assert 'm["blocks"][11]' in code and '*[x.attn for x in m["blocks"][2:9]]' in code
+    assert "[1].attn" not in code
+
+
+class Lists(eqx.Module):
+    layers: list
+    ls: list
+    ms: tuple
+
+
+def test_comprehension_names_are_readable_and_lint_clean(tmp_path):
+    items = [TinyBlock(k) for k in jax.random.split(jax.random.key(7), 4)]
+    model = Lists(layers=items, ls=items, ms=tuple(items))
+    spec = FilterSpec(model).freeze("layers[*].attn", "ls[*].attn", "ms[*].mlp")
+    codes = [to_code(spec, style) for style in STYLES]
+    for code in codes:
+        assert_rebuilds(code, spec)
+    assert "*[layer.attn for layer in m.layers]" in codes[0]
+    assert "*[x.attn for x in m.ls]" in codes[0] and "*[x.mlp for x in m.ms]" in codes[0]
+    assert_ruff_clean(codes, tmp_path)
+
+
+def test_none_fields_and_static_leaves_are_never_targets():
+    code = to_code(SPECS["with_none"], "tree_at")
+    assert "missing" not in code and "counts" not in code and ".act" not in code
+
+
+def test_attribute_that_is_not_an_identifier_uses_getattr():
+    code = to_code(SPECS["odd_keys"], "tree_at")
+    assert 'getattr(m["odd"], "my field")' in code and 'getattr(m["odd"], "class")' in code
+
+
+def test_injection_key_is_a_literal_and_runs_safely(monkeypatch):
+    import os
+
+    calls = []
+    monkeypatch.setattr(os, "system", lambda *a: calls.append(a))
+    spec = SPECS["odd_keys"]
+    for style in STYLES:
+        code = to_code(spec, style)
+        assert_rebuilds(code, spec)
+        # The key is data inside a string constant; the code imports only what it needs.
+        tree = ast.parse(code)
+        constants = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)]
+        assert any(INJECTION in str(c) for c in constants)
+        imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert imported <= {"equinox", "jax", "jax.tree_util", "optax"}
+    assert calls == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.recursive(
+        st.one_of(
+            st.text(),
+            st.binary(max_size=6),
+            st.integers(),
+            st.floats(allow_nan=False, allow_infinity=False),
+            st.booleans(),
+            st.none(),
+        ),
+        lambda inner: st.lists(inner, max_size=3).map(tuple),
+        max_leaves=4,
+    )
+)
+def test_literal_evaluates_back_to_the_key(key):
+    assert ast.literal_eval(_literal(key)) == key
+
+
+def test_key_without_literal_raises_and_names_path_style():
+    model = {"d": {float("nan"): arr(), 0.5: arr()}, "x": arr()}
+    spec = FilterSpec(model)
+    spec = spec.set_mask(["nan" not in p for p in spec.model_tree.leaf_paths])
+    with pytest.raises(ExplorerError, match=r"`\['d'\]\[nan\]`.*no Python literal.*style \"path\""):
+        to_code(spec, "tree_at")
+    for style in ("path", "optax", "train_step"):
+        assert_rebuilds(to_code(spec, style), spec)
+
+
+def test_flat_index_keys_raise_in_where_styles_and_fall_back_elsewhere():
+    stateful, state = eqx.nn.make_with_state(Stateful)(jax.random.key(4))
+    tree = FilterSpec((stateful, state))
+    state_floats = [p for p in tree.trainable_paths() if "flat index" in p]
+    assert len(state_floats) == 2  # running mean and variance
+    spec = tree.freeze(state_floats[0])
+    with pytest.raises(ExplorerError, match=r"flat index.*style \"path\""):
+        to_code(spec, "tree_at")
+    with pytest.raises(ExplorerError, match=r"flat index.*\"train_step\" or \"optax\""):
+        to_code(spec, "stop_gradient")
+    for style in ("path", "optax", "train_step"):
+        code = to_code(spec, style)
+        assert "FROZEN = " in code
+        assert_rebuilds(code, spec)
+
+
+def test_path_prefixes_stop_at_key_boundaries():
+    model = {"blocks": [arr() for _ in range(11)]}
+    spec = FilterSpec(model).freeze('["blocks"][1]')
+    code = to_code(spec, "path")
+    assert "FROZEN = (\"['blocks'][1]\",)" in code
+    assert_rebuilds(code, spec)  # blocks[10] stays trainable
+
+
+def test_ten_thousand_leaves_one_frozen_subnetwork_is_short():
+    leaves = np.ones((2,), np.float32)
+    encoder = {f"layer{i}": {"w": leaves, "b": leaves} for i in range(2500)}
+    decoder = {f"layer{i}": {"w": leaves, "b": leaves} for i in range(2500)}
+    model = {"encoder": encoder, "decoder": decoder}
+    spec = FilterSpec(model).freeze('["encoder"]')
+    assert spec.model_tree.num_leaves == 10_000
+    for style in ("tree_at", "path"):
+        code = to_code(spec, style)
+        assert len(code.splitlines()) < 30
+        assert_rebuilds(code, spec)
+
+
+# -- behaviour: real optimizer steps ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny():
+    spec = SPECS["tiny_attn"]
+    return spec.model, spec, example_batch()
+
+
+def test_optax_style_keeps_frozen_leaves_bit_identical(tiny):
+    model, spec, batch = tiny
+    ns = assert_rebuilds(to_code(spec, "optax"), spec)
+    optimizer = ns["make_optimizer"](optax.adamw(1e-2, weight_decay=0.1))
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt_state = optimizer.init(params)
+    # No Adam moments for frozen leaves: state is 2 x the trainable parameters (+ counters).
+    state_size = sum(x.size for x in jtu.tree_leaves(opt_state) if eqx.is_array(x))
+    assert 2 * spec.counts["trainable_params"] <= state_size < 2 * spec.counts["total_params"]
+    new = model
+    for _ in range(3):
+        grads = eqx.filter_grad(mse_loss)(new, batch)
+        updates, opt_state = optimizer.update(
+            grads, opt_state, eqx.filter(new, eqx.is_inexact_array)
+        )
+        new = eqx.apply_updates(new, updates)
+    assert frozen_leaves_identical(model, new, spec)
+    assert trainable_leaves_moved(model, new, spec)
+    assert ns["labels"].embed.weight == "frozen" and ns["labels"].head.weight == "trainable"
+
+
+def test_stop_gradient_style_zeroes_exactly_the_frozen_gradients(tiny):
+    model, spec, batch = tiny
+    ns = assert_rebuilds(to_code(spec, "stop_gradient"), spec)
+    grads = eqx.filter_grad(lambda m: mse_loss(ns["apply_freeze"](m), batch))(model)
+    # `filter_grad` gives one gradient per float array, in leaf order.
+    inexact = np.flatnonzero(spec.model_tree.inexact)
+    for i, grad in zip(inexact, jtu.tree_leaves(grads), strict=True):
+        assert bool(jnp.any(grad != 0)) == bool(spec.mask[i]), spec.model_tree.leaf_paths[i]
+
+
+def _train(code: str, spec: FilterSpec, loss_fn, batch, steps: int = 3):
+    ns = assert_rebuilds(code, spec)
+    optimizer = optax.adamw(1e-2, weight_decay=0.1)
+    opt_state = ns["init_opt_state"](optimizer, spec.model)
+    step = ns["make_train_step"](loss_fn, optimizer)
+    model = spec.model
+    for _ in range(steps):
+        model, opt_state, loss = step(model, opt_state, batch)
+    assert jnp.isfinite(loss)
+    return ns, model, step, optimizer
+
+
+def test_train_step_style_adamw_keeps_frozen_and_non_array_leaves(tiny):
+    model, spec, batch = tiny
+    _, new, _, _ = _train(to_code(spec, "train_step"), spec, mse_loss, batch)
+    assert frozen_leaves_identical(model, new, spec)
+    assert trainable_leaves_moved(model, new, spec)
+    assert new.step_count.dtype == jnp.int32  # an int array: no gradient, no optimizer state
+
+
+def test_train_step_style_on_hypernet_keeps_functions_and_flags():
+    spec = SPECS["hyper_mixed"]
+    model = spec.model
+    x = jnp.ones((4,))
+
+    def loss_fn(m, batch):
+        return jnp.sum(m(batch) ** 2)
+
+    _, new, _, _ = _train(to_code(spec, "train_step"), spec, loss_fn, x)
+    assert frozen_leaves_identical(model, new, spec)
+    assert new.dropout.p == 0.1 and new.dropout.inference is True
+    assert new.target.activation is model.target.activation
+    assert new.name == "hypernet"
+
+
+def test_train_step_reads_the_current_spec_not_a_stale_one(tiny):
+    model, spec, batch = tiny
+    ns, _, step, optimizer = _train(to_code(spec, "train_step"), spec, mse_loss, batch, steps=1)
+    head_only = FilterSpec(model).freeze("**").unfreeze("head")
+    ns["filter_spec"] = head_only.tree  # the user's toggle; a new spec needs a new opt state
+    opt_state = ns["init_opt_state"](optimizer, model)
+    new, _, _ = step(model, opt_state, batch)
+    assert frozen_leaves_identical(model, new, head_only)
+    assert trainable_leaves_moved(model, new, head_only)
+
+
+# -- random models and specs ----------------------------------------------------------------------
+def test_random_models_and_specs_round_trip_in_every_style(tmp_path):
+    outputs: list[str] = []
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def check(data):
+        model = data.draw(models)
+        spec = FilterSpec(model)
+        if data.draw(st.booleans()):  # a user's clicks: freeze/unfreeze whole nodes
+            for action, path in data.draw(random_edits(spec.model_tree)):
+                try:
+                    spec = getattr(spec, action)(path)
+                except ExplorerError:
+                    pass  # unfreezing something with no float array
+        else:  # any mask at all, however scattered
+            n = spec.model_tree.num_leaves
+            flags = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+            spec = spec.set_mask(np.asarray(flags, bool) & spec.model_tree.inexact)
+        for style in STYLES:
+            code = to_code(spec, style)
+            assert_rebuilds(code, spec)
+            outputs.append(code)
+
+    check()
+    assert_ruff_clean(outputs, tmp_path / "random")
