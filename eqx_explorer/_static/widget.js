@@ -1,0 +1,715 @@
+/*
+ * eqx_explorer Explorer: one anywidget view (plain ES module, no build step, no framework).
+ * All logic lives in Python (eqx_explorer/_widget.py); this file draws and forwards clicks.
+ *
+ * Stable hooks for browser tests:
+ *   .eqxe-root                      the widget
+ *   .eqxe-header                    counts; [data-testid=trainable|total|pct|frozen|bytes|opt-state]
+ *   .eqxe-banner                    error banner (hidden when empty); .eqxe-banner-text, .eqxe-banner-close
+ *   .eqxe-expand-all, .eqxe-collapse-all
+ *   .eqxe-filter (glob input), .eqxe-freeze-matches, .eqxe-unfreeze-matches, .eqxe-match-info
+ *   .eqxe-tree                      the rows; only rows whose ancestors are expanded exist
+ *   .eqxe-row[data-path][data-node][data-state=trainable|frozen|mixed|static][data-kind]
+ *       .eqxe-twisty (containers; aria-expanded), .eqxe-check (checked = trainable,
+ *       indeterminate = mixed, disabled = static), .eqxe-name, .eqxe-cls, .eqxe-summary,
+ *       .eqxe-params, .eqxe-sharding (only when the model has sharded arrays),
+ *       .eqxe-badge[data-status=updated|stalled|frozen|leaked|kept|lost] (after steps)
+ *   .eqxe-style (code style select), .eqxe-code (pre), .eqxe-copy
+ *   .eqxe-steps (only with a loss): .eqxe-method, .eqxe-step, .eqxe-n, .eqxe-run, .eqxe-reset,
+ *       .eqxe-loss (svg), .eqxe-legend, .eqxe-step-info
+ *   .eqxe-detail                    the selected node; treescope renders in .eqxe-ts
+ *
+ * Rows: makeRow() builds the cells left to right and CSS `.eqxe-row` lays them out on a grid;
+ * a new per-row marker (a constraint, say) is one more cell there and one more grid column.
+ */
+
+const STATUS_TEXT = {
+  updated: "trainable and changed by the step",
+  stalled: "trainable but not changed (zero or missing gradient?)",
+  frozen: "frozen and unchanged",
+  leaked: "frozen but changed: the freeze leaked",
+  kept: "not a trainable array; kept as it was",
+  lost: "not a trainable array, and it did not survive the step",
+};
+// Ranks for a container's badge: it shows the worst of its leaves when that is an alarm.
+const SEVERITY = { kept: 0, frozen: 1, updated: 2, stalled: 3, leaked: 4, lost: 5 };
+const ALARM = 4;
+const NO_STATUS = 255;
+const INITIAL_ROWS = 60;
+const MATCH_EXPAND = 200;
+
+function h(tag, props = {}, ...children) {
+  const el = document.createElement(tag);
+  for (const [k, v] of Object.entries(props)) {
+    if (k === "class") el.className = v;
+    else if (k === "text") el.textContent = v;
+    else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else el.setAttribute(k, v);
+  }
+  for (const c of children) if (c != null) el.append(c);
+  return el;
+}
+
+function bytesOf(b) {
+  if (b instanceof ArrayBuffer) return new Uint8Array(b);
+  return new Uint8Array(b.buffer, b.byteOffset, b.byteLength);
+}
+
+// Typed view over a copy (the copy is aligned, whatever the buffer's offset).
+function typed(Type, b) {
+  return new Type(bytesOf(b).slice().buffer);
+}
+
+const fmtInt = (x) => Number(x).toLocaleString("en-US");
+
+function fmtBytes(x) {
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  while (x >= 1000 && i < units.length - 1) {
+    x /= 1000;
+    i += 1;
+  }
+  return `${i ? x.toFixed(x < 10 ? 2 : 1) : x} ${units[i]}`;
+}
+
+const fmtNorm = (x) => (Number.isFinite(x) ? x.toPrecision(3) : "—");
+
+// Insert HTML so that its scripts run (innerHTML alone leaves them inert): treescope needs it.
+function setHTML(el, html) {
+  el.innerHTML = html;
+  for (const old of el.querySelectorAll("script")) {
+    const type = old.getAttribute("type");
+    if (type && type !== "text/javascript" && type !== "module") continue;
+    const fresh = document.createElement("script");
+    for (const a of old.attributes) fresh.setAttribute(a.name, a.value);
+    fresh.textContent = old.textContent;
+    old.replaceWith(fresh);
+  }
+}
+
+async function copyText(text) {
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch {
+    const area = h("textarea", { class: "eqxe-offscreen" });
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    const ok = document.execCommand("copy");
+    area.remove();
+    return ok;
+  }
+}
+
+/** The node table from Python's columns: paths, depths, children and leaf ranges. */
+function buildTree(table, options) {
+  const n = table.n;
+  const kind = table.kind.map((k) => options.kinds[k]);
+  const path = new Array(n);
+  const depth = new Int32Array(n);
+  const children = Array.from({ length: n }, () => []);
+  const leafOf = new Int32Array(n).fill(-1);
+  const lo = new Int32Array(n);
+  const hi = new Int32Array(n);
+  let leaves = 0;
+  for (let i = 0; i < n; i++) {
+    if (i === 0) path[0] = "";
+    else {
+      const p = table.parent[i];
+      path[i] = path[p] + table.step[i];
+      depth[i] = depth[p] + 1;
+      children[p].push(i);
+    }
+    lo[i] = leaves;
+    if (kind[i] === "array" || kind[i] === "leaf") leafOf[i] = leaves++;
+  }
+  for (let i = n - 1; i >= 0; i--) {
+    const kids = children[i];
+    hi[i] = leafOf[i] >= 0 ? leafOf[i] + 1 : kids.length ? hi[kids[kids.length - 1]] : lo[i];
+  }
+  return { n, kind, path, depth, children, leafOf, lo, hi, leaves, table };
+}
+
+class ExplorerView {
+  constructor(model, el) {
+    this.model = model;
+    this.options = model.get("_options");
+    this.tree = buildTree(model.get("_table"), this.options);
+    const { n, leaves } = this.tree;
+    this.states = null; // Uint8Array of state codes, from the snapshot
+    this.status = new Uint8Array(leaves).fill(NO_STATUS);
+    this.norms = new Float32Array(3 * leaves).fill(NaN);
+    this.worst = new Uint8Array(n).fill(NO_STATUS);
+    this.leafDetails = {};
+    this.expanded = new Uint8Array(n);
+    this.rows = new Map();
+    this.matches = new Set();
+    this.pending = new Map();
+    this.listeners = [];
+    this.sharded = Object.keys(this.tree.table.sharding).length > 0;
+
+    this.root = h("div", { class: "eqxe-root" + (this.sharded ? " eqxe-sharded" : "") });
+    el.append(this.root);
+    this.buildHeader();
+    this.buildBanner();
+    const main = h("div", { class: "eqxe-main" });
+    const side = h("div", { class: "eqxe-side" });
+    main.append(this.buildTreePane(), side);
+    side.append(this.buildCodePane());
+    if (this.options.has_loss) side.append(this.buildStepPane());
+    this.detailEl = h("div", { class: "eqxe-detail eqxe-pane" });
+    side.append(this.detailEl);
+    this.root.append(main);
+
+    this.on("change:counts", () => this.paintHeader());
+    this.on("change:error", () => this.paintBanner());
+    this.on("change:code", () => this.paintCode());
+    this.on("change:code_style", () => (this.styleSelect.value = model.get("code_style")));
+    this.on("change:method", () => this.methodSelect && (this.methodSelect.value = model.get("method")));
+    this.on("change:losses", () => this.paintLoss());
+    this.on("change:detail", () => this.paintDetail());
+    this.on("msg:custom", (msg, buffers) => this.onMessage(msg, buffers || []));
+
+    this.expandInitial();
+    this.renderRows();
+    this.paintHeader();
+    this.paintBanner();
+    this.paintCode();
+    this.paintLoss();
+    this.paintDetail();
+    this.send({ type: "hello" });
+  }
+
+  on(event, fn) {
+    this.model.on(event, fn);
+    this.listeners.push([event, fn]);
+  }
+
+  destroy() {
+    for (const [event, fn] of this.listeners) this.model.off(event, fn);
+    clearTimeout(this.matchTimer);
+  }
+
+  send(msg, onAck) {
+    const id = 1 + Math.floor(Math.random() * 2 ** 31);
+    if (onAck) this.pending.set(id, onAck);
+    this.model.send({ ...msg, id });
+  }
+
+  onMessage(msg, buffers) {
+    if (msg.type === "ack") {
+      const fn = this.pending.get(msg.id);
+      if (fn) {
+        this.pending.delete(msg.id);
+        fn(msg.ok);
+      }
+    } else if (msg.type === "snapshot") {
+      this.states = typed(Uint8Array, buffers[0]);
+      this.setReport(msg, buffers[1], buffers[2]);
+      this.renderRows();
+    } else if (msg.type === "states" && this.states) {
+      const nodes = typed(Int32Array, buffers[0]);
+      const codes = typed(Uint8Array, buffers[1]);
+      for (let j = 0; j < nodes.length; j++) {
+        this.states[nodes[j]] = codes[j];
+        if (this.rows.has(nodes[j])) this.paintRow(nodes[j]);
+      }
+    } else if (msg.type === "report") {
+      this.setReport(msg, buffers[0], buffers[1]);
+      for (const i of this.rows.keys()) this.paintRow(i);
+    } else if (msg.type === "matches") {
+      this.showMatches(msg);
+    }
+  }
+
+  setReport(msg, statusBuffer, normBuffer) {
+    const { n, leafOf, children } = this.tree;
+    this.status = typed(Uint8Array, statusBuffer);
+    this.norms = typed(Float32Array, normBuffer);
+    this.leafDetails = msg.details;
+    const names = this.options.statuses;
+    this.worst.fill(NO_STATUS);
+    for (let i = n - 1; i >= 0; i--) {
+      const leaf = leafOf[i];
+      let w = NO_STATUS;
+      if (leaf >= 0 && this.status[leaf] !== NO_STATUS) w = SEVERITY[names[this.status[leaf]]];
+      for (const c of children[i]) {
+        if (this.worst[c] !== NO_STATUS && (w === NO_STATUS || this.worst[c] > w)) w = this.worst[c];
+      }
+      this.worst[i] = w;
+    }
+    if (this.stepInfo) {
+      this.stepInfo.textContent = msg.notes.join("; ");
+      this.stepInfo.title = msg.notes.join("\n");
+    }
+  }
+
+  // -- header and banner ------------------------------------------------------------
+  buildHeader() {
+    const part = (id) => h("span", { "data-testid": id });
+    this.header = {
+      trainable: part("trainable"),
+      total: part("total"),
+      pct: part("pct"),
+      frozen: part("frozen"),
+      bytes: part("bytes"),
+      opt: part("opt-state"),
+    };
+    const x = this.header;
+    this.root.append(
+      h(
+        "div",
+        { class: "eqxe-header" },
+        h("span", { class: "eqxe-h-main" }, "Trainable ", x.trainable, " / ", x.total, " params (", x.pct, ")"),
+        h("span", {}, "frozen ", x.frozen),
+        h("span", {}, "params ", x.bytes),
+        x.opt,
+      ),
+    );
+  }
+
+  paintHeader() {
+    const c = this.model.get("counts");
+    const x = this.header;
+    x.trainable.textContent = fmtInt(c.trainable_params);
+    x.total.textContent = fmtInt(c.total_params);
+    x.pct.textContent = c.total_params ? `${((100 * c.trainable_params) / c.total_params).toFixed(1)}%` : "—";
+    x.frozen.textContent = fmtInt(c.frozen_params);
+    x.bytes.textContent = `${fmtBytes(c.trainable_bytes)} trainable of ${fmtBytes(c.total_bytes)}`;
+    x.opt.textContent = `optimizer state ≈ ${fmtBytes(c.opt_state_bytes)}`;
+    x.opt.title = c.opt_state_note;
+  }
+
+  buildBanner() {
+    this.bannerText = h("span", { class: "eqxe-banner-text" });
+    this.banner = h(
+      "div",
+      { class: "eqxe-banner", role: "alert" },
+      this.bannerText,
+      h("button", {
+        class: "eqxe-banner-close",
+        title: "Dismiss",
+        text: "×",
+        onclick: () => this.send({ type: "dismiss" }),
+      }),
+    );
+    this.root.append(this.banner);
+  }
+
+  paintBanner() {
+    const text = this.model.get("error");
+    this.bannerText.textContent = text;
+    this.banner.hidden = !text;
+  }
+
+  // -- tree pane --------------------------------------------------------------------
+  buildTreePane() {
+    this.filter = h("input", {
+      class: "eqxe-filter",
+      type: "search",
+      placeholder: "glob, e.g. blocks[*].attn or **.bias",
+      oninput: () => {
+        clearTimeout(this.matchTimer);
+        this.matchTimer = setTimeout(() => this.requestMatches(), 200);
+      },
+    });
+    this.matchInfo = h("span", { class: "eqxe-match-info" });
+    const glob = (action) => () => {
+      const pattern = this.filter.value.trim();
+      if (pattern) this.send({ type: "glob", pattern, action });
+    };
+    const toolbar = h(
+      "div",
+      { class: "eqxe-toolbar" },
+      h("button", { class: "eqxe-expand-all", text: "Expand all", onclick: () => this.expandAll(true) }),
+      h("button", { class: "eqxe-collapse-all", text: "Collapse all", onclick: () => this.expandAll(false) }),
+      this.filter,
+      h("button", { class: "eqxe-freeze-matches", text: "Freeze matches", onclick: glob("freeze") }),
+      h("button", { class: "eqxe-unfreeze-matches", text: "Unfreeze matches", onclick: glob("unfreeze") }),
+    );
+    const columns = h(
+      "div",
+      { class: "eqxe-row eqxe-columns" },
+      h("span", { class: "eqxe-namecell", text: "name" }),
+      h("span", { text: "class" }),
+      h("span", { text: "value" }),
+      h("span", { class: "eqxe-params", text: "params" }),
+      this.sharded ? h("span", { class: "eqxe-sharding", text: "sharding" }) : null,
+      h("span", { text: "" }),
+    );
+    this.treeEl = h("div", { class: "eqxe-tree", role: "tree" });
+    this.treeEl.addEventListener("click", (e) => this.onTreeClick(e));
+    return h("div", { class: "eqxe-pane eqxe-tree-pane" }, toolbar, this.matchInfo, columns, this.treeEl);
+  }
+
+  isContainer(i) {
+    return this.tree.children[i].length > 0;
+  }
+
+  expandInitial() {
+    // Breadth-first while the visible rows stay few: the first levels of a big model.
+    const { children } = this.tree;
+    this.expanded[0] = 1;
+    let visible = 1 + children[0].length;
+    let level = children[0].slice();
+    while (level.length) {
+      const next = [];
+      for (const i of level) {
+        if (!this.isContainer(i) || visible + children[i].length > INITIAL_ROWS) continue;
+        this.expanded[i] = 1;
+        visible += children[i].length;
+        next.push(...children[i]);
+      }
+      level = next;
+    }
+  }
+
+  expandAll(open) {
+    const { n } = this.tree;
+    for (let i = 0; i < n; i++) this.expanded[i] = open && this.isContainer(i) ? 1 : 0;
+    this.expanded[0] = 1;
+    this.renderRows();
+  }
+
+  visibleNodes() {
+    const out = [];
+    const stack = [0];
+    const { children } = this.tree;
+    while (stack.length) {
+      const i = stack.pop();
+      out.push(i);
+      if (this.expanded[i]) for (let j = children[i].length - 1; j >= 0; j--) stack.push(children[i][j]);
+    }
+    return out;
+  }
+
+  renderRows() {
+    const frag = document.createDocumentFragment();
+    for (const i of this.visibleNodes()) {
+      let row = this.rows.get(i);
+      if (!row) {
+        row = this.makeRow(i);
+        this.rows.set(i, row);
+      }
+      this.paintRow(i);
+      frag.append(row);
+    }
+    this.treeEl.replaceChildren(frag);
+    this.paintSelected();
+  }
+
+  makeRow(i) {
+    const { kind, path, depth, table } = this.tree;
+    const container = this.isContainer(i);
+    const label = i === 0 ? "(root)" : table.step[i].replace(/^\./, "");
+    const cls = table.classes[table.cls[i]];
+    const summary = container ? `${this.tree.children[i].length} children` : table.summaries[table.summary[i]];
+    const sharding = table.sharding[i] || "";
+    const staticText = table.static[i];
+    const row = h("div", {
+      class: "eqxe-row",
+      role: "treeitem",
+      "data-node": String(i),
+      "data-path": path[i],
+      "data-kind": kind[i],
+    });
+    row.style.setProperty("--depth", depth[i]);
+    const twisty = container
+      ? h("button", { class: "eqxe-twisty", "aria-label": "expand" })
+      : h("span", { class: "eqxe-twisty eqxe-twisty-leaf" });
+    const check = h("input", { class: "eqxe-check", type: "checkbox" });
+    const badge = h("span", { class: "eqxe-badge" });
+    row.append(
+      ...[
+        h("span", { class: "eqxe-namecell" }, twisty, check, h("span", { class: "eqxe-name", text: label })),
+      h("span", { class: "eqxe-cls", text: staticText ? `${cls}(${staticText})` : cls }),
+      h("span", { class: "eqxe-summary", text: summary }),
+      h("span", { class: "eqxe-params", text: table.params[i] ? fmtInt(table.params[i]) : "" }),
+        this.sharded ? h("span", { class: "eqxe-sharding", text: sharding }) : null,
+        badge,
+      ].filter(Boolean),
+    );
+    row.title = [path[i] || "(root)", cls, summary, sharding && `sharding: ${sharding}`]
+      .filter(Boolean)
+      .join("\n");
+    row._eqxe = { twisty, check, badge, container };
+    return row;
+  }
+
+  paintRow(i) {
+    const row = this.rows.get(i);
+    const { twisty, check, badge, container } = row._eqxe;
+    const names = this.options.states;
+    const state = this.states ? names[this.states[i]] : "loading";
+    row.dataset.state = state;
+    check.checked = state === "trainable";
+    check.indeterminate = state === "mixed";
+    check.disabled = state === "static" || state === "loading";
+    check.title =
+      state === "static"
+        ? "not trainable: no float array here"
+        : state === "mixed"
+          ? "mixed: click to make all trainable"
+          : state === "trainable"
+            ? "trainable: click to freeze"
+            : "frozen: click to unfreeze";
+    if (container) {
+      const open = !!this.expanded[i];
+      twisty.textContent = open ? "▾" : "▸";
+      twisty.setAttribute("aria-expanded", String(open));
+    }
+    row.classList.toggle("eqxe-match", this.matches.has(i));
+    this.paintBadge(i, badge);
+  }
+
+  paintBadge(i, badge) {
+    const { leafOf } = this.tree;
+    const names = this.options.statuses;
+    const leaf = leafOf[i];
+    let status = null;
+    let title = "";
+    if (leaf >= 0 && this.status[leaf] !== NO_STATUS) {
+      status = names[this.status[leaf]];
+      const [g, u, d] = [0, 1, 2].map((r) => this.norms[r * this.tree.leaves + leaf]);
+      const note = this.leafDetails[leaf] ? `\n${this.leafDetails[leaf]}` : "";
+      title = `${status}: ${STATUS_TEXT[status]}\n‖grad‖ ${fmtNorm(g)}  ‖update‖ ${fmtNorm(u)}  ‖change‖ ${fmtNorm(d)}${note}`;
+    } else if (leaf < 0 && this.worst[i] !== NO_STATUS && this.worst[i] >= ALARM) {
+      status = Object.keys(SEVERITY).find((k) => SEVERITY[k] === this.worst[i]);
+      title = `contains ${status} leaves: expand to see which`;
+    }
+    badge.hidden = !status;
+    badge.textContent = status || "";
+    badge.dataset.status = status || "";
+    badge.title = title;
+  }
+
+  onTreeClick(e) {
+    const row = e.target.closest(".eqxe-row");
+    if (!row || !this.treeEl.contains(row)) return;
+    const i = Number(row.dataset.node);
+    if (e.target.classList.contains("eqxe-twisty") && this.isContainer(i)) {
+      this.expanded[i] = this.expanded[i] ? 0 : 1;
+      this.renderRows();
+    } else if (e.target.classList.contains("eqxe-check")) {
+      // Python decides: keep the box as it is until the state delta arrives.
+      e.preventDefault();
+      const state = row.dataset.state;
+      if (state === "static" || state === "loading") return;
+      this.send({ type: "toggle", path: this.tree.path[i], frozen: state === "trainable" });
+    } else {
+      this.send({ type: "select", path: this.tree.path[i] });
+    }
+  }
+
+  paintSelected() {
+    for (const row of this.treeEl.querySelectorAll(".eqxe-selected")) row.classList.remove("eqxe-selected");
+    const d = this.model.get("detail");
+    if (!("path" in d)) return;
+    const row = this.treeEl.querySelector(`.eqxe-row[data-path="${CSS.escape(d.path)}"]`);
+    if (row) row.classList.add("eqxe-selected");
+  }
+
+  requestMatches() {
+    const pattern = this.filter.value.trim();
+    if (!pattern) {
+      this.matches = new Set();
+      this.matchInfo.textContent = "";
+      for (const i of this.rows.keys()) this.paintRow(i);
+      return;
+    }
+    this.send({ type: "match", pattern });
+  }
+
+  showMatches(msg) {
+    if (msg.pattern !== this.filter.value.trim()) return; // a stale answer
+    this.matchInfo.classList.toggle("eqxe-match-error", !!msg.error);
+    if (msg.error) {
+      this.matches = new Set();
+      this.matchInfo.textContent = msg.error;
+    } else {
+      this.matches = new Set(msg.nodes);
+      const more = msg.count > msg.nodes.length ? ` (first ${msg.nodes.length} shown)` : "";
+      this.matchInfo.textContent = `${fmtInt(msg.count)} node(s) match, ${fmtInt(msg.leaves)} leaves${more}`;
+      for (const i of msg.nodes.slice(0, MATCH_EXPAND)) {
+        for (let p = this.tree.table.parent[i]; p >= 0; p = this.tree.table.parent[p]) this.expanded[p] = 1;
+      }
+    }
+    this.renderRows();
+  }
+
+  // -- code pane ---------------------------------------------------------------------
+  buildCodePane() {
+    this.styleSelect = h(
+      "select",
+      { class: "eqxe-style", onchange: () => this.send({ type: "style", style: this.styleSelect.value }) },
+      ...this.options.styles.map((s) => h("option", { value: s, text: s })),
+    );
+    this.styleSelect.value = this.model.get("code_style");
+    const copy = h("button", { class: "eqxe-copy", text: "Copy" });
+    copy.addEventListener("click", async () => {
+      const ok = await copyText(this.model.get("code"));
+      copy.textContent = ok ? "Copied" : "Copy failed";
+      setTimeout(() => (copy.textContent = "Copy"), 1200);
+    });
+    this.codeEl = h("pre", { class: "eqxe-code" });
+    return h(
+      "div",
+      { class: "eqxe-pane eqxe-code-pane" },
+      h("div", { class: "eqxe-toolbar" }, h("span", { class: "eqxe-title", text: "Code" }), this.styleSelect, copy),
+      this.codeEl,
+    );
+  }
+
+  paintCode() {
+    this.codeEl.textContent = this.model.get("code");
+  }
+
+  // -- step pane ----------------------------------------------------------------------
+  buildStepPane() {
+    this.methodSelect = h(
+      "select",
+      { class: "eqxe-method", onchange: () => this.send({ type: "method", method: this.methodSelect.value }) },
+      ...this.options.methods.map((m) => h("option", { value: m, text: m })),
+    );
+    this.methodSelect.value = this.model.get("method");
+    this.nInput = h("input", { class: "eqxe-n", type: "number", min: "1", max: String(this.options.max_steps), value: "10" });
+    const run = (n) => {
+      if (this.busy) return;
+      this.setBusy(true);
+      this.send({ type: "step", n }, () => this.setBusy(false));
+    };
+    this.stepButtons = [
+      h("button", { class: "eqxe-step", text: "Step", onclick: () => run(1) }),
+      h("button", {
+        class: "eqxe-run",
+        text: "Run N",
+        onclick: () => {
+          const n = Math.round(Number(this.nInput.value));
+          if (n >= 1 && n <= this.options.max_steps) run(n);
+          else this.nInput.classList.add("eqxe-invalid");
+        },
+      }),
+      h("button", { class: "eqxe-reset", text: "Reset", onclick: () => this.send({ type: "reset" }) }),
+    ];
+    this.nInput.addEventListener("input", () => this.nInput.classList.remove("eqxe-invalid"));
+    this.stepInfo = h("span", { class: "eqxe-step-info" });
+    this.lossEl = h("div", { class: "eqxe-loss-box" });
+    const legend = h(
+      "div",
+      { class: "eqxe-legend" },
+      ...this.options.statuses.map((s) => h("span", { class: "eqxe-badge", "data-status": s, title: STATUS_TEXT[s], text: s })),
+    );
+    return h(
+      "div",
+      { class: "eqxe-pane eqxe-steps" },
+      h(
+        "div",
+        { class: "eqxe-toolbar" },
+        h("span", { class: "eqxe-title", text: "Steps" }),
+        this.methodSelect,
+        this.stepButtons[0],
+        this.nInput,
+        this.stepButtons[1],
+        this.stepButtons[2],
+        this.stepInfo,
+      ),
+      this.lossEl,
+      legend,
+    );
+  }
+
+  setBusy(busy) {
+    this.busy = busy;
+    for (const b of this.stepButtons) b.disabled = busy;
+    this.root.classList.toggle("eqxe-busy", busy);
+  }
+
+  paintLoss() {
+    if (!this.lossEl) return;
+    const losses = this.model.get("losses");
+    const W = 280;
+    const H = 90;
+    const pad = 4;
+    const ns = "http://www.w3.org/2000/svg";
+    const svg = document.createElementNS(ns, "svg");
+    svg.setAttribute("class", "eqxe-loss");
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.setAttribute("width", W);
+    svg.setAttribute("height", H);
+    const finite = losses.filter((x) => x !== null);
+    const caption = h("div", { class: "eqxe-loss-caption" });
+    if (!losses.length) {
+      caption.textContent = "loss: no steps yet";
+    } else {
+      const lo = Math.min(...finite);
+      const hi = Math.max(...finite);
+      const span = hi - lo || 1;
+      const x = (j) => pad + ((W - 2 * pad) * j) / Math.max(1, losses.length - 1);
+      const y = (v) => H - pad - ((H - 2 * pad) * (v - lo)) / span;
+      let segment = [];
+      const flush = () => {
+        if (segment.length) {
+          const line = document.createElementNS(ns, "polyline");
+          line.setAttribute("points", segment.join(" "));
+          svg.append(line);
+        }
+        segment = [];
+      };
+      losses.forEach((v, j) => (v === null ? flush() : segment.push(`${x(j).toFixed(1)},${y(v).toFixed(1)}`)));
+      flush();
+      const last = losses[losses.length - 1];
+      const bad = losses.length - finite.length;
+      caption.textContent =
+        `${losses.length} steps · loss ${last === null ? "not finite" : last.toPrecision(4)}` +
+        (finite.length ? ` · range ${lo.toPrecision(3)}–${hi.toPrecision(3)}` : "") +
+        (bad ? ` · ${bad} non-finite` : "");
+    }
+    this.lossEl.replaceChildren(svg, caption);
+  }
+
+  // -- detail pane ---------------------------------------------------------------------
+  paintDetail() {
+    const d = this.model.get("detail");
+    const el = this.detailEl;
+    el.replaceChildren();
+    if (!("path" in d)) {
+      el.append(h("div", { class: "eqxe-hint", text: "Click a row to see its details; arrays show their values." }));
+      this.paintSelected();
+      return;
+    }
+    const facts = [
+      ["class", d.cls],
+      ["value", d.summary],
+      ["state", d.state],
+      d.params ? ["params", fmtInt(d.params)] : null,
+      d.sharding ? ["sharding", d.sharding] : null,
+      ...Object.entries(d.static || {}).map(([k, v]) => [`${k} (static)`, v]),
+      d.status ? ["last step", `${d.status}: ${STATUS_TEXT[d.status]}`] : null,
+      d.note ? ["note", d.note] : null,
+      d.norms ? ["norms", `‖grad‖ ${fmtNorm(d.norms[0] ?? NaN)}  ‖update‖ ${fmtNorm(d.norms[1] ?? NaN)}  ‖change‖ ${fmtNorm(d.norms[2] ?? NaN)}`] : null,
+    ].filter(Boolean);
+    el.append(
+      h("div", { class: "eqxe-title", text: d.path || "(root)" }),
+      h("dl", {}, ...facts.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: String(v) })])),
+    );
+    if (d.repr) el.append(h("pre", { class: "eqxe-repr", text: d.repr }));
+    for (const [key, title] of [
+      ["value_html", "values"],
+      ["update_html", "change made by the last step call"],
+    ]) {
+      if (!d[key]) continue;
+      const box = h("div", { class: "eqxe-ts" });
+      el.append(h("div", { class: "eqxe-subtitle", text: title }), box);
+      setHTML(box, d[key]);
+    }
+    this.paintSelected();
+  }
+}
+
+export default {
+  render({ model, el }) {
+    const view = new ExplorerView(model, el);
+    return () => view.destroy();
+  },
+};

@@ -1,0 +1,601 @@
+"""The Explorer widget: a thin view over ModelTree + FilterSpec + StepRunner.
+
+One anywidget model per explorer, not one widget per node. What goes over the wire:
+
+- `_table` (trait, sent once, never changed): the node table as compact columns: `step` (each
+  node's last path key; the browser rebuilds paths, depths and leaf ranges from it and
+  `parent`), codes into `KINDS`, `classes` and `summaries` (short text of leaves), `params`,
+  and sparse `sharding` / `static` maps.
+- `_options` (trait, constant): code styles, step methods, and the names behind the codes.
+- `counts`, `code`, `code_style`, `method`, `error`, `losses`, `detail`: small traits, sent
+  whole on change.
+- custom messages from Python: `states` (the nodes whose state changed and their new codes,
+  two binary buffers), `report` (per-leaf status codes and norms as binary buffers, runner
+  notes), `snapshot` (all node states + the last report, in reply to `hello`, so a view
+  displayed later starts from the current state), `matches`, `ack`.
+- custom messages from the browser, all validated in `_handle_message`: `hello`, `toggle`,
+  `glob`, `match`, `select`, `style`, `method`, `step`, `reset`, `dismiss`; each may carry an
+  integer `id`, answered by an `ack`.
+"""
+
+from __future__ import annotations
+
+import math
+import pathlib
+import textwrap
+from typing import Any
+
+import anywidget
+import numpy as np
+import traitlets as t
+
+from ._errors import ExplorerError
+from ._spec import FilterSpec
+
+__all__ = ["Explorer"]
+
+_STATIC = pathlib.Path(__file__).parent / "_static"
+
+KINDS = ("module", "list", "tuple", "namedtuple", "dict", "node", "array", "leaf", "none")
+STATES = ("static", "trainable", "frozen", "mixed")
+STATUSES = ("updated", "stalled", "frozen", "leaked", "kept", "lost")
+METHODS = ("partition", "stop_gradient", "optax_mask", "none")
+NO_STATUS = 255
+MAX_STEPS = 10_000
+# Optimizer-state slots per trainable value assumed when no optimizer is given (Adam: mu, nu).
+DEFAULT_SLOTS = 2.0
+# Methods whose optimizer state covers only the trainable leaves.
+_STATE_ON_TRAINABLE = ("partition", "optax_mask")
+
+# Message type -> required fields and their checks. Every message may also carry an int `id`.
+_MESSAGES: dict[str, dict[str, Any]] = {
+    "hello": {},
+    "toggle": {"path": str, "frozen": bool},
+    "glob": {"pattern": str, "action": ("freeze", "unfreeze")},
+    "match": {"pattern": str},
+    "select": {"path": str},
+    "style": {"style": str},
+    "method": {"method": str},
+    "step": {"n": int},
+    "reset": {},
+    "dismiss": {},
+}
+_MAX_MATCHES = 2_000
+
+
+def _finite_or_none(x: Any) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _node_table(tree) -> dict:
+    """The columns the browser needs to draw every row, as compact JSON lists."""
+    paths, parent, kinds = tree.paths, tree.parent, tree.kind
+    n = len(paths)
+    steps = [""] + [paths[i][len(paths[parent[i]]) :] for i in range(1, n)]
+    class_ids: dict[str, int] = {}
+    cls = [class_ids.setdefault(c, len(class_ids)) for c in tree.cls]
+    kind_code = {k: j for j, k in enumerate(KINDS)}
+    leafish = ("array", "leaf", "none")
+    summary_ids: dict[str, int] = {"": 0}
+    summary = [
+        summary_ids.setdefault(tree.summary(i), len(summary_ids)) if kinds[i] in leafish else 0
+        for i in range(n)
+    ]
+    params_per_leaf = np.where(tree.inexact, tree.size, 0)
+    cum = np.concatenate([[0], np.cumsum(params_per_leaf)])
+    params = (cum[tree.hi] - cum[tree.lo]).tolist()
+    sharding = {}
+    for i in np.flatnonzero(np.asarray([k == "array" for k in kinds], bool)):
+        text = tree.sharding(int(i))
+        if text:
+            sharding[str(i)] = text
+    static = {
+        str(i): ", ".join(f"{k}={v}" for k, v in s.items()) for i, s in enumerate(tree.static) if s
+    }
+    return {
+        "n": n,
+        "step": steps,
+        "parent": list(parent),
+        "kind": [kind_code[k] for k in kinds],
+        "cls": cls,
+        "classes": list(class_ids),
+        "summary": summary,
+        "summaries": list(summary_ids),
+        "params": params,
+        "sharding": sharding,
+        "static": static,
+    }
+
+
+def _export(spec: FilterSpec, style: str) -> str:
+    """The code of `spec` in `style`, or, when the style cannot express it, a comment saying why.
+
+    A spec is always valid; only some export styles have limits (a `where` function cannot
+    reach every key), so a click is never refused because of the selected style.
+    """
+    from ._codegen import to_code
+
+    try:
+        return to_code(spec, style)
+    except ExplorerError as e:
+        lines = textwrap.wrap(f"Cannot export this spec in style {style!r}: {e}", 96)
+        return "\n".join("# " + line for line in lines) + "\n"
+
+
+def _render_array_html(x: Any, *, around_zero: bool | str = "auto") -> str:
+    import jax
+    import treescope
+
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    figure = treescope.render_array(np.asarray(x), around_zero=around_zero, truncate=True)
+    return figure._repr_html_()
+
+
+class Explorer(anywidget.AnyWidget):
+    """Click to freeze sub-networks, read the exported code, and run audited steps.
+
+    ```python
+    w = eqx_explorer.Explorer(model, loss_fn=loss, batch=(x, y), optimizer=optax.adam(1e-3))
+    w                        # in Jupyter: the tree, the code and the step pane
+    w.freeze("encoder")      # same as clicking the encoder's checkbox
+    w.code                   # the export of w.spec in w.code_style ("tree_at" by default)
+    report = w.step(10)      # ten steps; rows show each leaf's status
+    ```
+
+    Every click is mirrored by a method and every method is shown in the page. In a terminal
+    `repr(w)` is the text summary. The model passed in is never changed; `w.model` is the
+    trained one after steps.
+    """
+
+    _esm = _STATIC / "widget.js"
+    _css = _STATIC / "widget.css"
+
+    _table = t.Dict().tag(sync=True)
+    _options = t.Dict().tag(sync=True)
+    counts = t.Dict().tag(sync=True)
+    code = t.Unicode("").tag(sync=True)
+    code_style = t.Unicode("tree_at").tag(sync=True)
+    method = t.Unicode("partition").tag(sync=True)
+    error = t.Unicode("").tag(sync=True)
+    losses = t.List().tag(sync=True)
+    detail = t.Dict().tag(sync=True)
+
+    def __init__(
+        self,
+        model: Any,
+        loss_fn: Any = None,
+        batch: Any = None,
+        optimizer: Any = None,
+        spec: FilterSpec | None = None,
+        state: Any = None,
+        *,
+        code_style: str = "tree_at",
+        method: str = "partition",
+    ):
+        from ._codegen import STYLES
+
+        if spec is None:
+            spec = FilterSpec(model)
+        elif not isinstance(spec, FilterSpec):
+            raise ExplorerError(
+                f"spec must be an eqx_explorer.FilterSpec, not {type(spec).__name__}; build it "
+                "with FilterSpec(model).freeze(...) or FilterSpec.from_tree(model, filter_spec)"
+            )
+        elif spec.model is not model:
+            own = FilterSpec(model)
+            if own.model_tree.treedef != spec.model_tree.treedef:
+                raise ExplorerError(
+                    "this spec was built for a model with another structure; build it from "
+                    "this model"
+                )
+            spec = own.set_mask(spec.mask)
+        self._styles = tuple(STYLES)
+        self._check_style(code_style)
+        self._check_method(method)
+        self._model = model
+        self._tree = spec.model_tree
+        self._loss_fn = loss_fn
+        self._batch = batch
+        self._optimizer = optimizer
+        self._state = state
+        self._runner = None
+        self._runner_spec: FilterSpec | None = None
+        self._runner_method: str | None = None
+        self._report = None
+        self._before_last_step: list | None = None
+        self._selected: int | None = None
+        tree = self._tree
+        self._n_inexact = self._subtree_sum(tree.inexact)
+        self._slots = self._optimizer_slots(model, optimizer)
+        self._spec = spec
+        self._codes = self._state_codes(spec.mask)
+        nl = tree.num_leaves
+        self._status = np.full(nl, NO_STATUS, np.uint8)
+        self._norms = np.full((3, nl), np.nan, np.float32)
+        self._leaf_details: dict[str, str] = {}
+        super().__init__(
+            _table=_node_table(tree),
+            _options={
+                "styles": list(self._styles),
+                "methods": list(METHODS),
+                "states": list(STATES),
+                "statuses": list(STATUSES),
+                "kinds": list(KINDS),
+                "has_loss": loss_fn is not None,
+                "max_steps": MAX_STEPS,
+            },
+            code_style=code_style,
+            method=method,
+            code=_export(spec, code_style),
+            counts=self._counts(method),
+        )
+        self.on_msg(self._on_msg)
+
+    # -- public API: every UI action ------------------------------------------
+    @property
+    def spec(self) -> FilterSpec:
+        """The current FilterSpec (immutable; assign a new one to change the widget)."""
+        return self._spec
+
+    @spec.setter
+    def spec(self, spec: FilterSpec) -> None:
+        if not isinstance(spec, FilterSpec):
+            raise ExplorerError(f"w.spec takes a FilterSpec, not {type(spec).__name__}")
+        if spec.model_tree is not self._tree:
+            if spec.model_tree.treedef != self._tree.treedef:
+                raise ExplorerError(
+                    "this spec was built for a model with another structure; build it from "
+                    "w.spec (e.g. w.spec.freeze(...)) or from the same model"
+                )
+            spec = self._spec.set_mask(spec.mask)
+        self._apply_spec(spec)
+
+    @property
+    def filter_spec(self) -> Any:
+        """The spec as a pytree of Python bools (`eqx.partition(model, w.filter_spec)`)."""
+        return self._spec.tree
+
+    @property
+    def model(self) -> Any:
+        """The model after the steps run so far (the original model before any step)."""
+        return self._runner.model if self._runner is not None else self._model
+
+    @property
+    def state(self) -> Any:
+        """The model state (`eqx.nn.State`) after the steps run so far, or the initial one."""
+        return self._runner.state if self._runner is not None else self._state
+
+    @property
+    def report(self) -> Any:
+        """The StepReport of the last `step` call (None before any step or after `reset`)."""
+        return self._report
+
+    def freeze(self, *targets: Any) -> FilterSpec:
+        """Freeze `targets` (paths, globs, where-functions, ...); returns the new spec."""
+        self._apply_spec(self._spec.freeze(*targets))
+        return self._spec
+
+    def unfreeze(self, *targets: Any) -> FilterSpec:
+        """Make the float arrays under `targets` trainable; returns the new spec."""
+        self._apply_spec(self._spec.unfreeze(*targets))
+        return self._spec
+
+    def select(self, path: str) -> dict:
+        """Show the node at `path` in the detail pane (values and last update of arrays)."""
+        node = self._tree.find(path)
+        self.detail = self._detail(node)
+        self._selected = node
+        return self.detail
+
+    def step(self, n: int = 1) -> Any:
+        """Run `n` training steps with the current spec and method; returns the StepReport."""
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= MAX_STEPS:
+            raise ExplorerError(f"step(n) takes an int n between 1 and {MAX_STEPS:,}, got {n!r}")
+        runner = self._ready_runner()
+        import jax.tree_util as jtu
+
+        before = jtu.tree_leaves(runner.model)
+        report = runner.step(int(n))
+        self._before_last_step = before
+        self._apply_report(report)
+        return report
+
+    def reset(self) -> None:
+        """Forget the steps: back to the original model, no report, an empty loss curve."""
+        if self._runner is not None:
+            self._runner.reset()
+        self._report = None
+        self._before_last_step = None
+        self._status[:] = NO_STATUS
+        self._norms[:] = np.nan
+        self._leaf_details = {}
+        with self.hold_sync():
+            self.losses = []
+            self._refresh_detail()
+        self._send_report()
+
+    def __repr__(self) -> str:
+        from ._summary import summary
+
+        return summary(self._spec.model, self._spec)
+
+    # -- traits set from Python -----------------------------------------------
+    @t.validate("code_style")
+    def _valid_style(self, proposal):
+        self._check_style(proposal["value"])
+        return proposal["value"]
+
+    @t.validate("method")
+    def _valid_method(self, proposal):
+        self._check_method(proposal["value"])
+        return proposal["value"]
+
+    @t.observe("code_style")
+    def _style_changed(self, change):
+        self.code = _export(self._spec, change["new"])
+
+    @t.observe("method")
+    def _method_changed(self, change):
+        self.counts = self._counts(change["new"])
+
+    def _check_style(self, style: str) -> None:
+        if style not in self._styles:
+            raise ExplorerError(
+                f"unknown code style {style!r}; choose one of {', '.join(self._styles)}"
+            )
+
+    def _check_method(self, method: str) -> None:
+        if method not in METHODS:
+            raise ExplorerError(
+                f"unknown step method {method!r}; choose one of {', '.join(METHODS)}"
+            )
+
+    # -- spec -> states, counts, code -----------------------------------------
+    def _subtree_sum(self, per_leaf: np.ndarray) -> np.ndarray:
+        cum = np.concatenate([[0], np.cumsum(per_leaf, dtype=np.int64)])
+        return cum[self._tree.hi] - cum[self._tree.lo]
+
+    def _state_codes(self, mask: np.ndarray) -> np.ndarray:
+        """Every node's state code (index into STATES), from prefix sums over the mask."""
+        n_true = self._subtree_sum(mask)
+        n_inexact = self._n_inexact
+        codes = np.where(n_true == n_inexact, 1, np.where(n_true == 0, 2, 3))
+        return np.where(n_inexact == 0, 0, codes).astype(np.uint8)
+
+    def _apply_spec(self, spec: FilterSpec) -> None:
+        code = _export(spec, self.code_style)
+        codes = self._state_codes(spec.mask)
+        changed = np.flatnonzero(codes != self._codes).astype("<i4")
+        self._spec = spec
+        self._codes = codes
+        with self.hold_sync():
+            self.code = code
+            self.counts = self._counts(self.method)
+            if self._selected is not None:
+                self.detail = {**self.detail, "state": STATES[codes[self._selected]]}
+        self.send({"type": "states"}, [changed.tobytes(), codes[changed].tobytes()])
+
+    @staticmethod
+    def _optimizer_slots(model: Any, optimizer: Any) -> float:
+        """Optimizer-state bytes per trainable byte, measured with `jax.eval_shape`."""
+        if optimizer is None:
+            return DEFAULT_SLOTS
+        import equinox as eqx
+        import jax
+        import jax.tree_util as jtu
+
+        params = eqx.filter(model, eqx.is_inexact_array)
+        total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jtu.tree_leaves(params))
+        shapes = jax.eval_shape(optimizer.init, params)
+        state = sum(
+            int(np.prod(x.shape)) * x.dtype.itemsize
+            for x in jtu.tree_leaves(shapes)
+            if hasattr(x, "dtype")
+        )
+        return state / total if total else 0.0
+
+    def _counts(self, method: str) -> dict:
+        c = dict(self._spec.counts)
+        c["total_bytes"] = c["trainable_bytes"] + c["frozen_bytes"]
+        on_trainable = method in _STATE_ON_TRAINABLE
+        covered = c["trainable_bytes"] if on_trainable else c["total_bytes"]
+        c["opt_state_bytes"] = int(round(self._slots * covered))
+        source = (
+            f"{self._slots:.3g} (measured with optimizer.init)"
+            if self._optimizer is not None
+            else f"{DEFAULT_SLOTS:g} (Adam-like guess; pass optimizer= to measure)"
+        )
+        c["opt_state_note"] = f"{'trainable' if on_trainable else 'all float'} bytes × {source}"
+        return c
+
+    # -- steps ------------------------------------------------------------------
+    def _ready_runner(self):
+        if self._loss_fn is None:
+            raise ExplorerError(
+                "no loss function: create the widget with Explorer(model, loss_fn=..., "
+                "batch=...) to run steps"
+            )
+        if self._runner is None:
+            from ._steps import StepRunner
+
+            self._runner = StepRunner(
+                self._model,
+                self._spec,
+                self._loss_fn,
+                self._batch,
+                optimizer=self._optimizer,
+                method=self.method,
+                state=self._state,
+            )
+        elif self._runner_spec is not self._spec or self._runner_method != self.method:
+            self._runner.set_spec(self._spec, method=self.method)
+        self._runner_spec, self._runner_method = self._spec, self.method
+        return self._runner
+
+    def _apply_report(self, report: Any) -> None:
+        tree = self._tree
+        self._status[:] = NO_STATUS
+        self._norms[:] = np.nan
+        self._leaf_details = {}
+        status_code = {s: j for j, s in enumerate(STATUSES)}
+        for leaf in report.leaves:
+            i = int(tree.lo[tree.find(leaf.path)])
+            self._status[i] = status_code[leaf.status]
+            for row, value in enumerate((leaf.grad_norm, leaf.update_norm, leaf.delta_norm)):
+                self._norms[row, i] = np.nan if value is None else value
+            if leaf.detail:
+                self._leaf_details[str(i)] = leaf.detail
+        self._report = report
+        with self.hold_sync():
+            self.losses = self.losses + [_finite_or_none(x) for x in report.loss]
+            self.error = report.error or ""
+            self._refresh_detail()
+        self._send_report()
+
+    def _send_report(self) -> None:
+        self.send({"type": "report", **self._report_notes()}, self._report_buffers())
+
+    def _report_notes(self) -> dict:
+        notes = list(self._report.notes) if self._report is not None else []
+        return {"notes": notes, "details": self._leaf_details}
+
+    def _report_buffers(self) -> list[bytes]:
+        return [self._status.tobytes(), self._norms.astype("<f4").tobytes()]
+
+    # -- detail pane ----------------------------------------------------------------
+    def _refresh_detail(self) -> None:
+        if self._selected is not None:
+            self.detail = self._detail(self._selected)
+
+    def _detail(self, node: int) -> dict:
+        tree = self._tree
+        row = tree.node(node)
+        detail = {
+            "path": row.path,
+            "cls": row.cls,
+            "kind": row.kind,
+            "summary": row.summary,
+            "params": row.size if row.trainable else 0,
+            "sharding": row.sharding or "",
+            "static": row.static,
+            "state": STATES[self._codes[node]],
+        }
+        if row.kind == "leaf":
+            detail["repr"] = repr(tree.objects[node])[:2_000]
+        if row.kind != "array":
+            return detail
+        leaf = int(tree.lo[node])
+        if self._status[leaf] != NO_STATUS:
+            detail["status"] = STATUSES[self._status[leaf]]
+            detail["norms"] = [_finite_or_none(v) for v in self._norms[:, leaf]]
+            detail["note"] = self._leaf_details.get(str(leaf), "")
+        import jax.tree_util as jtu
+
+        value = jtu.tree_leaves(self.model)[leaf]
+        detail["value_html"] = self._render(value)
+        if self._before_last_step is not None:
+            old = self._before_last_step[leaf]
+            if getattr(old, "shape", None) == getattr(value, "shape", None):
+                update = np.asarray(value) - np.asarray(old)
+                detail["update_html"] = self._render(update, around_zero=True)
+        return detail
+
+    @staticmethod
+    def _render(x: Any, around_zero: bool | str = "auto") -> str:
+        try:
+            return _render_array_html(x, around_zero=around_zero)
+        except Exception as e:  # treescope has no adapter for some dtypes; show why instead
+            import html
+
+            return f"<pre>treescope cannot render this array ({html.escape(str(e))})</pre>"
+
+    # -- messages from the browser ------------------------------------------------------
+    def _on_msg(self, _widget: Any, content: Any, _buffers: Any) -> None:
+        self._handle_message(content)
+
+    def _handle_message(self, msg: Any) -> None:
+        """Validate and apply one message from the browser; errors go to the banner."""
+        msg_id = msg.get("id") if isinstance(msg, dict) else None
+        ok = False
+        try:
+            kind, args = self._validate(msg)
+            getattr(self, f"_on_{kind}")(**args)
+            ok = True
+            if kind not in ("hello", "match", "step"):
+                self.error = ""
+        except ExplorerError as e:
+            self.error = str(e)
+        except Exception as e:  # a bug must reach the banner, not the kernel log
+            self.error = f"internal error ({type(e).__name__}: {e}); the spec was not changed"
+        if isinstance(msg_id, int) and not isinstance(msg_id, bool):
+            self.send({"type": "ack", "id": msg_id, "ok": ok})
+
+    @staticmethod
+    def _validate(msg: Any) -> tuple[str, dict]:
+        if not isinstance(msg, dict) or not isinstance(msg.get("type"), str):
+            raise ExplorerError(f"malformed message from the page: {msg!r:.200}")
+        kind = msg["type"]
+        if kind not in _MESSAGES:
+            raise ExplorerError(f"unknown message type {kind!r} from the page")
+        fields = _MESSAGES[kind]
+        extra = set(msg) - set(fields) - {"type", "id"}
+        if extra:
+            raise ExplorerError(f"message {kind!r} has unexpected fields {sorted(extra)}")
+        args = {}
+        for name, check in fields.items():
+            if name not in msg:
+                raise ExplorerError(f"message {kind!r} lacks the field {name!r}")
+            value = msg[name]
+            if isinstance(check, tuple):
+                good = value in check
+            elif check is int:
+                good = isinstance(value, int) and not isinstance(value, bool)
+            else:
+                good = isinstance(value, check)
+            if not good:
+                raise ExplorerError(f"message {kind!r} has a bad {name!r}: {value!r:.100}")
+            args[name] = value
+        return kind, args
+
+    def _on_hello(self) -> None:
+        buffers = [self._codes.tobytes(), *self._report_buffers()]
+        self.send({"type": "snapshot", **self._report_notes()}, buffers)
+
+    def _on_toggle(self, path: str, frozen: bool) -> None:
+        # An exact path only: a glob typed into a toggle must not freeze its matches.
+        node = self._tree.paths[self._tree.find(path)]
+        self._apply_spec(self._spec.freeze(node) if frozen else self._spec.unfreeze(node))
+
+    def _on_glob(self, pattern: str, action: str) -> None:
+        self.freeze(pattern) if action == "freeze" else self.unfreeze(pattern)
+
+    def _on_match(self, pattern: str) -> None:
+        reply: dict[str, Any] = {"type": "matches", "pattern": pattern}
+        try:
+            sel = self._spec.select(pattern)
+        except ExplorerError as e:
+            reply.update(nodes=[], leaves=0, error=str(e))
+        else:
+            reply.update(nodes=sel.nodes[:_MAX_MATCHES], count=len(sel.nodes))
+            reply["leaves"] = int(sel.mask.sum())
+        self.send(reply)
+
+    def _on_select(self, path: str) -> None:
+        self.select(path)
+
+    def _on_style(self, style: str) -> None:
+        self.code_style = style  # validated by _valid_style
+
+    def _on_method(self, method: str) -> None:
+        self.method = method  # validated by _valid_method
+
+    def _on_step(self, n: int) -> None:
+        self.step(n)
+
+    def _on_reset(self) -> None:
+        self.reset()
+
+    def _on_dismiss(self) -> None:
+        self.error = ""

@@ -1,0 +1,510 @@
+"""The Explorer widget at Python level: front-end messages are simulated with `_handle_message`
+and Python -> browser messages are captured from `send` (the browser test lives with the
+notebooks)."""
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from eqx_explorer import ExplorerError, FilterSpec, summary
+from eqx_explorer._codegen import STYLES, to_code
+from eqx_explorer._examples import example_model
+from eqx_explorer._widget import KINDS, METHODS, NO_STATUS, STATES, STATUSES, Explorer
+from tests.strategies import models, random_edits
+
+
+class Sent:
+    """Records the custom messages a widget sends to the browser."""
+
+    def __init__(self, widget):
+        self.messages = []
+        widget.send = lambda content, buffers=None: self.messages.append((content, buffers))
+
+    def of_type(self, kind):
+        return [(c, b) for c, b in self.messages if c["type"] == kind]
+
+    def clear(self):
+        self.messages.clear()
+
+
+def state_delta(sent):
+    ((_, (nodes, codes)),) = sent.of_type("states")
+    return np.frombuffer(nodes, "<i4"), np.frombuffer(codes, np.uint8)
+
+
+def expected_codes(spec):
+    return np.array([STATES.index(spec.node_state(i)) for i in range(len(spec.model_tree))])
+
+
+def table_paths(table):
+    paths = [""]
+    for i in range(1, table["n"]):
+        paths.append(paths[table["parent"][i]] + table["step"][i])
+    return paths
+
+
+@pytest.fixture
+def model():
+    return example_model()
+
+
+@pytest.fixture
+def widget(model):
+    return Explorer(model)
+
+
+# -- the node table ----------------------------------------------------------------------------
+def test_table_rebuilds_every_row(widget):
+    tree = widget.spec.model_tree
+    table = widget._table
+    assert table_paths(table) == tree.paths
+    assert [KINDS[k] for k in table["kind"]] == tree.kind
+    assert [table["classes"][c] for c in table["cls"]] == tree.cls
+    assert table["params"] == [tree.params(i) for i in range(len(tree))]
+    for i in range(len(tree)):
+        text = table["summaries"][table["summary"][i]]
+        assert text == (tree.summary(i) if tree.kind[i] in ("array", "leaf", "none") else "")
+    mha = tree.find("blocks[0].attn")
+    assert "num_heads=2" in table["static"][str(mha)]
+    assert table["sharding"] == {}  # one device: nothing to show
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(models, st.data())
+def test_paths_rebuilt_by_the_browser_address_the_same_nodes(model, data):
+    # The browser joins `step`s into paths and sends them back in toggles: weird dict keys
+    # (quotes, newlines, "**") must survive the round trip and toggle exactly that node.
+    w = Explorer(model)
+    tree = w.spec.model_tree
+    paths = table_paths(w._table)
+    assert paths == tree.paths
+    spec = w.spec
+    for action, path in data.draw(random_edits(tree)):
+        node = paths.index(path)
+        w._handle_message({"type": "toggle", "path": path, "frozen": action == "freeze"})
+        try:
+            spec = spec.freeze(path) if action == "freeze" else spec.unfreeze(path)
+        except ExplorerError:
+            assert w.error  # e.g. unfreezing a function: banner, spec unchanged
+        else:
+            assert w.error == "", (path, w.error)
+        assert w.spec == spec
+        assert w._codes[node] == STATES.index(spec.node_state(node))
+    np.testing.assert_array_equal(w._codes, expected_codes(spec))
+
+
+# -- toggles -----------------------------------------------------------------------------------
+def test_toggle_module_freezes_subtree_and_sends_only_changed_states(widget, model):
+    sent = Sent(widget)
+    tree = widget.spec.model_tree
+    widget._handle_message({"type": "toggle", "path": "blocks[0]", "frozen": True, "id": 7})
+    expected = FilterSpec(model).freeze("blocks[0]")
+    assert widget.spec == expected
+    assert widget.code == to_code(expected, "tree_at")
+    assert widget.counts["frozen_params"] == expected.counts["frozen_params"] > 0
+    assert widget.error == ""
+    nodes, codes = state_delta(sent)
+    block = tree.find("blocks[0]")
+    subtree = [i for i in range(len(tree)) if tree.paths[i].startswith("blocks[0]")]
+    ancestors = [0, tree.find("blocks")]
+    assert set(nodes) <= set(subtree) | set(ancestors)
+    assert block in nodes and 0 in nodes  # the block froze, the root became mixed
+    np.testing.assert_array_equal(codes, expected_codes(expected)[nodes])
+    assert STATES[codes[list(nodes).index(0)]] == "mixed"
+    assert sent.of_type("ack") == [({"type": "ack", "id": 7, "ok": True}, None)]
+
+
+def test_toggle_unfreeze_of_mixed_module_makes_it_trainable(widget, model):
+    widget.freeze("blocks[1].mlp")
+    assert widget.spec.state("blocks[1]") == "mixed"
+    widget._handle_message({"type": "toggle", "path": "blocks[1]", "frozen": False})
+    assert widget.spec == FilterSpec(model)
+    assert widget._codes[widget.spec.model_tree.find("blocks[1]")] == STATES.index("trainable")
+
+
+def test_toggle_takes_exact_paths_not_globs(widget):
+    before = widget.spec
+    widget._handle_message({"type": "toggle", "path": "blocks[*]", "frozen": True})
+    assert widget.error and widget.spec is before
+
+
+def test_glob_freeze_and_unfreeze_matches(widget, model):
+    widget._handle_message({"type": "glob", "pattern": "**.bias", "action": "freeze"})
+    assert widget.spec == FilterSpec(model).freeze("**.bias")
+    widget._handle_message({"type": "glob", "pattern": "blocks[*].norm", "action": "unfreeze"})
+    assert widget.spec == FilterSpec(model).freeze("**.bias").unfreeze("blocks[*].norm")
+    assert widget.code == to_code(widget.spec, "tree_at")
+
+
+def test_match_replies_with_nodes_and_leaf_count(widget):
+    sent = Sent(widget)
+    widget._handle_message({"type": "match", "pattern": "blocks[*].norm"})
+    widget._handle_message({"type": "match", "pattern": "nothing[*]"})
+    (ok, _), (bad, _) = sent.of_type("matches")
+    tree = widget.spec.model_tree
+    assert ok["nodes"] == [tree.find(f"blocks[{i}].norm") for i in range(3)]
+    assert ok["count"] == 3 and ok["leaves"] == 6
+    assert bad["nodes"] == [] and "matches no node" in bad["error"]
+    assert widget.error == ""  # typing a partial pattern is not an error
+
+
+# -- code pane ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("style", STYLES)
+def test_style_message_changes_the_code(widget, style):
+    widget.freeze("embed", "blocks[0]")
+    widget._handle_message({"type": "style", "style": style})
+    assert widget.code_style == style
+    assert widget.code == to_code(widget.spec, style)
+    widget.unfreeze("blocks[0]")
+    assert widget.code == to_code(widget.spec, style)
+
+
+def test_options_list_every_style_and_method(widget):
+    assert widget._options["styles"] == list(STYLES)
+    assert widget._options["methods"] == list(METHODS)
+    assert widget.code_style == "tree_at"
+
+
+def test_style_the_export_cannot_write_shows_why_and_keeps_the_click():
+    model = {"a b": jnp.ones(2), "c": jnp.ones(2)}  # not an attribute name
+    w = Explorer(model)
+    w.freeze("['a b']")
+    assert w.spec.state("['a b']") == "frozen"
+    w.code_style = "stop_gradient"
+    codes = {s: w.code for s in STYLES if not setattr(w, "code_style", s)}
+    assert all(code.strip() for code in codes.values())
+    for style, code in codes.items():
+        try:
+            assert code == to_code(w.spec, style)
+        except ExplorerError as e:
+            assert code.startswith("# Cannot export") and str(e)[:40] in code.replace("\n# ", " ")
+
+
+# -- validation --------------------------------------------------------------------------------
+BAD_MESSAGES = [
+    "toggle",
+    None,
+    {"path": "embed"},
+    {"type": 3},
+    {"type": "explode"},
+    {"type": "toggle", "path": "embed"},
+    {"type": "toggle", "path": "embed", "frozen": "yes"},
+    {"type": "toggle", "path": ["embed"], "frozen": True},
+    {"type": "toggle", "path": "embed", "frozen": True, "extra": 1},
+    {"type": "toggle", "path": "embedding", "frozen": True},
+    {"type": "toggle", "path": "blocks[9]", "frozen": True},
+    {"type": "toggle", "path": "blocks[0", "frozen": True},
+    {"type": "toggle", "path": "step_count", "frozen": False},
+    {"type": "glob", "pattern": "**.nothing", "action": "freeze"},
+    {"type": "glob", "pattern": "**.bias", "action": "delete"},
+    {"type": "select", "path": "nowhere"},
+    {"type": "style", "style": "cobol"},
+    {"type": "method", "method": "magic"},
+    {"type": "step", "n": 1},  # no loss function
+    {"type": "step", "n": True},
+    {"type": "step", "n": 2.5},
+]
+
+
+@pytest.mark.parametrize("msg", BAD_MESSAGES, ids=repr)
+def test_bad_message_shows_banner_and_changes_nothing(widget, msg):
+    widget.freeze("head")
+    spec, code, counts, codes = widget.spec, widget.code, widget.counts, widget._codes.copy()
+    sent = Sent(widget)
+    widget._handle_message(msg)
+    assert widget.error
+    assert widget.spec is spec and widget.code == code and widget.counts == counts
+    np.testing.assert_array_equal(widget._codes, codes)
+    assert widget.code_style == "tree_at" and widget.method == "partition"
+    assert sent.of_type("states") == []
+    # The next good action clears the banner; dismiss clears it too.
+    widget._handle_message({"type": "dismiss"})
+    assert widget.error == ""
+
+
+def test_unexpected_exception_reaches_the_banner_not_the_kernel(widget, monkeypatch):
+    import eqx_explorer._widget as widget_module
+
+    def broken(spec, style):
+        raise RuntimeError("codegen bug")
+
+    monkeypatch.setattr(widget_module, "_export", broken)
+    spec = widget.spec
+    sent = Sent(widget)
+    widget._handle_message({"type": "toggle", "path": "embed", "frozen": True, "id": 1})
+    assert "internal error" in widget.error and "codegen bug" in widget.error
+    assert widget.spec is spec
+    assert sent.of_type("ack") == [({"type": "ack", "id": 1, "ok": False}, None)]
+
+
+def test_comm_callback_goes_through_validation(widget):
+    # What ipywidgets calls for a custom message from the page.
+    widget._handle_custom_msg({"type": "toggle", "path": "embed", "frozen": True}, [])
+    assert widget.spec.state("embed") == "frozen"
+    widget._handle_custom_msg({"type": "toggle"}, [])
+    assert "lacks the field 'path'" in widget.error
+
+
+# -- Python API mirrors the page ---------------------------------------------------------------
+def test_python_methods_mirror_the_ui(widget, model):
+    sent = Sent(widget)
+    assert widget.freeze("blocks") == FilterSpec(model).freeze("blocks") == widget.spec
+    assert len(state_delta(sent)[0]) > 0
+    widget.unfreeze("blocks[2]")
+    assert jtu.tree_leaves(widget.filter_spec) == jtu.tree_leaves(widget.spec.tree)
+    assert all(type(b) is bool for b in jtu.tree_leaves(widget.filter_spec))
+    widget.code_style = "optax"
+    assert widget.code == to_code(widget.spec, "optax")
+    widget.spec = FilterSpec(model).freeze("head")  # a spec built from its own tree
+    assert widget.spec == FilterSpec(model).freeze("head")
+    assert widget.code == to_code(widget.spec, "optax")
+    with pytest.raises(ExplorerError, match="another structure"):
+        widget.spec = FilterSpec([jnp.ones(2)])
+    with pytest.raises(ExplorerError):
+        widget.freeze("nope")
+    with pytest.raises(ExplorerError, match="unknown code style"):
+        widget.code_style = "cobol"
+    with pytest.raises(ExplorerError, match="unknown step method"):
+        widget.method = "magic"
+
+
+def test_constructor_checks_and_initial_spec(model):
+    spec = FilterSpec(model).freeze("embed")
+    w = Explorer(model, spec=spec, code_style="path")
+    assert w.spec is spec and w.code == to_code(spec, "path")
+    copy = jtu.tree_map(lambda x: x, model)  # same structure, another object
+    assert Explorer(copy, spec=spec).spec == FilterSpec(copy).freeze("embed")
+    with pytest.raises(ExplorerError, match="another structure"):
+        Explorer([jnp.ones(3)], spec=spec)
+    with pytest.raises(ExplorerError, match="FilterSpec"):
+        Explorer(model, spec=jtu.tree_map(lambda _: True, model))
+    with pytest.raises(ExplorerError, match="unknown code style"):
+        Explorer(model, code_style="cobol")
+
+
+def test_header_counts_and_optimizer_state_estimate(model):
+    spec = FilterSpec(model).freeze("blocks")
+    c = spec.counts
+    w = Explorer(model, spec=spec)
+    assert w.counts["trainable_params"] == c["trainable_params"]
+    assert w.counts["total_bytes"] == c["trainable_bytes"] + c["frozen_bytes"]
+    assert w.counts["opt_state_bytes"] == 2 * c["trainable_bytes"]  # Adam-like guess
+    measured = Explorer(model, spec=spec, optimizer=optax.sgd(0.1, momentum=0.9))
+    assert measured.counts["opt_state_bytes"] == c["trainable_bytes"]  # one slot, measured
+    measured.method = "stop_gradient"  # its optimizer state spans every float leaf
+    assert measured.counts["opt_state_bytes"] == c["trainable_bytes"] + c["frozen_bytes"]
+
+
+# -- detail pane -------------------------------------------------------------------------------
+def test_select_array_renders_values_with_treescope(widget):
+    widget._handle_message({"type": "select", "path": "blocks[0].mlp.layers[0].weight"})
+    d = widget.detail
+    assert d["path"] == "blocks[0].mlp.layers[0].weight" and d["state"] == "trainable"
+    assert d["summary"] == "float32[32, 16]" and d["params"] == 512
+    assert "treescope" in d["value_html"] and "<script" in d["value_html"]
+    assert "update_html" not in d  # no step yet
+    widget.freeze("blocks[0]")
+    assert widget.detail["state"] == "frozen"
+
+
+def test_select_module_and_non_array_leaf(widget):
+    widget._handle_message({"type": "select", "path": "blocks[1].attn"})
+    assert widget.detail["static"]["num_heads"] == "2"
+    assert "value_html" not in widget.detail
+    widget._handle_message({"type": "select", "path": "blocks[1].mlp.activation"})
+    assert widget.detail["kind"] == "leaf" and widget.detail["summary"] == "relu"
+    assert widget.detail["repr"].startswith("<jax")
+    widget._handle_message({"type": "select", "path": "blocks[1].attn.dropout.p"})
+    assert widget.detail["repr"] == "0.0" and widget.detail["state"] == "static"
+    widget._handle_message({"type": "select", "path": "step_count"})
+    assert widget.detail["state"] == "static" and "treescope" in widget.detail["value_html"]
+
+
+# -- re-display and independence ---------------------------------------------------------------
+def test_hello_snapshot_carries_the_current_state(widget):
+    widget.freeze("blocks[0]", "head")
+    sent = Sent(widget)
+    widget._handle_message({"type": "hello"})
+    ((msg, (states, status, norms)),) = sent.of_type("snapshot")
+    np.testing.assert_array_equal(np.frombuffer(states, np.uint8), expected_codes(widget.spec))
+    assert set(np.frombuffer(status, np.uint8)) == {NO_STATUS}
+    assert np.isnan(np.frombuffer(norms, "<f4")).all()
+    assert msg == {"type": "snapshot", "notes": [], "details": {}}
+
+
+def test_redisplay_uses_the_same_model_and_shows_the_same_state(widget):
+    first = widget._repr_mimebundle_()
+    widget.freeze("embed")
+    second = widget._repr_mimebundle_()
+    key = "application/vnd.jupyter.widget-view+json"
+    assert first[0][key]["model_id"] == second[0][key]["model_id"] == widget.model_id
+    assert "frozen" in second[0]["text/plain"]
+
+
+def test_two_widgets_on_one_model_are_independent(model):
+    a, b = Explorer(model), Explorer(model)
+    a.freeze("blocks")
+    b._handle_message({"type": "style", "style": "path"})
+    assert b.spec == FilterSpec(model) and a.code_style == "tree_at"
+    assert a.spec.state("blocks") == "frozen"
+    assert a.model_id != b.model_id
+
+
+def test_repr_is_the_text_summary(widget, model):
+    widget.freeze("embed")
+    assert repr(widget) == summary(model, FilterSpec(model).freeze("embed"))
+
+
+# -- scale -------------------------------------------------------------------------------------
+class Cell(eqx.Module):
+    weight: jax.Array
+    bias: jax.Array
+
+
+def wide_model(n_leaves):
+    weight, bias = jnp.ones((4, 4)), jnp.zeros(4)
+    return {f"group{g}": [Cell(weight, bias) for _ in range(50)] for g in range(n_leaves // 100)}
+
+
+def test_10k_leaf_table_is_compact_and_a_toggle_sends_a_small_diff():
+    model = wide_model(10_000)
+    w = Explorer(model)
+    tree = w.spec.model_tree
+    assert tree.num_leaves == 10_000
+    payload = len(json.dumps(w._table, separators=(",", ":")))
+    assert payload / len(tree) < 40  # bytes per node: columns, not HTML
+    sent = Sent(w)
+    w._handle_message({"type": "toggle", "path": "['group7'][3]", "frozen": True})
+    nodes, _ = state_delta(sent)
+    # The cell, its two leaves, and its ancestors (the group and the root).
+    assert sorted(nodes) == sorted(
+        [0, tree.find("['group7']"), *range(tree.find("['group7'][3]"), tree.find("['group7'][4]"))]
+    )
+    assert sum(len(b) for b in sent.of_type("states")[0][1]) == 5 * len(nodes)
+    assert len(w.code) < 2_000
+
+
+# -- steps ---------------------------------------------------------------------------------
+class Small(eqx.Module):
+    body: eqx.nn.MLP
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.body = eqx.nn.MLP(2, 4, 8, 1, key=k1)
+        self.head = eqx.nn.Linear(4, 1, key=k2)
+
+    def __call__(self, x):
+        return self.head(self.body(x))[0]
+
+
+def small_loss(model, batch):
+    x, y = batch
+    return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+
+SMALL_BATCH = (jnp.linspace(-1, 1, 16).reshape(8, 2), jnp.linspace(0, 1, 8))
+
+
+@pytest.fixture
+def small():
+    return Small(jax.random.key(0))
+
+
+@pytest.fixture
+def trainer(small):
+    return Explorer(small, loss_fn=small_loss, batch=SMALL_BATCH, optimizer=optax.adam(1e-2))
+
+
+def test_step_message_runs_the_runner_and_sends_statuses(trainer, small):
+    original = jtu.tree_leaves(small)
+    copies = [np.asarray(x).copy() if eqx.is_array(x) else x for x in original]
+    trainer._handle_message({"type": "toggle", "path": "body.layers[0]", "frozen": True})
+    trainer._handle_message({"type": "select", "path": "head.weight"})
+    sent = Sent(trainer)
+    trainer._handle_message({"type": "step", "n": 3, "id": 2})
+    report = trainer.report
+    assert report.ok and trainer.error == ""
+    assert len(trainer.losses) == 3 and trainer.losses == pytest.approx(report.loss)
+    ((msg, (status, norms)),) = sent.of_type("report")
+    status = np.frombuffer(status, np.uint8)
+    norms = np.frombuffer(norms, "<f4").reshape(3, -1)
+    tree = trainer.spec.model_tree
+    for leaf in report.leaves:
+        i = tree.lo[tree.find(leaf.path)]
+        assert STATUSES[status[i]] == leaf.status
+        if leaf.delta_norm is None:
+            assert np.isnan(norms[2, i])
+        else:
+            assert norms[2, i] == pytest.approx(leaf.delta_norm, rel=1e-5)
+    assert report.by_status("frozen") == ["body.layers[0].weight", "body.layers[0].bias"]
+    assert "head.weight" in report.by_status("updated")
+    assert sent.of_type("ack")[-1][0] == {"type": "ack", "id": 2, "ok": True}
+    # The selected leaf shows its new values and the change (diverging colours around zero).
+    assert "update_html" in trainer.detail and trainer.detail["status"] == "updated"
+    # The user's model is untouched; w.model is the trained one.
+    for x, c in zip(jtu.tree_leaves(small), copies, strict=True):
+        if eqx.is_array(x):
+            np.testing.assert_array_equal(np.asarray(x), c)
+    assert not np.array_equal(trainer.model.head.weight, small.head.weight)
+    np.testing.assert_array_equal(trainer.model.body.layers[0].weight, small.body.layers[0].weight)
+
+
+def test_spec_and_method_changes_reach_the_runner(trainer):
+    trainer.step(1)
+    trainer._handle_message({"type": "method", "method": "stop_gradient"})
+    trainer._handle_message({"type": "toggle", "path": "head", "frozen": True})
+    report = trainer.step(2)
+    assert report.method == "stop_gradient"
+    assert "head.weight" in report.by_status("leaked")  # Adam momentum keeps moving it
+    assert len(trainer.losses) == 3
+    trainer._handle_message({"type": "method", "method": "partition"})
+    report = trainer.step(1)
+    assert report.method == "partition" and "head.weight" in report.by_status("frozen")
+
+
+def test_reset_returns_to_the_original_model(trainer, small):
+    trainer.step(2)
+    sent = Sent(trainer)
+    trainer._handle_message({"type": "reset"})
+    assert trainer.losses == [] and trainer.report is None
+    for a, b in zip(jtu.tree_leaves(trainer.model), jtu.tree_leaves(small), strict=True):
+        assert a is b or np.array_equal(a, b)
+    ((msg, (status, _)),) = sent.of_type("report")
+    assert set(np.frombuffer(status, np.uint8)) == {NO_STATUS}
+
+
+def test_failing_loss_shows_the_runner_error_in_the_banner(small):
+    def loss(m, batch):
+        raise RuntimeError("bad batch")
+
+    w = Explorer(small, loss_fn=loss, batch=SMALL_BATCH)
+    w._handle_message({"type": "step", "n": 1})
+    assert "bad batch" in w.error
+    assert w.spec == FilterSpec(small)
+
+
+def test_non_finite_losses_are_sent_as_null(small):
+    def loss(m, batch):
+        return small_loss(m, batch) * jnp.inf
+
+    w = Explorer(small, loss_fn=loss, batch=SMALL_BATCH)
+    w._handle_message({"type": "step", "n": 2})
+    assert w.error  # the runner names the non-finite loss
+    assert all(x is None or np.isfinite(x) for x in w.losses)
+    json.dumps(w.losses, allow_nan=False)
+
+
+def test_step_python_api_validates_n(trainer):
+    with pytest.raises(ExplorerError, match="between 1 and"):
+        trainer.step(0)
+    with pytest.raises(ExplorerError, match="no loss function"):
+        Explorer(example_model()).step()
