@@ -22,6 +22,7 @@ never copied from user text, so no key can inject code.
 from __future__ import annotations
 
 import ast
+import inspect
 import keyword
 import math
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 
 import jax.tree_util as jtu
 
+from ._constraints import _retract
 from ._errors import ExplorerError
 from ._spec import FROZEN, MIXED, TRAINABLE, FilterSpec
 from ._tree import LIST, TUPLE, ModelTree
@@ -295,6 +297,7 @@ def _statement(x: Any, lead: str = "", indent: str = "") -> str:
 _IMPORTS = {
     "eqx": "import equinox as eqx",
     "jax": "import jax",
+    "jnp": "import jax.numpy as jnp",
     "jtu": "import jax.tree_util as jtu",
     "optax": "import optax",
 }
@@ -501,6 +504,97 @@ def _train_step(plan: _Plan) -> list[str]:
     return [*_spec_block(plan), _TRAIN_STEP]
 
 
+# -- custom update rules (seed 002) --------------------------------------------------------
+_RULE_BRANCHES = {
+    "positive": """\
+    if rule == "positive":  # trained as log p: can never cross zero
+        return p * jnp.exp(u)""",
+    "orthogonal": """\
+    if rule == "orthogonal":  # QR retraction back onto orthogonal matrices
+        return _retract(p + u)""",
+    "unit_norm": """\
+    if rule == "unit_norm":
+        new = p + u
+        return new / jnp.linalg.norm(new)""",
+    "interval": """\
+    if isinstance(rule, tuple) and rule[0] == "interval":
+        return jnp.clip(p + u, rule[1], rule[2])""",
+}
+
+# The library's own retraction, so the exported code and StepRunner agree exactly.
+_RETRACT = "\n\n" + inspect.getsource(_retract).rstrip()
+
+_CONSTRAIN_GRADS = '''
+
+def constrain_grads(params, grads):
+    """Gradients as the optimizer must see them: `g * p` for positive (log p) leaves."""
+
+    def grad(path, p, g):
+        if p is None or g is None or RULES.get(jtu.keystr(path)) != "positive":
+            return g
+        return g * p
+
+    return jtu.tree_map_with_path(grad, params, grads, is_leaf=lambda x: x is None)'''
+
+_APPLY_UPDATES = '''
+
+def apply_updates(params, updates):
+    """`eqx.apply_updates` with each constrained leaf kept valid by its rule.
+
+    Use in place of `eqx.apply_updates` (after `grads = constrain_grads(params, grads)` and
+    `optimizer.update`). A None update keeps its leaf, so non-array leaves survive.
+    """
+
+    def update(path, p, u):
+        if u is None or p is None:
+            return p
+        rule = RULES.get(jtu.keystr(path))
+{branches}
+        return p + u
+
+    return jtu.tree_map_with_path(update, params, updates, is_leaf=lambda x: x is None)'''
+
+
+_NO_RULES = """
+
+# No leaf has an update rule (FilterSpec.constrain): updates are plain additions.
+
+
+def constrain_grads(params, grads):
+    return grads
+
+
+apply_updates = eqx.apply_updates"""
+
+
+def _custom_updates(plan: _Plan) -> list[str]:
+    rules = plan.spec.constraints
+    custom = [p for p, r in rules.items() if r.name == "custom"]
+    if custom:
+        raise ExplorerError(
+            f"the rule on `{custom[0]}` is a Python function, which cannot be written as code; "
+            "use a built-in rule (positive, orthogonal, unit_norm, interval) or export with "
+            'style "train_step" and call your function in place of `eqx.apply_updates`'
+        )
+    items = []
+    for path, rule in rules.items():
+        keystr = path if path.startswith("[") or not path else "." + path
+        value = _literal(tuple(rule.to_json())) if rule.name == "interval" else _literal(rule.name)
+        items.append(f"{_INDENT}{_literal(keystr)}: {value},")
+    if not items:
+        return [*_spec_block(plan), _NO_RULES]
+    table = "\n".join(["", "# Update rules by key path (`jtu.keystr`).", "RULES = {", *items, "}"])
+    used = sorted({r.name for r in rules.values()}, key=list(_RULE_BRANCHES).index)
+    branches = "\n".join(
+        "\n".join(_INDENT + line for line in _RULE_BRANCHES[name].splitlines()) for name in used
+    )
+    parts = [*_spec_block(plan), table]
+    if "orthogonal" in used:
+        parts.append(_RETRACT)
+    parts += [_CONSTRAIN_GRADS, _APPLY_UPDATES.format(branches=branches)]
+    return parts
+
+
 # One entry per style; the widget's style selector reads `STYLES`.
 _RENDERERS: dict[str, Callable[[_Plan], list[str]]] = {
     "tree_at": _tree_at,
@@ -508,6 +602,7 @@ _RENDERERS: dict[str, Callable[[_Plan], list[str]]] = {
     "optax": _optax,
     "stop_gradient": _stop_gradient,
     "train_step": _train_step,
+    "custom_updates": _custom_updates,
 }
 STYLES = tuple(_RENDERERS)
 
@@ -517,7 +612,9 @@ def to_code(spec: FilterSpec, style: str = "tree_at") -> str:
 
     Every style defines `filter_spec` (Python bools, the model's structure); `optax` adds
     `labels` and `make_optimizer(inner)`, `stop_gradient` adds `apply_freeze(model)`,
-    `train_step` adds `init_opt_state(optimizer, model)` and `make_train_step(loss_fn, optimizer)`.
+    `train_step` adds `init_opt_state(optimizer, model)` and `make_train_step(loss_fn, optimizer)`,
+    `custom_updates` adds `RULES`, `constrain_grads(params, grads)` and
+    `apply_updates(params, updates)` for the spec's update rules (`FilterSpec.constrain`).
     """
     if style not in _RENDERERS:
         raise ExplorerError(
