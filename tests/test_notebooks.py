@@ -110,6 +110,9 @@ def test_notebook_is_clean_and_complete(path: Path):
     first, last = nb.cells[0], nb.cells[-1]
     assert first.cell_type == "markdown" and first.source.startswith("# ")
     assert last.cell_type == "markdown" and "## Exercises" in last.source
+    markdown = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    titles = [line for line in markdown.splitlines() if line.startswith("# ")]
+    assert titles == [first.source.splitlines()[0]], f"one title per notebook, not {titles}"
 
 
 def test_kernel_named_python3_is_this_venv(tmp_path: Path):

@@ -1,0 +1,193 @@
+"""Fixtures for the browser tests: a JupyterLab server on 127.0.0.1 and Debian's Chromium.
+
+The server runs this interpreter's `jupyter lab` with a random token, in a temporary root that
+holds a copy of the tour (running it writes outputs; the repository's notebook stays clean),
+with its own settings and workspaces (no news pop-up, no restored layout, every cell kept in
+the DOM) and a `python3` kernel that is this interpreter. `window.jupyterapp` is exposed so the
+tests can wait on the kernel's state instead of sleeping.
+
+On a failing test the page's screenshot and console log go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+SERVER_START_S = 120
+
+# User settings for the test server: no news/update toasts over the page, and no notebook
+# windowing, so a widget's output stays in the DOM wherever it is scrolled.
+LAB_SETTINGS = {
+    "@jupyterlab/apputils-extension/notification.jupyterlab-settings": {
+        "fetchNews": "false",
+        "checkForUpdates": False,
+    },
+    "@jupyterlab/notebook-extension/tracker.jupyterlab-settings": {"windowingMode": "none"},
+}
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when == "call":
+        excinfo = call.excinfo
+        item.eqxe_failed = excinfo is not None and not excinfo.errisinstance(pytest.skip.Exception)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, token: str, root: Path, log: Path):
+        self.url, self.token, self.root, self.log = url, token, root, log
+
+    def page_url(self, path: str) -> str:
+        return f"{self.url}/{path.lstrip('/')}?token={self.token}"
+
+    def log_tail(self, n: int = 4000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+
+@pytest.fixture(scope="session")
+def jupyter_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lab")
+    root = base / "root"
+    root.mkdir()
+    # one copy per front end, so that each test gets its own kernel session
+    for front_end in ("lab", "notebook7"):
+        (root / front_end).mkdir()
+        shutil.copy(ROOT / "notebooks" / "00_tour.ipynb", root / front_end / "00_tour.ipynb")
+
+    settings = base / "settings"
+    for name, values in LAB_SETTINGS.items():
+        path = settings / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(values))
+    # `python3` = this interpreter, found first (JUPYTER_PATH precedes the user's data dir)
+    kernel_dir = base / "data" / "kernels" / "python3"
+    kernel_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    kernel = {"argv": argv, "display_name": "Python 3", "language": "python"}
+    (kernel_dir / "kernel.json").write_text(json.dumps(kernel))
+
+    env = dict(os.environ)
+    env.update(
+        JUPYTERLAB_SETTINGS_DIR=str(settings),
+        JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"),
+        JUPYTER_PATH=os.pathsep.join([str(base / "data"), env.get("JUPYTER_PATH", "")]).strip(
+            os.pathsep
+        ),
+        JUPYTER_RUNTIME_DIR=str(base / "runtime"),
+    )
+    port, token = _free_port(), secrets.token_hex(16)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jupyterlab",
+        "--no-browser",
+        "--ip=127.0.0.1",
+        f"--port={port}",
+        "--port-retries=0",
+        f"--IdentityProvider.token={token}",
+        "--allow-root",
+        "--LabApp.expose_app_in_browser=True",
+        "--JupyterNotebookApp.expose_app_in_browser=True",
+        f"--ServerApp.root_dir={root}",
+    ]
+    log = base / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=root)
+    server = Server(f"http://127.0.0.1:{port}", token, root, log)
+    deadline = time.monotonic() + SERVER_START_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"jupyter lab exited ({proc.returncode}):\n{server.log_tail()}")
+            try:
+                status = f"{server.url}/api/status?token={token}"
+                with urllib.request.urlopen(status, timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"jupyter lab did not answer in {SERVER_START_S} s:\n{server.log_tail()}"
+                )
+            time.sleep(0.25)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        ARTIFACTS.mkdir(exist_ok=True)
+        shutil.copy(log, ARTIFACTS / "jupyter-server.log")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not Path(CHROMIUM).exists():
+        message = f"{CHROMIUM} is missing (`make test` installs it: scripts/ensure_chromium.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@pytest.fixture
+def page(browser, jupyter_server, request):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=jupyter_server.url)
+    page = context.new_page()
+    console: list[str] = []
+    page.on("console", lambda m: console.append(f"[{m.type}] {m.text}"))
+    page.on("pageerror", lambda e: console.append(f"[pageerror] {e}"))
+    page.eqxe_console = console
+    try:
+        yield page
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        name = request.node.name.replace("/", "_")
+        if getattr(request.node, "eqxe_failed", False):
+            try:
+                page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=True)
+            except Exception:  # the page may be gone; the log still helps
+                pass
+            (ARTIFACTS / f"{name}-console.log").write_text("\n".join(console))
+        context.close()

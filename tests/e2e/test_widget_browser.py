@@ -1,0 +1,163 @@
+"""The Explorer widget in a real browser: the tour in JupyterLab and in Notebook 7.
+
+JupyterLab: open notebooks/00_tour.ipynb (a copy), run all cells, then use the widget as a
+student would: click a module's checkbox (the header counts and the code pane follow), reset
+and Step (rows get status badges: frozen rows stay frozen, trainable rows are updated), and
+Copy (the clipboard holds the code pane's text). Notebook 7: the tour's widget renders.
+
+Every wait is on a condition (the kernel's state through `window.jupyterapp`, the widget's
+DOM), never a fixed sleep. Screenshots go to test-artifacts/.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import ARTIFACTS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+KERNEL_IDLE_MS = 180_000  # a cold kernel start
+RUN_ALL_MS = 300_000  # JAX import + jit compiles on 2 cores
+WIDGET_MS = 60_000
+ACTION_MS = 60_000  # one click -> Python -> state back (a Step compiles the first time)
+
+# `window.jupyterapp` in JupyterLab and in Notebook 7: the notebook panel in the main area.
+PANEL = """() => {
+  const app = window.jupyterapp;
+  if (!app || !app.shell) return null;
+  const w = app.shell.currentWidget;
+  return w && w.content && w.sessionContext ? w : null;
+}"""
+
+KERNEL_IDLE = f"""() => {{
+  const w = ({PANEL})();
+  const kernel = w && w.sessionContext.session && w.sessionContext.session.kernel;
+  return !!kernel && kernel.status === 'idle' && w.context.isReady;
+}}"""
+
+ALL_RAN = f"""() => {{
+  const w = ({PANEL})();
+  if (!w) return false;
+  const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
+  const cells = w.content.widgets.filter((c) => c.model.type === 'code');
+  const errors = cells.some((c) => c.model.outputs.toJSON().some((o) => o.output_type === 'error'));
+  return errors || (!!kernel && kernel.status === 'idle' &&
+                    cells.every((c) => c.model.executionCount !== null));
+}}"""
+
+CELL_ERRORS = f"""() => ({PANEL})().content.widgets
+  .filter((c) => c.model.type === 'code')
+  .flatMap((c) => c.model.outputs.toJSON().filter((o) => o.output_type === 'error'))
+  .map((o) => o.ename + ': ' + o.evalue + '\\n' + (o.traceback || []).join('\\n'))"""
+
+
+def row(path: str) -> str:
+    return f'.eqxe-root .eqxe-row[data-path="{path}"]'
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
+
+
+def open_and_run_all(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=250)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_function(ALL_RAN, timeout=RUN_ALL_MS, polling=500)
+    errors = page.evaluate(CELL_ERRORS)
+    assert not errors, "a cell of the tour failed:\n" + "\n\n".join(errors)[-6000:]
+    page.wait_for_selector(".eqxe-root .eqxe-row", timeout=WIDGET_MS)
+    page.locator(".eqxe-root").first.scroll_into_view_if_needed()
+
+
+def badge(page, path: str) -> str:
+    return page.eval_on_selector(f"{row(path)} .eqxe-badge", "b => b.dataset.status || ''")
+
+
+def test_tour_in_jupyterlab(page, jupyter_server):
+    open_and_run_all(page, jupyter_server.page_url("lab/tree/lab/00_tour.ipynb"))
+    root = page.locator(".eqxe-root").first
+    shot(page, "lab-1-after-run-all")
+
+    # The tour froze `embed` and `blocks[0]` from Python; the widget shows it.
+    assert page.get_attribute(row("embed"), "data-state") == "frozen"
+    assert page.get_attribute(row("blocks"), "data-state") == "mixed"
+    assert page.get_attribute(row("head"), "data-state") == "trainable"
+
+    # 1. Click a module's checkbox: `head` becomes frozen; counts and code follow.
+    trainable = root.locator(".eqxe-header [data-testid=trainable]")
+    frozen = root.locator(".eqxe-header [data-testid=frozen]")
+    code = root.locator(".eqxe-code")
+    before = (trainable.inner_text(), frozen.inner_text(), code.inner_text())
+    # the code pane's first line repeats the header's count: "N of M parameters train"
+    assert f"{before[0]} of " in before[2], (before[0], before[2][:200])
+    page.click(f"{row('head')} .eqxe-check")
+    page.wait_for_function(
+        f"""() => document.querySelector('{row("head")}').dataset.state === 'frozen'""",
+        timeout=ACTION_MS,
+    )
+    page.wait_for_function(
+        """(old) => { const c = document.querySelector('.eqxe-root .eqxe-code');
+                      return c && c.textContent !== old; }""",
+        arg=before[2],
+        timeout=ACTION_MS,
+    )
+    after = (trainable.inner_text(), frozen.inner_text(), code.inner_text())
+    assert after[0] != before[0], f"trainable count unchanged: {before[0]!r}"
+    assert after[1] != before[1], f"frozen count unchanged: {before[1]!r}"
+    assert f"{after[0]} of " in after[2], (after[0], after[2][:200])
+    assert not page.is_checked(f"{row('head')} .eqxe-check")
+    shot(page, "lab-2-head-frozen")
+
+    # 2. Reset clears the badges of the tour's own steps; Step brings new ones.
+    page.click(".eqxe-root .eqxe-reset")
+    page.wait_for_function(
+        """() => [...document.querySelectorAll('.eqxe-root .eqxe-tree .eqxe-badge')]
+                 .every((b) => !b.dataset.status)""",
+        timeout=ACTION_MS,
+    )
+    page.click(".eqxe-root .eqxe-step")
+    page.wait_for_function(
+        f"""() => !!document.querySelector('{row("head.weight")} .eqxe-badge').dataset.status""",
+        timeout=ACTION_MS,
+    )
+    expected = {
+        "head.weight": "frozen",  # just clicked
+        "head.bias": "frozen",
+        "embed.weight": "frozen",  # frozen by the tour
+        "blocks[0].norm.weight": "frozen",
+        "blocks[1].norm.weight": "updated",  # trainable
+        "blocks[1].norm.bias": "updated",
+        "step_count": "frozen",  # an int array: never trains
+    }
+    seen = {path: badge(page, path) for path in expected}
+    assert seen == expected
+    statuses = page.eval_on_selector_all(
+        ".eqxe-root .eqxe-tree .eqxe-badge", "bs => bs.map((b) => b.dataset.status)"
+    )
+    assert "leaked" not in statuses and "lost" not in statuses
+    shot(page, "lab-3-after-step")
+
+    # 3. Copy puts the code pane's text on the clipboard.
+    page.click(".eqxe-root .eqxe-copy")
+    page.wait_for_function(
+        "() => document.querySelector('.eqxe-root .eqxe-copy').textContent !== 'Copy'",
+        timeout=ACTION_MS,
+    )
+    assert root.locator(".eqxe-copy").inner_text() == "Copied"
+    clipboard = page.evaluate("() => navigator.clipboard.readText()")
+    assert clipboard.strip() == code.inner_text().strip()
+    assert f"{after[0]} of " in clipboard and "filter_spec" in clipboard
+
+
+def test_tour_in_notebook7(page, jupyter_server):
+    open_and_run_all(page, jupyter_server.page_url("notebooks/notebook7/00_tour.ipynb"))
+    root = page.locator(".eqxe-root").first
+    root.wait_for(state="visible", timeout=WIDGET_MS)
+    assert root.locator(".eqxe-row").count() > 5
+    assert root.locator(".eqxe-header [data-testid=trainable]").inner_text().strip()
+    assert "filter_spec" in root.locator(".eqxe-code").inner_text()
+    assert page.get_attribute(row("embed"), "data-state") == "frozen"
+    shot(page, "notebook7-after-run-all")
