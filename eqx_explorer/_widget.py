@@ -108,6 +108,21 @@ def _node_table(tree) -> dict:
     }
 
 
+def _rehome(spec: FilterSpec, base: FilterSpec) -> FilterSpec:
+    """`spec` (built on a model of the same structure) as a spec over `base`'s model."""
+    if base.model_tree.treedef != spec.model_tree.treedef:
+        raise ExplorerError(
+            "this spec was built for a model with another structure; build it from this "
+            "model (e.g. w.spec.freeze(...))"
+        )
+    out = base.set_mask(spec.mask)
+    if out.constraints:
+        out = out.constrain(list(out.constraints), None)
+    for path, rule in spec.constraints.items():
+        out = out.constrain(path, rule)
+    return out
+
+
 def _export(spec: FilterSpec, style: str) -> str:
     """The code of `spec` in `style`, or, when the style cannot express it, a comment saying why.
 
@@ -184,13 +199,7 @@ class Explorer(anywidget.AnyWidget):
                 "with FilterSpec(model).freeze(...) or FilterSpec.from_tree(model, filter_spec)"
             )
         elif spec.model is not model:
-            own = FilterSpec(model)
-            if own.model_tree.treedef != spec.model_tree.treedef:
-                raise ExplorerError(
-                    "this spec was built for a model with another structure; build it from "
-                    "this model"
-                )
-            spec = own.set_mask(spec.mask)
+            spec = _rehome(spec, FilterSpec(model))
         self._styles = tuple(STYLES)
         self._check_style(code_style)
         self._check_method(method)
@@ -244,12 +253,7 @@ class Explorer(anywidget.AnyWidget):
         if not isinstance(spec, FilterSpec):
             raise ExplorerError(f"w.spec takes a FilterSpec, not {type(spec).__name__}")
         if spec.model_tree is not self._tree:
-            if spec.model_tree.treedef != self._tree.treedef:
-                raise ExplorerError(
-                    "this spec was built for a model with another structure; build it from "
-                    "w.spec (e.g. w.spec.freeze(...)) or from the same model"
-                )
-            spec = self._spec.set_mask(spec.mask)
+            spec = _rehome(spec, self._spec)
         self._apply_spec(spec)
 
     @property

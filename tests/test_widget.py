@@ -74,7 +74,18 @@ def test_table_rebuilds_every_row(widget):
         assert text == (tree.summary(i) if tree.kind[i] in ("array", "leaf", "none") else "")
     mha = tree.find("blocks[0].attn")
     assert "num_heads=2" in table["static"][str(mha)]
-    assert table["sharding"] == {}  # one device: nothing to show
+    assert table["sharding"] == {}  # one device, no mesh: nothing to show
+
+
+def test_table_lists_shardings():
+    mesh = jax.make_mesh((1,), ("data",))
+    x = jax.device_put(jnp.ones((4, 2)), jax.sharding.NamedSharding(mesh, jax.P("data")))
+    w = Explorer({"w": x, "v": jnp.ones(2)})
+    tree = w.spec.model_tree
+    assert list(w._table["sharding"]) == [str(tree.find("['w']"))]
+    assert "data" in w._table["sharding"][str(tree.find("['w']"))]
+    w.select("['w']")
+    assert "data" in w.detail["sharding"]
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -265,6 +276,10 @@ def test_python_methods_mirror_the_ui(widget, model):
     assert widget.code == to_code(widget.spec, "optax")
     widget.spec = FilterSpec(model).freeze("head")  # a spec built from its own tree
     assert widget.spec == FilterSpec(model).freeze("head")
+    assert widget.spec.model_tree is widget._tree
+    widget.spec = widget.spec.constrain("head.weight", "unit_norm")
+    widget.spec = FilterSpec(model).constrain("embed", "unit_norm")  # replaces the constraints
+    assert set(widget.spec.constraints) == {"embed.weight"}
     assert widget.code == to_code(widget.spec, "optax")
     with pytest.raises(ExplorerError, match="another structure"):
         widget.spec = FilterSpec([jnp.ones(2)])

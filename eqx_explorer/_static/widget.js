@@ -73,6 +73,7 @@ function fmtBytes(x) {
 }
 
 const fmtNorm = (x) => (Number.isFinite(x) ? x.toPrecision(3) : "—");
+const fmtNorms = ([g, u, d]) => `‖grad‖ ${fmtNorm(g)}  ‖update‖ ${fmtNorm(u)}  ‖change‖ ${fmtNorm(d)}`;
 
 // Insert HTML so that its scripts run (innerHTML alone leaves them inert): treescope needs it.
 function setHTML(el, html) {
@@ -166,7 +167,9 @@ class ExplorerView {
     this.on("change:error", () => this.paintBanner());
     this.on("change:code", () => this.paintCode());
     this.on("change:code_style", () => (this.styleSelect.value = model.get("code_style")));
-    this.on("change:method", () => this.methodSelect && (this.methodSelect.value = model.get("method")));
+    this.on("change:method", () => {
+      if (this.methodSelect) this.methodSelect.value = model.get("method");
+    });
     this.on("change:losses", () => this.paintLoss());
     this.on("change:detail", () => this.paintDetail());
     this.on("msg:custom", (msg, buffers) => this.onMessage(msg, buffers || []));
@@ -261,7 +264,8 @@ class ExplorerView {
       h(
         "div",
         { class: "eqxe-header" },
-        h("span", { class: "eqxe-h-main" }, "Trainable ", x.trainable, " / ", x.total, " params (", x.pct, ")"),
+        h("span", { class: "eqxe-h-main" },
+          "Trainable ", x.trainable, " / ", x.total, " params (", x.pct, ")"),
         h("span", {}, "frozen ", x.frozen),
         h("span", {}, "params ", x.bytes),
         x.opt,
@@ -274,7 +278,8 @@ class ExplorerView {
     const x = this.header;
     x.trainable.textContent = fmtInt(c.trainable_params);
     x.total.textContent = fmtInt(c.total_params);
-    x.pct.textContent = c.total_params ? `${((100 * c.trainable_params) / c.total_params).toFixed(1)}%` : "—";
+    const pct = c.total_params ? (100 * c.trainable_params) / c.total_params : NaN;
+    x.pct.textContent = Number.isFinite(pct) ? `${pct.toFixed(1)}%` : "—";
     x.frozen.textContent = fmtInt(c.frozen_params);
     x.bytes.textContent = `${fmtBytes(c.trainable_bytes)} trainable of ${fmtBytes(c.total_bytes)}`;
     x.opt.textContent = `optimizer state ≈ ${fmtBytes(c.opt_state_bytes)}`;
@@ -404,7 +409,8 @@ class ExplorerView {
     const container = this.isContainer(i);
     const label = i === 0 ? "(root)" : table.step[i].replace(/^\./, "");
     const cls = table.classes[table.cls[i]];
-    const summary = container ? `${this.tree.children[i].length} children` : table.summaries[table.summary[i]];
+    const kids = this.tree.children[i].length;
+    const summary = container ? `${kids} children` : table.summaries[table.summary[i]];
     const sharding = table.sharding[i] || "";
     const staticText = table.static[i];
     const row = h("div", {
@@ -471,9 +477,9 @@ class ExplorerView {
     let title = "";
     if (leaf >= 0 && this.status[leaf] !== NO_STATUS) {
       status = names[this.status[leaf]];
-      const [g, u, d] = [0, 1, 2].map((r) => this.norms[r * this.tree.leaves + leaf]);
+      const norms = [0, 1, 2].map((r) => this.norms[r * this.tree.leaves + leaf]);
       const note = this.leafDetails[leaf] ? `\n${this.leafDetails[leaf]}` : "";
-      title = `${status}: ${STATUS_TEXT[status]}\n‖grad‖ ${fmtNorm(g)}  ‖update‖ ${fmtNorm(u)}  ‖change‖ ${fmtNorm(d)}${note}`;
+      title = `${status}: ${STATUS_TEXT[status]}\n${fmtNorms(norms)}${note}`;
     } else if (leaf < 0 && this.worst[i] !== NO_STATUS && this.worst[i] >= ALARM) {
       status = Object.keys(SEVERITY).find((k) => SEVERITY[k] === this.worst[i]);
       title = `contains ${status} leaves: expand to see which`;
@@ -556,7 +562,13 @@ class ExplorerView {
     return h(
       "div",
       { class: "eqxe-pane eqxe-code-pane" },
-      h("div", { class: "eqxe-toolbar" }, h("span", { class: "eqxe-title", text: "Code" }), this.styleSelect, copy),
+      h(
+        "div",
+        { class: "eqxe-toolbar" },
+        h("span", { class: "eqxe-title", text: "Code" }),
+        this.styleSelect,
+        copy,
+      ),
       this.codeEl,
     );
   }
@@ -569,11 +581,20 @@ class ExplorerView {
   buildStepPane() {
     this.methodSelect = h(
       "select",
-      { class: "eqxe-method", onchange: () => this.send({ type: "method", method: this.methodSelect.value }) },
+      {
+        class: "eqxe-method",
+        onchange: () => this.send({ type: "method", method: this.methodSelect.value }),
+      },
       ...this.options.methods.map((m) => h("option", { value: m, text: m })),
     );
     this.methodSelect.value = this.model.get("method");
-    this.nInput = h("input", { class: "eqxe-n", type: "number", min: "1", max: String(this.options.max_steps), value: "10" });
+    this.nInput = h("input", {
+      class: "eqxe-n",
+      type: "number",
+      min: "1",
+      max: String(this.options.max_steps),
+      value: "10",
+    });
     const run = (n) => {
       if (this.busy) return;
       this.setBusy(true);
@@ -598,7 +619,9 @@ class ExplorerView {
     const legend = h(
       "div",
       { class: "eqxe-legend" },
-      ...this.options.statuses.map((s) => h("span", { class: "eqxe-badge", "data-status": s, title: STATUS_TEXT[s], text: s })),
+      ...this.options.statuses.map((s) =>
+        h("span", { class: "eqxe-badge", "data-status": s, title: STATUS_TEXT[s], text: s }),
+      ),
     );
     return h(
       "div",
@@ -656,7 +679,10 @@ class ExplorerView {
         }
         segment = [];
       };
-      losses.forEach((v, j) => (v === null ? flush() : segment.push(`${x(j).toFixed(1)},${y(v).toFixed(1)}`)));
+      losses.forEach((v, j) => {
+        if (v === null) flush();
+        else segment.push(`${x(j).toFixed(1)},${y(v).toFixed(1)}`);
+      });
       flush();
       const last = losses[losses.length - 1];
       const bad = losses.length - finite.length;
@@ -674,7 +700,8 @@ class ExplorerView {
     const el = this.detailEl;
     el.replaceChildren();
     if (!("path" in d)) {
-      el.append(h("div", { class: "eqxe-hint", text: "Click a row to see its details; arrays show their values." }));
+      const hint = "Click a row to see its details; arrays show their values.";
+      el.append(h("div", { class: "eqxe-hint", text: hint }));
       this.paintSelected();
       return;
     }
@@ -687,7 +714,7 @@ class ExplorerView {
       ...Object.entries(d.static || {}).map(([k, v]) => [`${k} (static)`, v]),
       d.status ? ["last step", `${d.status}: ${STATUS_TEXT[d.status]}`] : null,
       d.note ? ["note", d.note] : null,
-      d.norms ? ["norms", `‖grad‖ ${fmtNorm(d.norms[0] ?? NaN)}  ‖update‖ ${fmtNorm(d.norms[1] ?? NaN)}  ‖change‖ ${fmtNorm(d.norms[2] ?? NaN)}`] : null,
+      d.norms ? ["norms", fmtNorms(d.norms.map((v) => v ?? NaN))] : null,
     ].filter(Boolean);
     el.append(
       h("div", { class: "eqxe-title", text: d.path || "(root)" }),
