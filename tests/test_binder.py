@@ -55,6 +55,14 @@ def _repo2docker() -> str:
     pytest.skip(message)
 
 
+def test_readme_links_binder_to_the_tour_in_jupyterlab():
+    readme = (ROOT / "README.md").read_text()
+    links = re.findall(r"https://mybinder\.org/v2/gh/[^)\s]+", readme)
+    assert links, "README.md has no Binder link"
+    assert any(link.endswith("?urlpath=lab/tree/notebooks/00_tour.ipynb") for link in links)
+    assert (ROOT / "notebooks" / "00_tour.ipynb").exists()
+
+
 def test_binder_folder_has_only_environment_files():
     names = sorted(p.name for p in BINDER.iterdir())
     assert names == ["requirements.txt", "runtime.txt"]  # nothing Docker-specific
