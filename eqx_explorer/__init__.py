@@ -14,5 +14,6 @@ from ._paths import parse_path as parse_path
 from ._spec import FilterSpec as FilterSpec
 from ._summary import summary as summary
 from ._tree import ModelTree as ModelTree
+from ._widget import Explorer as Explorer
 
 __version__ = "0.1.0"

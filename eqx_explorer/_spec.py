@@ -21,6 +21,7 @@ __all__ = ["FilterSpec"]
 
 _FORMAT = "eqx_explorer.FilterSpec"
 TRAINABLE, FROZEN, MIXED, STATIC = "trainable", "frozen", "mixed", "static"
+STATES = (STATIC, TRAINABLE, FROZEN, MIXED)  # order of `FilterSpec.state_codes()`
 
 
 class FilterSpec:
@@ -217,8 +218,17 @@ class FilterSpec:
         """`"trainable"`, `"frozen"`, `"mixed"`, or `"static"` (no float array below)."""
         return self.node_state(self._model_tree.find(path))
 
+    def state_codes(self) -> np.ndarray:
+        """Every node's state at once, as uint8 indices into `STATES` (prefix sums, O(nodes))."""
+        tree = self._model_tree
+        cum = self._cumsum()
+        n_true = cum[tree.hi] - cum[tree.lo]
+        n_inexact = tree._cum_inexact[tree.hi] - tree._cum_inexact[tree.lo]
+        codes = np.where(n_true == n_inexact, 1, np.where(n_true == 0, 2, 3))
+        return np.where(n_inexact == 0, 0, codes).astype(np.uint8)
+
     def node_states(self) -> list[str]:
-        return [self.node_state(i) for i in range(len(self._model_tree))]
+        return [STATES[c] for c in self.state_codes()]
 
     @property
     def counts(self) -> dict:

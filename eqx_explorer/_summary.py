@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax.tree_util as jtu
+
+from ._errors import ExplorerError
 from ._spec import MIXED, FilterSpec
 from ._tree import CONTAINER_KINDS
 
@@ -52,9 +55,7 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
     """
     if spec is None:
         spec = FilterSpec(model)
-    elif spec.model_tree.treedef != FilterSpec(model).model_tree.treedef:
-        from ._errors import ExplorerError
-
+    elif spec.model_tree.treedef != jtu.tree_structure(model):
         raise ExplorerError(
             "this spec was built for a model with another structure; build it from this model"
         )

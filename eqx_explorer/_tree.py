@@ -153,7 +153,7 @@ class ModelTree:
             keys.append(key_path)
             parent.append(par)
             kinds.append(kind)
-            classes.append(type(obj).__name__)
+            classes.append("Array" if isinstance(obj, jax.Array) else type(obj).__name__)
             depth.append(d)
             lo.append(len(leaves))
             statics.append(_static_fields(obj) if kind == MODULE else {})

@@ -30,14 +30,13 @@ import numpy as np
 import traitlets as t
 
 from ._errors import ExplorerError
-from ._spec import FilterSpec
+from ._spec import STATES, FilterSpec
 
 __all__ = ["Explorer"]
 
 _STATIC = pathlib.Path(__file__).parent / "_static"
 
 KINDS = ("module", "list", "tuple", "namedtuple", "dict", "node", "array", "leaf", "none")
-STATES = ("static", "trainable", "frozen", "mixed")
 STATUSES = ("updated", "stalled", "frozen", "leaked", "kept", "lost")
 METHODS = ("partition", "stop_gradient", "optax_mask", "none")
 NO_STATUS = 255
@@ -216,10 +215,9 @@ class Explorer(anywidget.AnyWidget):
         self._before_last_step: list | None = None
         self._selected: int | None = None
         tree = self._tree
-        self._n_inexact = self._subtree_sum(tree.inexact)
         self._slots = self._optimizer_slots(model, optimizer)
         self._spec = spec
-        self._codes = self._state_codes(spec.mask)
+        self._codes = spec.state_codes()
         nl = tree.num_leaves
         self._status = np.full(nl, NO_STATUS, np.uint8)
         self._norms = np.full((3, nl), np.nan, np.float32)
@@ -357,20 +355,9 @@ class Explorer(anywidget.AnyWidget):
             )
 
     # -- spec -> states, counts, code -----------------------------------------
-    def _subtree_sum(self, per_leaf: np.ndarray) -> np.ndarray:
-        cum = np.concatenate([[0], np.cumsum(per_leaf, dtype=np.int64)])
-        return cum[self._tree.hi] - cum[self._tree.lo]
-
-    def _state_codes(self, mask: np.ndarray) -> np.ndarray:
-        """Every node's state code (index into STATES), from prefix sums over the mask."""
-        n_true = self._subtree_sum(mask)
-        n_inexact = self._n_inexact
-        codes = np.where(n_true == n_inexact, 1, np.where(n_true == 0, 2, 3))
-        return np.where(n_inexact == 0, 0, codes).astype(np.uint8)
-
     def _apply_spec(self, spec: FilterSpec) -> None:
         code = _export(spec, self.code_style)
-        codes = self._state_codes(spec.mask)
+        codes = spec.state_codes()
         changed = np.flatnonzero(codes != self._codes).astype("<i4")
         self._spec = spec
         self._codes = codes
