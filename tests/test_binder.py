@@ -183,7 +183,8 @@ def test_fresh_binder_venv_runs_every_notebook(tmp_path: Path):
         try:
             _, seconds = run_notebook(path, python=python)
         except Exception as e:  # report every failing notebook, not only the first
-            failures.append(f"{path.name}: {type(e).__name__}: {str(e)[-2000:]}")
+            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # drop the traceback's colours
+            failures.append(f"{path.name}: {type(e).__name__}: {text[-2000:]}")
             continue
         record_time(path.name, seconds, "binder")
     assert not failures, "\n\n".join(failures)
