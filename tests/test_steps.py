@@ -1,0 +1,423 @@
+"""StepRunner: methods, statuses, set_spec, compile cache, failures and odd models."""
+
+from __future__ import annotations
+
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+
+from eqx_explorer import ExplorerError, FilterSpec
+from eqx_explorer._steps import StepRunner
+
+
+class Net(eqx.Module):
+    """Every kind of leaf: float arrays, an int buffer, functions, a float, a string, Dropout."""
+
+    mlp: eqx.nn.MLP
+    head: eqx.nn.Linear
+    counter: jax.Array
+    act: object
+    temperature: float
+    label: str
+    dropout: eqx.nn.Dropout
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.mlp = eqx.nn.MLP(3, 4, 4, 1, key=k1)
+        self.head = eqx.nn.Linear(4, 1, key=k2)
+        self.counter = jnp.zeros((), jnp.int32)
+        self.act = jax.nn.relu
+        self.temperature = 2.0
+        self.label = "net"
+        self.dropout = eqx.nn.Dropout(0.1, inference=True)
+
+    def __call__(self, x):
+        h = self.act(self.mlp(x)) / self.temperature
+        return self.head(self.dropout(h))[0]
+
+
+def mse(model, batch):
+    x, y = batch
+    return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return Net(jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    kx, ky = jax.random.split(jax.random.key(1))
+    return jax.random.normal(kx, (8, 3)), jax.random.normal(ky, (8,))
+
+
+def leaves_equal(a, b) -> bool:
+    la, lb = jtu.tree_leaves(a), jtu.tree_leaves(b)
+    return len(la) == len(lb) and all(
+        np.array_equal(np.asarray(x), np.asarray(y)) if eqx.is_array(x) else x is y
+        for x, y in zip(la, lb)
+    )
+
+
+def test_statuses_partition_every_leaf_kind(net, batch):
+    spec = FilterSpec(net).freeze("mlp")
+    runner = StepRunner(net, spec, mse, batch)
+    report = runner.step(2)
+    statuses = report.statuses()
+    assert report.ok and report.error is None and report.steps == 2 and len(report.loss) == 2
+    assert set(report.by_status("updated")) == {"head.weight", "head.bias"}
+    assert set(report.by_status("frozen")) == {
+        "mlp.layers[0].weight",
+        "mlp.layers[0].bias",
+        "mlp.layers[1].weight",
+        "mlp.layers[1].bias",
+        "counter",
+    }
+    for path in ("act", "temperature", "label", "dropout.p", "mlp.activation"):
+        assert statuses[path] == "kept"
+    frozen_leaf = next(r for r in report.leaves if r.path == "mlp.layers[0].weight")
+    assert frozen_leaf.grad_norm is None  # partition: no gradient at all, not a zero one
+    head = next(r for r in report.leaves if r.path == "head.weight")
+    assert head.grad_norm > 0 and head.update_norm > 0 and head.delta_norm > 0
+    # The trained model keeps its structure and non-array leaves; the user's is untouched.
+    trained = runner.model
+    assert trained.act is jax.nn.relu and trained.label == "net" and trained.temperature == 2.0
+    assert trained.mlp.layers[0].weight is net.mlp.layers[0].weight
+    assert not np.array_equal(trained.head.weight, net.head.weight)
+    assert leaves_equal(net, Net(jax.random.key(0)))
+    # Optimizer state under partition: Adam's mu and nu for trainable leaves only (+ count).
+    state_bytes = sum(x.nbytes for x in jtu.tree_leaves(runner.opt_state))
+    assert state_bytes == 2 * spec.counts["trainable_bytes"] + 4
+
+
+@pytest.mark.parametrize(
+    "method, frozen_grad, frozen_status",
+    [
+        ("partition", None, "frozen"),
+        ("stop_gradient", 0.0, "frozen"),  # plain Adam: zero grads, zero moments, no move
+        ("optax_mask", "positive", "frozen"),  # a real gradient, a zero update
+        ("none", "positive", "updated"),
+    ],
+)
+def test_methods(net, batch, method, frozen_grad, frozen_status):
+    spec = FilterSpec(net).freeze("head")
+    report = StepRunner(net, spec, mse, batch, method=method).step()
+    weight = next(r for r in report.leaves if r.path == "head.weight")
+    assert weight.status == frozen_status
+    if frozen_grad == "positive":
+        assert weight.grad_norm > 0
+    else:
+        assert weight.grad_norm == frozen_grad
+    if method == "optax_mask":
+        assert weight.update_norm == 0.0
+    assert report.statuses()["mlp.layers[0].weight"] == "updated"
+    assert report.ok
+
+
+def test_adamw_leaks_under_stop_gradient_not_under_partition(net, batch):
+    spec = FilterSpec(net).freeze("mlp")
+    adamw = optax.adamw(1e-2, weight_decay=0.1)
+    leaky = StepRunner(net, spec, mse, batch, optimizer=adamw, method="stop_gradient").step(2)
+    assert set(leaky.by_status("leaked")) == set(spec.frozen_paths())
+    assert not leaky.ok
+    assert all("frozen but changed" in r.detail for r in leaky.leaves if r.status == "leaked")
+    safe = StepRunner(net, spec, mse, batch, optimizer=adamw, method="partition").step(2)
+    assert safe.by_status("leaked") == [] and safe.ok
+
+
+@pytest.mark.parametrize("method, expected", [("partition", "frozen"), ("stop_gradient", "leaked")])
+def test_train_then_freeze_with_momentum(net, batch, method, expected):
+    spec = FilterSpec(net)
+    runner = StepRunner(
+        net, spec, mse, batch, optimizer=optax.sgd(0.1, momentum=0.9), method=method
+    )
+    assert runner.step(3).ok
+    runner.set_spec(spec.freeze("head"))
+    report = runner.step()
+    assert report.statuses()["head.weight"] == expected
+    assert report.statuses()["mlp.layers[0].weight"] == "updated"
+    if method == "partition":
+        assert any(
+            "dropped for newly frozen leaves: head.weight, head.bias" in n for n in report.notes
+        )
+    else:  # the whole-model momentum state carried over unchanged: nothing to say
+        assert report.notes == []
+
+
+def test_set_spec_partition_keeps_state_of_leaves_that_stay(net, batch):
+    spec = FilterSpec(net).freeze("head")
+    runner = StepRunner(net, spec, mse, batch)
+    runner.step()
+    before = {jtu.keystr(p): x for p, x in jtu.tree_flatten_with_path(runner.opt_state)[0]}
+    runner.set_spec(spec.unfreeze("head"))
+    after = {jtu.keystr(p): x for p, x in jtu.tree_flatten_with_path(runner.opt_state)[0]}
+    kept = [p for p in before if p in after]
+    assert kept and all(after[p] is before[p] for p in kept)  # includes Adam's count
+    assert "[0].mu.head.weight" in after and "[0].mu.head.weight" not in before
+    assert not np.any(after["[0].mu.head.weight"])  # fresh: zeros
+    report = runner.step()
+    assert any("started fresh for: head.weight, head.bias" in n for n in report.notes)
+    details = {r.path: r.detail for r in report.leaves}
+    assert details["head.weight"] == "optimizer state started fresh"
+    assert details["mlp.layers[0].weight"] == ""
+    assert runner.step().notes == []  # notes are reported once
+
+
+def test_set_spec_optax_mask_carries_state_and_method_switch_rebuilds(net, batch):
+    spec = FilterSpec(net).freeze("head")
+    runner = StepRunner(net, spec, mse, batch, method="optax_mask")
+    runner.step()
+    runner.set_spec(spec.unfreeze("head"))
+    notes = runner.step().notes
+    assert any("started fresh for: head.weight, head.bias" in n for n in notes)
+    runner.set_spec(spec, method="partition")
+    notes = runner.step().notes
+    assert "method changed: optax_mask -> partition" in notes
+    assert any("rebuilt from scratch" in n for n in notes)
+
+
+class Weak(eqx.Module):
+    w: jax.Array
+    b: jax.Array
+
+    def __call__(self, x):
+        return jnp.sum(self.w * x) + self.b
+
+
+def weak_loss(model, batch):
+    return jnp.mean((jax.vmap(model)(batch) - 1.0) ** 2)
+
+
+def test_weak_types_and_revisits_do_not_recompile():
+    model = Weak(jnp.full((3,), 0.05), jnp.asarray(0.5))
+    assert model.w.weak_type and model.b.weak_type
+    batch = jnp.ones((4, 3))
+    spec = FilterSpec(model)
+    runner = StepRunner(model, spec, weak_loss, batch)
+    for _ in range(3):
+        runner.step()
+    assert runner.compile_count == 1
+    runner.step(3)  # several steps: the un-audited variant compiles once
+    runner.step(4)
+    assert runner.compile_count == 2
+    assert model.w.weak_type  # the user's arrays are not touched
+    for method in ("partition", "stop_gradient", "optax_mask", "none"):
+        runner.set_spec(spec.freeze("b"), method=method)
+        runner.step()
+    seen = runner.compile_count
+    for method in ("partition", "stop_gradient", "optax_mask", "none"):
+        runner.set_spec(spec, method=method)
+        runner.step()
+        runner.set_spec(spec.freeze("b"), method=method)
+        assert runner.step().compiles == 0  # a spec seen before: no recompile
+    # First visits of the full spec under stop_gradient (static flags) and optax_mask (its
+    # labels); partition saw it at the start, and "none" ignores the spec.
+    assert runner.compile_count == seen + 2
+
+
+class Scalar(eqx.Module):
+    w: jax.Array
+    b: jax.Array
+
+
+def sqrt_loss(model, batch):
+    return jnp.sqrt(model.w[0]) * batch + jnp.sum(model.b)
+
+
+def scalar_runner(**kwargs):
+    model = Scalar(jnp.ones((1,)), jnp.zeros((2,)))
+    return model, StepRunner(model, FilterSpec(model), sqrt_loss, jnp.asarray(1.0), **kwargs)
+
+
+def test_nan_mid_call_rolls_back_to_last_good_step():
+    # sgd(1.2) on sqrt(w): w = 1 -> 0.4 -> -0.55; step 3 takes the sqrt of a negative.
+    _, runner = scalar_runner(optimizer=optax.sgd(1.2))
+    report = runner.step(5)
+    assert report.steps == 2 and len(report.loss) == 2 and not report.ok
+    assert "step 3 of this call: non-finite loss (nan)" in report.error
+    assert "non-finite gradients at: w." in report.error  # b's gradient (1) is finite
+    w1 = 1 - 1.2 * 0.5
+    assert np.allclose(runner.model.w, w1 - 1.2 * 0.5 / np.sqrt(w1))
+    w = next(r for r in report.leaves if r.path == "w")
+    assert w.status == "updated" and not w.finite and np.isnan(w.grad_norm)
+
+
+def test_nan_loss_keeps_model_and_optimizer_state():
+    _, runner = scalar_runner()
+    runner.step()
+    model_before, opt_before = runner.model, runner.opt_state
+    runner.batch = jnp.asarray(jnp.nan)
+    report = runner.step()
+    assert "step 1 of this call: non-finite loss (nan); non-finite gradients at: w." in report.error
+    assert report.loss == [] and report.steps == 0
+    assert leaves_equal(runner.model, model_before)
+    assert all(
+        a is b for a, b in zip(jtu.tree_leaves(runner.opt_state), jtu.tree_leaves(opt_before))
+    )
+    runner.batch = jnp.asarray(1.0)  # the kernel lives on: fix the input and continue
+    assert runner.step().ok
+
+
+def test_non_finite_update_is_blamed_on_the_optimizer():
+    model, runner = scalar_runner(optimizer=optax.sgd(jnp.inf))
+    report = runner.step(3)
+    assert "step 1 of this call: the update made NaN/inf values in: w, b" in report.error
+    assert "check the optimizer" in report.error
+    assert leaves_equal(runner.model, model)
+
+
+def test_loss_that_raises_and_non_scalar_loss(net, batch):
+    def raising(model, batch):
+        raise ValueError("no such column")
+
+    runner = StepRunner(net, FilterSpec(net), raising, batch)
+    report = runner.step(2)
+    assert "ValueError: no such column" in report.error and report.steps == 0
+    assert report.statuses()["head.weight"] == "stalled" and not report.ok
+    assert leaves_equal(runner.model, net)
+
+    runner.loss_fn = lambda model, batch: jax.vmap(model)(batch[0])
+    report = runner.step()
+    assert "loss_fn must return a float scalar" in report.error and "[8]" in report.error
+    runner.loss_fn = mse
+    assert runner.step().ok
+
+
+class JvpModel(eqx.Module):
+    x: jax.Array
+    y: jax.Array
+
+
+@eqx.filter_custom_jvp
+def scaled(x, y):
+    return x * y
+
+
+@scaled.def_jvp
+def _scaled_jvp(primals, tangents):
+    x, y = primals
+    t_x, t_y = tangents
+    return scaled(x, y), t_x * 2 + t_y  # breaks when y is frozen: t_y is None
+
+
+def test_custom_jvp_none_tangent_gets_a_hint():
+    model = JvpModel(jnp.ones(2), jnp.ones(2))
+    spec = FilterSpec(model).freeze("y")
+    runner = StepRunner(model, spec, lambda m, b: jnp.sum(scaled(m.x, m.y)), None)
+    error = runner.step().error
+    assert "custom JVP rule failed on a `None` tangent" in error
+    assert "eqx.filter_custom_jvp" in error and "symbolic" in error
+    # An unrelated NoneType error gets no custom-JVP hint.
+    runner.loss_fn = lambda m, b: jnp.sum(m.x) + None
+    error = runner.step().error
+    assert "NoneType" in error and "custom JVP" not in error
+
+
+class BNNet(eqx.Module):
+    linear: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+
+    def __init__(self, key):
+        self.linear = eqx.nn.Linear(3, 2, key=key)
+        self.bn = eqx.nn.BatchNorm(2, axis_name="batch")
+
+    def __call__(self, x, state):
+        return self.bn(self.linear(x), state)
+
+
+def bn_loss(model, state, x):
+    out, state = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
+    return jnp.mean(out**2), state
+
+
+def test_batchnorm_state():
+    model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (6, 3))
+    spec = FilterSpec(model).freeze("bn")
+    runner = StepRunner(model, spec, bn_loss, x, state=state)
+    report = runner.step(2)
+    assert report.ok, report.error
+    assert set(report.by_status("frozen")) == {"bn.weight", "bn.bias"}
+    assert report.statuses()["bn.axis_name"] == "kept"
+    assert not leaves_equal(runner.state, state)  # running statistics moved
+    with pytest.raises(ExplorerError, match=r"loss_fn\(model, state, batch\)"):
+        StepRunner(model, spec, mse, x, state=state)
+    with pytest.raises(ExplorerError, match="make_with_state"):
+        StepRunner(model, spec, bn_loss, x)
+
+
+class Tied(eqx.Module):
+    shared: eqx.nn.Shared
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        encode = eqx.nn.Linear(2, 2, key=k1)
+        decode = eqx.nn.Linear(2, 2, key=k2)
+        self.shared = eqx.nn.Shared((encode, decode), lambda p: p[1].weight, lambda p: p[0].weight)
+
+    def __call__(self, x):
+        encode, decode = self.shared()
+        return decode(jax.nn.tanh(encode(x)))
+
+
+def test_shared_weights():
+    model = Tied(jax.random.key(0))
+    x = jnp.ones((4, 2))
+    report = StepRunner(
+        model, FilterSpec(model), lambda m, b: jnp.mean(jax.vmap(m)(b) ** 2), x
+    ).step()
+    statuses = report.statuses()
+    assert statuses["shared.pytree[0].weight"] == "updated"  # the source gets both gradients
+    assert statuses["shared.pytree[1].weight"] == "kept"  # the tie (a SharedNode)
+    assert statuses["shared.where"] == statuses["shared.get"] == "kept"
+
+
+def test_dict_with_odd_keys_and_json():
+    model = {"it's": jnp.ones(2), "a.b[0]": jnp.zeros(2), "*": jnp.full((2,), 3.0)}
+    spec = FilterSpec(model).freeze("['*']")  # a quoted star is a literal key, not a glob
+
+    def loss(m, b):
+        return jnp.sum((m["it's"] * m["a.b[0]"] - b) ** 2) + jnp.sum(m["*"] ** 2)
+
+    report = StepRunner(model, spec, loss, jnp.ones(2), method="stop_gradient").step()
+    statuses = report.statuses()
+    assert statuses == {
+        "['*']": "frozen",
+        "['a.b[0]']": "updated",
+        '["it\'s"]': "stalled",  # its gradient is 2 (a * b - 1) * b = 0
+    }
+    doc = json.loads(json.dumps(report.to_dict()))
+    assert doc["statuses"] == statuses and doc["ok"] is True
+    assert doc["counts"]["stalled"] == 1
+
+
+def test_reset_and_bad_inputs(net, batch):
+    spec = FilterSpec(net)
+    runner = StepRunner(net, spec, mse, batch)
+    runner.step(2)
+    runner.reset()
+    assert leaves_equal(runner.model, net)
+    assert not np.any(jtu.tree_leaves(runner.opt_state)[1])  # fresh moments
+    assert runner.step().notes == ["reset: initial model, fresh optimizer state"]
+    other = FilterSpec(Weak(jnp.ones(3), jnp.ones(())))
+    with pytest.raises(ExplorerError, match="another model"):
+        StepRunner(net, other, mse, batch)
+    with pytest.raises(ExplorerError, match="another model"):
+        runner.set_spec(other)
+    with pytest.raises(ExplorerError, match="unknown method 'masked'"):
+        StepRunner(net, spec, mse, batch, method="masked")
+    with pytest.raises(ExplorerError, match="unknown method"):
+        runner.set_spec(spec, method="freeze")
+    with pytest.raises(ExplorerError, match=r"cannot be called as loss_fn\(model, batch\)"):
+        StepRunner(net, spec, lambda model: 0.0, batch)
+    with pytest.raises(ExplorerError, match="positive int"):
+        runner.step(0)
+    with pytest.raises(ExplorerError, match="GradientTransformation"):
+        StepRunner(net, spec, mse, batch, optimizer="adam")
