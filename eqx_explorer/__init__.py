@@ -8,10 +8,15 @@ print(ex.summary(model, spec))
 ```
 """
 
+from ._audit import LeafReport as LeafReport
+from ._audit import StepReport as StepReport
+from ._audit import assert_frozen_safe as assert_frozen_safe
+from ._audit import audit_step as audit_step
 from ._errors import ExplorerError as ExplorerError
 from ._paths import format_path as format_path
 from ._paths import parse_path as parse_path
 from ._spec import FilterSpec as FilterSpec
+from ._steps import StepRunner as StepRunner
 from ._summary import summary as summary
 from ._tree import ModelTree as ModelTree
 from ._widget import Explorer as Explorer

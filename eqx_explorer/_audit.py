@@ -67,7 +67,10 @@ class LeafReport:
     `None`, unlike `"stop_gradient"`, whose gradient is `0.0`). `delta_norm` is the norm of
     the change committed by the call (`None` for non-float leaves). `finite` is `False` when
     the leaf's gradient or update held a NaN/inf. `detail` explains `lost`/`leaked` and notes
-    such as a fresh optimizer state.
+    such as a fresh optimizer state. `violation` is measured on constrained leaves
+    (`FilterSpec.constrain`) after the call's last step: the minimum value for `positive`,
+    `‖QᵀQ − I‖` for `orthogonal`, `|‖p‖ − 1|` for `unit_norm`, the distance outside the
+    interval for `interval`; `None` on unconstrained leaves.
     """
 
     path: str
@@ -78,6 +81,7 @@ class LeafReport:
     trainable: bool = False
     finite: bool = True
     detail: str = ""
+    violation: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite norms become `None` (see `finite`)."""
@@ -90,6 +94,7 @@ class LeafReport:
             "trainable": self.trainable,
             "finite": self.finite,
             "detail": self.detail,
+            "violation": _json_float(self.violation),
         }
 
 

@@ -41,6 +41,7 @@ How it stays correct and fast:
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import traceback
 from collections.abc import Callable
@@ -65,6 +66,7 @@ from ._audit import (
     stack,
     sumsq,
 )
+from ._constraints import apply_updates, constrain_grads
 from ._errors import ExplorerError
 from ._spec import FilterSpec
 
@@ -94,7 +96,19 @@ def _make_step(counter: list[int]) -> Callable:
     """
 
     def step(
-        params, rest, opt_state, state, batch, *, loss_fn, optimizer, frozen, stateful, with_grads
+        params,
+        rest,
+        opt_state,
+        state,
+        batch,
+        *,
+        loss_fn,
+        optimizer,
+        frozen,
+        stateful,
+        with_grads,
+        rules,
+        pins,
     ):
         treedef = jtu.tree_structure(params)
 
@@ -123,8 +137,16 @@ def _make_step(counter: list[int]) -> Callable:
             return loss, new_state
 
         (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
+        if rules:  # constrained leaves (FilterSpec.constrain): see _constraints
+            updates, new_opt_state = optimizer.update(
+                constrain_grads(params, grads, rules), opt_state, params
+            )
+            new_params = apply_updates(params, updates, rules)
+        else:
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+            new_params = optax.apply_updates(params, updates)
+        if pins is not None:  # sharded inputs: outputs keep exactly the inputs' shardings
+            new_params, new_opt_state = _pin((new_params, new_opt_state), pins)
         counter[0] += 1  # runs only when JAX traces: counts compilations
         out_grads = grads if with_grads else None
         return new_params, new_opt_state, new_state, loss.astype(jnp.float32), out_grads
@@ -192,6 +214,27 @@ def _strong(tree: Any) -> Any:
         return x
 
     return jtu.tree_map(fix, tree)
+
+
+def _sharding_of(x: Any) -> Any:
+    sharding = getattr(x, "sharding", None)
+    return None if isinstance(sharding, jax.sharding.SingleDeviceSharding) else sharding
+
+
+def _pins(tree: Any) -> tuple | None:
+    """The shardings of `tree`'s leaves (hashable, static for the jit); None if unsharded."""
+    pins = tuple(_sharding_of(x) for x in jtu.tree_leaves(tree))
+    return pins if any(p is not None for p in pins) else None
+
+
+def _pin(tree: Any, pins: tuple) -> Any:
+    # XLA's propagation may pick another layout for an output (seen: a replicated bias
+    # coming back sharded); a constraint per leaf keeps the model as the user laid it out.
+    leaves, treedef = jtu.tree_flatten(tree)
+    pinned = [
+        x if p is None else jax.lax.with_sharding_constraint(x, p) for x, p in zip(leaves, pins)
+    ]
+    return jtu.tree_unflatten(treedef, pinned)
 
 
 def _check_method(method: str) -> str:
@@ -268,6 +311,7 @@ class _Layout(NamedTuple):
     frozen: tuple | None  # static stop_gradient flags over the diff leaves
     optimizer: Any
     owned: np.ndarray  # leaves with per-leaf optimizer state (Adam's mu/nu, momentum)
+    rules: dict  # update rules of the leaves that train (frozen leaves are never touched)
 
 
 # -- the runner ---------------------------------------------------------------------------
@@ -325,6 +369,8 @@ class StepRunner:
         self._inexact = tree.inexact
         self._is_array = tree.is_array
         self._paths = tree.leaf_paths
+        self._leaf_index = {p: i for i, p in enumerate(self._paths)}
+        self._sharded = any(_sharding_of(x) is not None for x in tree.leaves)
         self._initial_leaves = [_strong(x) for x in tree.leaves]
         self._initial_state = _strong(state)
         self._stateful = state is not None
@@ -392,7 +438,9 @@ class StepRunner:
             optimizer = self._labelled[key]
         # multi_transform keeps state only under the "trainable" label.
         owned = trainable if method == OPTAX_MASK else diff
-        return _Layout(spec, method, trainable, diff, diff_index, frozen, optimizer, owned)
+        train_paths = {self._paths[i] for i in np.flatnonzero(trainable)}
+        rules = {p: r for p, r in spec.constraints.items() if p in train_paths}
+        return _Layout(spec, method, trainable, diff, diff_index, frozen, optimizer, owned, rules)
 
     def _params(self, layout: _Layout) -> Any:
         return jtu.tree_unflatten(
@@ -501,8 +549,14 @@ class StepRunner:
         params, self._opt_state, self._state = run.good
         for i, x in zip(layout.diff_index, jtu.tree_leaves(params)):
             self._leaves[i] = x
+        reports = self._leaf_reports(layout, run)
+        for path, rule in layout.spec.constraints.items():
+            i = self._leaf_index[path]
+            reports[i] = dataclasses.replace(
+                reports[i], violation=float(rule.violation(self._leaves[i]))
+            )
         report = StepReport(
-            self._leaf_reports(layout, run),
+            reports,
             loss=run.losses,
             error=self._message(run),
             method=layout.method,
@@ -526,6 +580,8 @@ class StepRunner:
             frozen=layout.frozen,
             stateful=self._stateful,
             with_grads=with_grads,
+            rules=layout.rules,
+            pins=_pins((params, opt_state)) if self._sharded else None,
         )
 
     def _fast(self, layout: _Layout, rest: Any, begin: tuple, n: int) -> _Attempt:

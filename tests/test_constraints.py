@@ -168,3 +168,36 @@ def test_custom_callable_rules_cannot_be_exported():
     spec = FilterSpec(physics()).constrain("free", lambda p, u: p + u)
     with pytest.raises(ExplorerError, match="cannot be written as code"):
         spec.to_code("custom_updates")
+
+
+def test_step_runner_applies_rules_and_reports_violations():
+    from eqx_explorer import StepRunner
+
+    model = physics()
+    x = jnp.array([1.0, -2.0, 0.5])
+    spec = FilterSpec(model).constrain("scale", "positive").constrain("rot", "orthogonal")
+    runner = StepRunner(model, spec, loss_fn, x, optimizer=optax.adam(0.5))
+    worst_scale, worst_rot = np.inf, 0.0
+    for _ in range(100):
+        report = runner.step(1)
+        assert report.ok, report.error
+        leaves = {leaf.path: leaf for leaf in report.leaves}
+        worst_scale = min(worst_scale, leaves["scale"].violation)
+        worst_rot = max(worst_rot, leaves["rot"].violation)
+        assert leaves["free"].violation is None
+    assert worst_scale > 0 and float(runner.model.scale.min()) > 0
+    assert worst_rot < 1e-4
+    assert runner.model.act is jax.nn.relu
+
+    # Plain additive updates on the same run break both.
+    plain = StepRunner(model, FilterSpec(model), loss_fn, x, optimizer=optax.adam(0.5))
+    assert plain.step(100).ok
+    assert float(make_rule("positive").violation(plain.model.scale)) < 0
+    assert float(make_rule("orthogonal").violation(plain.model.rot)) > 1e-2
+
+    # A frozen constrained leaf is never touched by its rule (the QR retraction would
+    # otherwise move it by rounding).
+    frozen = StepRunner(model, spec.freeze("rot"), loss_fn, x, optimizer=optax.adam(0.5))
+    report = frozen.step(3)
+    assert "rot" in report.by_status("frozen")
+    assert (frozen.model.rot == model.rot).all()
