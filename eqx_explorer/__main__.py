@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._codegen import STYLES
+
 
 def _demo(args: argparse.Namespace) -> int:
     import jax
@@ -17,8 +19,8 @@ def _demo(args: argparse.Namespace) -> int:
     spec = FilterSpec(model).freeze("embed", "blocks[*].attn")
     print("Example: a TinyTransformer with its embedding and every attention layer frozen\n")
     print(summary(model, spec, max_rows=args.max_rows))
-    print("\nFilter spec as JSON (FilterSpec.from_json(model, text) reads it back):\n")
-    print(spec.to_json())
+    print(f"\nThe filter spec as code (style {args.style!r}; the widget's code pane):\n")
+    print(spec.to_code(args.style))
     return 0
 
 
@@ -28,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="print the summary and exported spec of an example model")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-rows", type=int, default=80)
+    demo.add_argument("--style", default="tree_at", choices=STYLES, help="code style")
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     return args.run(args)

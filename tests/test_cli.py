@@ -1,0 +1,37 @@
+import subprocess
+import sys
+
+import jax
+import jax.tree_util as jtu
+
+from eqx_explorer import FilterSpec
+from eqx_explorer._examples import example_model
+
+
+def test_demo_prints_summary_and_runnable_code():
+    out = subprocess.run(
+        [sys.executable, "-m", "eqx_explorer", "demo", "--style", "path"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "trainable params: 3,329 || all params: 6,913" in text
+    assert "blocks[0].attn" in text and "frozen" in text
+    code = text.split("code pane):\n", 1)[1]
+    model = example_model(jax.random.key(0))
+    ns = {"model": model}
+    exec(code, ns)
+    expected = FilterSpec(model).freeze("embed", "blocks[*].attn").tree
+    assert jtu.tree_leaves(ns["filter_spec"]) == jtu.tree_leaves(expected)
+
+
+def test_bad_style_is_rejected_with_usage():
+    out = subprocess.run(
+        [sys.executable, "-m", "eqx_explorer", "demo", "--style", "nope"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 2 and "invalid choice" in out.stderr
