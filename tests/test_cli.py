@@ -8,13 +8,14 @@ from eqx_explorer import FilterSpec
 from eqx_explorer._examples import example_model
 
 
-def test_demo_prints_summary_and_runnable_code():
-    out = subprocess.run(
-        [sys.executable, "-m", "eqx_explorer", "demo", "--style", "path"],
-        capture_output=True,
-        text=True,
-        timeout=300,
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "eqx_explorer", *args], capture_output=True, text=True, timeout=300
     )
+
+
+def test_demo_prints_summary_and_runnable_code():
+    out = cli("demo", "--style", "path")
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "trainable params: 3,329 || all params: 6,913" in text
@@ -28,10 +29,5 @@ def test_demo_prints_summary_and_runnable_code():
 
 
 def test_bad_style_is_rejected_with_usage():
-    out = subprocess.run(
-        [sys.executable, "-m", "eqx_explorer", "demo", "--style", "nope"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = cli("demo", "--style", "nope")
     assert out.returncode == 2 and "invalid choice" in out.stderr
