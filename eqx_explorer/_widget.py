@@ -9,13 +9,16 @@ One anywidget model per explorer, not one widget per node. What goes over the wi
 - `_options` (trait, constant): code styles, step methods, and the names behind the codes.
 - `counts`, `code`, `code_style`, `method`, `error`, `losses`, `detail`: small traits, sent
   whole on change.
+- `_constraints` (trait): the update rules (`FilterSpec.constrain`) of the constrained leaves
+  only, so it stays small: `{node: [name, label]}`, `+ [lo, hi]` for an interval. A view
+  displayed later reads it with the other traits.
 - custom messages from Python: `states` (the nodes whose state changed and their new codes,
   two binary buffers), `report` (per-leaf status codes and norms as binary buffers, runner
   notes), `snapshot` (all node states + the last report, in reply to `hello`, so a view
   displayed later starts from the current state), `matches`, `ack`.
 - custom messages from the browser, all validated in `_handle_message`: `hello`, `toggle`,
-  `glob`, `match`, `select`, `style`, `method`, `step`, `reset`, `dismiss`; each may carry an
-  integer `id`, answered by an `ack`.
+  `glob`, `match`, `select`, `constrain`, `style`, `method`, `step`, `reset`, `dismiss`; each
+  may carry an integer `id`, answered by an `ack`.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import anywidget
 import numpy as np
 import traitlets as t
 
+from ._constraints import RULE_NAMES
 from ._errors import ExplorerError
 from ._spec import STATES, FilterSpec
 
@@ -46,13 +50,31 @@ DEFAULT_SLOTS = 2.0
 # Methods whose optimizer state covers only the trainable leaves.
 _STATE_ON_TRAINABLE = ("partition", "optax_mask")
 
-# Message type -> required fields and their checks. Every message may also carry an int `id`.
+
+def _is_rule(value: Any) -> bool:
+    """A rule as the page sends it: a built-in name, "none", or ["interval", lo, hi]."""
+    if isinstance(value, str):
+        return value == "none" or (value in RULE_NAMES and value != "interval")
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and value[0] == "interval"
+        and all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            for x in value[1:]
+        )
+    )
+
+
+# Message type -> required fields and their checks (a tuple of allowed values, a type, or a
+# predicate). Every message may also carry an int `id`.
 _MESSAGES: dict[str, dict[str, Any]] = {
     "hello": {},
     "toggle": {"path": str, "frozen": bool},
     "glob": {"pattern": str, "action": ("freeze", "unfreeze")},
     "match": {"pattern": str},
     "select": {"path": str},
+    "constrain": {"path": str, "rule": _is_rule},
     "style": {"style": str},
     "method": {"method": str},
     "step": {"n": int},
@@ -175,6 +197,7 @@ class Explorer(anywidget.AnyWidget):
     error = t.Unicode("").tag(sync=True)
     losses = t.List().tag(sync=True)
     detail = t.Dict().tag(sync=True)
+    _constraints = t.Dict().tag(sync=True)
 
     def __init__(
         self,
@@ -230,6 +253,7 @@ class Explorer(anywidget.AnyWidget):
                 "states": list(STATES),
                 "statuses": list(STATUSES),
                 "kinds": list(KINDS),
+                "rules": list(RULE_NAMES),
                 "has_loss": loss_fn is not None,
                 "max_steps": MAX_STEPS,
             },
@@ -237,6 +261,7 @@ class Explorer(anywidget.AnyWidget):
             method=method,
             code=_export(spec, code_style),
             counts=self._counts(method),
+            _constraints=self._rule_map(spec),
         )
         self.on_msg(self._on_msg)
 
@@ -282,6 +307,12 @@ class Explorer(anywidget.AnyWidget):
     def unfreeze(self, *targets: Any) -> FilterSpec:
         """Make the float arrays under `targets` trainable; returns the new spec."""
         self._apply_spec(self._spec.unfreeze(*targets))
+        return self._spec
+
+    def constrain(self, where: Any, rule: Any) -> FilterSpec:
+        """Give the float arrays under `where` an update `rule` (`None` removes it), as the
+        row menu does; returns the new spec. See `FilterSpec.constrain` for the rules."""
+        self._apply_spec(self._spec.constrain(where, rule))
         return self._spec
 
     def select(self, path: str) -> dict:
@@ -364,9 +395,20 @@ class Explorer(anywidget.AnyWidget):
         with self.hold_sync():
             self.code = code
             self.counts = self._counts(self.method)
+            self._constraints = self._rule_map(spec)
             if self._selected is not None:
                 self.detail = {**self.detail, "state": STATES[codes[self._selected]]}
-        self.send({"type": "states"}, [changed.tobytes(), codes[changed].tobytes()])
+        if len(changed):
+            self.send({"type": "states"}, [changed.tobytes(), codes[changed].tobytes()])
+
+    def _rule_map(self, spec: FilterSpec) -> dict:
+        """The `_constraints` trait: `{node: [name, label]}` (`+ [lo, hi]` for an interval)."""
+        out = {}
+        for path, rule in spec.constraints.items():
+            bounds = (rule.lo, rule.hi) if rule.name == "interval" else ()
+            row = [rule.name, rule.label, *map(_finite_or_none, bounds)]
+            out[str(self._tree.find(path))] = row
+        return out
 
     @staticmethod
     def _optimizer_slots(model: Any, optimizer: Any) -> float:
@@ -543,8 +585,10 @@ class Explorer(anywidget.AnyWidget):
                 good = value in check
             elif check is int:
                 good = isinstance(value, int) and not isinstance(value, bool)
-            else:
+            elif isinstance(check, type):
                 good = isinstance(value, check)
+            else:
+                good = check(value)
             if not good:
                 raise ExplorerError(f"message {kind!r} has a bad {name!r}: {value!r:.100}")
             args[name] = value
@@ -575,6 +619,11 @@ class Explorer(anywidget.AnyWidget):
 
     def _on_select(self, path: str) -> None:
         self.select(path)
+
+    def _on_constrain(self, path: str, rule: Any) -> None:
+        # An exact path, as for a toggle; "none" removes the rule (make_rule takes the list).
+        node = self._tree.paths[self._tree.find(path)]
+        self.constrain(node, None if rule == "none" else rule)
 
     def _on_style(self, style: str) -> None:
         self.code_style = style  # validated by _valid_style

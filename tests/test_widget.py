@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from eqx_explorer import ExplorerError, FilterSpec, summary
 from eqx_explorer._codegen import STYLES, to_code
+from eqx_explorer._constraints import RULE_NAMES
 from eqx_explorer._examples import example_model
 from eqx_explorer._widget import KINDS, METHODS, NO_STATUS, STATES, STATUSES, Explorer
 from tests.strategies import models, random_edits
@@ -180,6 +181,8 @@ def test_style_message_changes_the_code(widget, style):
 
 def test_options_list_every_style_and_method(widget):
     assert widget._options["styles"] == list(STYLES)
+    assert "custom_updates" in widget._options["styles"]  # the export of update rules
+    assert widget._options["rules"] == list(RULE_NAMES)
     assert widget._options["methods"] == list(METHODS)
     assert widget.code_style == "tree_at"
 
@@ -222,17 +225,39 @@ BAD_MESSAGES = [
     {"type": "step", "n": 1},  # no loss function
     {"type": "step", "n": True},
     {"type": "step", "n": 2.5},
+    # Update rules: the rule's own checks, then paths, then malformed rules.
+    {"type": "constrain", "path": "blocks[0].norm.weight", "rule": "orthogonal"},  # 1-D
+    {"type": "constrain", "path": "head.weight", "rule": "orthogonal"},  # not orthogonal
+    {"type": "constrain", "path": "embed.weight", "rule": "positive"},  # has values <= 0
+    {"type": "constrain", "path": "head.bias", "rule": ["interval", 1, 0]},
+    {"type": "constrain", "path": "step_count", "rule": "unit_norm"},  # an int array
+    {"type": "constrain", "path": "nowhere", "rule": "positive"},
+    {"type": "constrain", "path": "blocks[*].norm.weight", "rule": "positive"},  # a glob
+    {"type": "constrain", "path": "head.bias", "rule": "Positive"},
+    {"type": "constrain", "path": "head.bias", "rule": "interval"},
+    {"type": "constrain", "path": "head.bias", "rule": ["interval", 0]},
+    {"type": "constrain", "path": "head.bias", "rule": ["interval", "0", 1]},
+    {"type": "constrain", "path": "head.bias", "rule": ["interval", False, 1]},
+    {"type": "constrain", "path": "head.bias", "rule": ["interval", float("-inf"), 1]},
+    {"type": "constrain", "path": "head.bias", "rule": ["clip", 0, 1]},
+    {"type": "constrain", "path": "head.bias", "rule": None},
+    {"type": "constrain", "path": "head.bias"},
+    {"type": "constrain", "path": 3, "rule": "positive"},
+    {"type": "constrain", "path": "head.bias", "rule": "unit_norm", "where": "head"},
 ]
 
 
 @pytest.mark.parametrize("msg", BAD_MESSAGES, ids=repr)
 def test_bad_message_shows_banner_and_changes_nothing(widget, msg):
     widget.freeze("head")
+    widget.constrain("blocks[1].norm.weight", "positive")
     spec, code, counts, codes = widget.spec, widget.code, widget.counts, widget._codes.copy()
+    rules = widget._constraints
     sent = Sent(widget)
     widget._handle_message(msg)
     assert widget.error
     assert widget.spec is spec and widget.code == code and widget.counts == counts
+    assert widget._constraints == rules
     np.testing.assert_array_equal(widget._codes, codes)
     assert widget.code_style == "tree_at" and widget.method == "partition"
     assert sent.of_type("states") == []
@@ -262,6 +287,76 @@ def test_comm_callback_goes_through_validation(widget):
     assert widget.spec.state("embed") == "frozen"
     widget._handle_custom_msg({"type": "toggle"}, [])
     assert "lacks the field 'path'" in widget.error
+
+
+# -- update rules ------------------------------------------------------------------------------
+def test_constrain_message_sets_the_rule_and_sends_a_small_delta(widget, model):
+    widget.code_style = "custom_updates"
+    sent = Sent(widget)
+    tree = widget.spec.model_tree
+    norm, bias = tree.find("blocks[0].norm.weight"), tree.find("head.bias")
+    msg = {"type": "constrain", "path": "blocks[0].norm.weight", "rule": "positive", "id": 4}
+    widget._handle_message(msg)
+    expected = FilterSpec(model).constrain("blocks[0].norm.weight", "positive")
+    assert widget.error == "" and widget.spec == expected
+    assert widget._constraints == {str(norm): ["positive", "positive"]}
+    assert widget.code == to_code(expected, "custom_updates")
+    assert '".blocks[0].norm.weight": "positive"' in widget.code
+    assert sent.of_type("ack") == [({"type": "ack", "id": 4, "ok": True}, None)]
+    assert sent.of_type("states") == []  # a rule changes no freeze state
+    widget._handle_message(
+        {"type": "constrain", "path": "head.bias", "rule": ["interval", -1, 0.5]}
+    )
+    expected = expected.constrain("head.bias", ("interval", -1, 0.5))
+    assert widget.spec == expected and widget.code == to_code(expected, "custom_updates")
+    assert widget._constraints[str(bias)] == ["interval", "interval[-1, 0.5]", -1.0, 0.5]
+    widget._handle_message({"type": "constrain", "path": "blocks[0].norm.weight", "rule": "none"})
+    expected = expected.constrain("blocks[0].norm.weight", None)
+    assert widget.spec == expected and set(widget.spec.constraints) == {"head.bias"}
+    assert list(widget._constraints) == [str(bias)]  # only constrained leaves travel
+    assert widget.code == to_code(expected, "custom_updates")
+    # What the page receives: plain JSON, no NaN or infinity.
+    json.dumps(widget.get_state()["_constraints"], allow_nan=False)
+
+
+def test_constrain_from_python_mirrors_the_menu(widget, model):
+    tree = widget.spec.model_tree
+    norms = [str(tree.find(f"blocks[{i}].norm.weight")) for i in range(3)]
+    spec = widget.constrain("blocks[*].norm.weight", "positive")
+    assert spec is widget.spec == FilterSpec(model).constrain("blocks[*].norm.weight", "positive")
+    assert widget._constraints == {i: ["positive", "positive"] for i in norms}
+    bias = str(tree.find("head.bias"))
+    widget.constrain("head.bias", ("interval", float("-inf"), 0.0))
+    assert widget._constraints[bias] == ["interval", "interval[-inf, 0]", None, 0.0]
+    json.dumps(widget.get_state()["_constraints"], allow_nan=False)
+    widget.constrain("head.bias", ("interval", -1, 0))
+    assert widget._constraints[bias] == ["interval", "interval[-1, 0]", -1.0, 0.0]
+
+    def bounded_step(p, u):
+        return p + 0.1 * u
+
+    widget.code_style = "custom_updates"
+    widget.constrain("head.weight", bounded_step)
+    assert widget._constraints[str(tree.find("head.weight"))] == ["custom", "bounded_step"]
+    assert widget.code.startswith("# Cannot export")  # a function is not code; the rule stays
+    widget.constrain("blocks", None)
+    assert set(widget.spec.constraints) == {"head.bias", "head.weight"}
+    before = widget.spec
+    with pytest.raises(ExplorerError, match="orthogonal needs a matrix"):
+        widget.constrain("head.bias", "orthogonal")
+    assert widget.spec is before and len(widget._constraints) == 2
+
+
+def test_constraints_reach_a_view_displayed_later(model):
+    # The trait is part of the widget state every new view starts from; so is a spec set later.
+    spec = FilterSpec(model).constrain("blocks[2].norm.weight", "unit_norm")
+    w = Explorer(model, spec=spec, code_style="custom_updates")
+    node = str(w.spec.model_tree.find("blocks[2].norm.weight"))
+    assert w.get_state()["_constraints"] == {node: ["unit_norm", "unit_norm"]}
+    assert w.code == to_code(spec, "custom_updates")
+    w.spec = FilterSpec(model).constrain("head.weight", "unit_norm")
+    assert list(w.get_state()["_constraints"]) == [str(w.spec.model_tree.find("head.weight"))]
+    assert w.code == to_code(w.spec, "custom_updates")
 
 
 # -- Python API mirrors the page ---------------------------------------------------------------

@@ -13,14 +13,23 @@
  *       .eqxe-twisty (containers; aria-expanded), .eqxe-check (checked = trainable,
  *       indeterminate = mixed, disabled = static), .eqxe-name, .eqxe-cls, .eqxe-summary,
  *       .eqxe-params, .eqxe-sharding (only when the model has sharded arrays),
- *       .eqxe-badge[data-status=updated|stalled|frozen|leaked|kept|lost] (after steps)
+ *       .eqxe-badge[data-status=updated|stalled|frozen|leaked|kept|lost] (after steps),
+ *       .eqxe-rulecell: .eqxe-rule (the update rule's label, e.g. "interval[0, 1]"; hidden when
+ *       none; its title explains the rule) and .eqxe-rule-menu (array rows; hidden on int/bool
+ *       arrays; aria-expanded) that opens the picker. A constrained row has
+ *       data-rule=positive|orthogonal|unit_norm|interval|custom.
+ *   .eqxe-rule-pop[data-path]       the open rule picker, a panel right under its row:
+ *       .eqxe-rule-pick[data-rule=none|positive|orthogonal|unit_norm] (aria-pressed on the
+ *       current rule), .eqxe-rule-lo, .eqxe-rule-hi and .eqxe-rule-pick[data-rule=interval];
+ *       .eqxe-rule-close (Escape closes it too). It closes once Python accepts the rule and
+ *       stays open on an error (shown in the banner).
  *   .eqxe-style (code style select), .eqxe-code (pre), .eqxe-copy
  *   .eqxe-steps (only with a loss): .eqxe-method, .eqxe-step, .eqxe-n, .eqxe-run, .eqxe-reset,
  *       .eqxe-loss (svg), .eqxe-legend, .eqxe-step-info
  *   .eqxe-detail                    the selected node; treescope renders in .eqxe-ts
  *
  * Rows: makeRow() builds the cells left to right and CSS `.eqxe-row` lays them out on a grid;
- * a new per-row marker (a constraint, say) is one more cell there and one more grid column.
+ * a new per-row marker is one more cell there and one more grid column.
  */
 
 const STATUS_TEXT = {
@@ -30,6 +39,14 @@ const STATUS_TEXT = {
   leaked: "frozen but changed: the freeze leaked",
   kept: "not a trainable array; kept as it was",
   lost: "not a trainable array, and it did not survive the step",
+};
+const RULE_TEXT = {
+  none: "no rule: plain additive updates",
+  positive: "trained in log space (p · exp(update)), so it stays > 0",
+  orthogonal: "retracted onto orthogonal matrices (QR) after each update",
+  unit_norm: "rescaled to norm 1 after each update",
+  interval: "clipped into [lo, hi] after each update",
+  custom: "a Python function rule(param, update) -> new param",
 };
 // Ranks for a container's badge: it shows the worst of its leaves when that is an alarm.
 const SEVERITY = { kept: 0, frozen: 1, updated: 2, stalled: 3, leaked: 4, lost: 5 };
@@ -143,6 +160,8 @@ class ExplorerView {
     this.norms = new Float32Array(3 * leaves).fill(NaN);
     this.worst = new Uint8Array(n).fill(NO_STATUS);
     this.leafDetails = {};
+    this.rules = model.get("_constraints"); // {node: [rule name, label, (lo, hi)]}
+    this.rulePop = null; // the open rule picker: {node, el, picks}
     this.expanded = new Uint8Array(n);
     this.rows = new Map();
     this.matches = new Set();
@@ -172,6 +191,7 @@ class ExplorerView {
     });
     this.on("change:losses", () => this.paintLoss());
     this.on("change:detail", () => this.paintDetail());
+    this.on("change:_constraints", () => this.onRules());
     this.on("msg:custom", (msg, buffers) => this.onMessage(msg, buffers || []));
 
     this.expandInitial();
@@ -341,6 +361,7 @@ class ExplorerView {
       h("span", { text: "value" }),
       h("span", { class: "eqxe-params", text: "params" }),
       this.sharded ? h("span", { class: "eqxe-sharding", text: "sharding" }) : null,
+      h("span", { class: "eqxe-rulecell", text: "rule" }),
       h("span", { text: "" }),
     );
     this.treeEl = h("div", { class: "eqxe-tree", role: "tree" });
@@ -401,6 +422,11 @@ class ExplorerView {
       frag.append(row);
     }
     this.treeEl.replaceChildren(frag);
+    if (this.rulePop) {
+      const row = this.rows.get(this.rulePop.node);
+      if (row && row.isConnected) row.after(this.rulePop.el);
+      else this.closeRulePop(false);
+    }
     this.paintSelected();
   }
 
@@ -426,6 +452,20 @@ class ExplorerView {
       : h("span", { class: "eqxe-twisty eqxe-twisty-leaf" });
     const check = h("input", { class: "eqxe-check", type: "checkbox" });
     const badge = h("span", { class: "eqxe-badge" });
+    const rule =
+      kind[i] === "array"
+        ? {
+            pill: h("span", { class: "eqxe-rule" }),
+            menu: h("button", {
+              class: "eqxe-rule-menu",
+              text: "⋯",
+              title: "update rule…",
+              "aria-label": `update rule of ${path[i] || "(root)"}`,
+              "aria-haspopup": "true",
+              "aria-expanded": "false",
+            }),
+          }
+        : null;
     row.append(
       ...[
         h("span", { class: "eqxe-namecell" }, twisty, check, h("span", { class: "eqxe-name", text: label })),
@@ -433,19 +473,20 @@ class ExplorerView {
       h("span", { class: "eqxe-summary", text: summary }),
       h("span", { class: "eqxe-params", text: table.params[i] ? fmtInt(table.params[i]) : "" }),
         this.sharded ? h("span", { class: "eqxe-sharding", text: sharding }) : null,
+        h("span", { class: "eqxe-rulecell" }, rule && rule.pill, rule && rule.menu),
         badge,
       ].filter(Boolean),
     );
     row.title = [path[i] || "(root)", cls, summary, sharding && `sharding: ${sharding}`]
       .filter(Boolean)
       .join("\n");
-    row._eqxe = { twisty, check, badge, container };
+    row._eqxe = { twisty, check, badge, container, rule };
     return row;
   }
 
   paintRow(i) {
     const row = this.rows.get(i);
-    const { twisty, check, badge, container } = row._eqxe;
+    const { twisty, check, badge, container, rule } = row._eqxe;
     const names = this.options.states;
     const state = this.states ? names[this.states[i]] : "loading";
     row.dataset.state = state;
@@ -467,6 +508,107 @@ class ExplorerView {
     }
     row.classList.toggle("eqxe-match", this.matches.has(i));
     this.paintBadge(i, badge);
+    if (rule) this.paintRule(i, row, rule, state);
+  }
+
+  paintRule(i, row, { pill, menu }, state) {
+    const r = this.rules[i];
+    if (r) row.dataset.rule = r[0];
+    else delete row.dataset.rule;
+    pill.hidden = !r;
+    pill.textContent = r ? r[1] : "";
+    pill.title = r ? `update rule ${r[1]}: ${RULE_TEXT[r[0]]}` : "";
+    // Only float arrays take a rule; "static" is an int/bool array.
+    menu.hidden = state === "static" || state === "loading";
+  }
+
+  onRules() {
+    const old = this.rules;
+    this.rules = this.model.get("_constraints");
+    for (const k of new Set([...Object.keys(old), ...Object.keys(this.rules)])) {
+      if (this.rows.has(Number(k))) this.paintRow(Number(k));
+    }
+    if (this.rulePop) this.paintRulePop();
+  }
+
+  // -- the rule picker: a panel under the row whose menu button was clicked ----------------
+  openRulePop(i) {
+    this.closeRulePop(false);
+    const path = this.tree.path[i];
+    const pick = (rule) =>
+      this.send({ type: "constrain", path, rule }, (ok) => {
+        if (ok && this.rulePop && this.rulePop.node === i) this.closeRulePop(true);
+      });
+    const picks = ["none", ...this.options.rules.filter((r) => r !== "interval")].map((r) =>
+      h("button", { class: "eqxe-rule-pick", "data-rule": r, text: r, title: RULE_TEXT[r], onclick: () => pick(r) }),
+    );
+    const current = this.rules[i];
+    const bound = (cls, name, value) =>
+      h("input", { class: cls, type: "number", step: "any", value, "aria-label": name, title: name });
+    const [a, b] = current && current[0] === "interval" ? current.slice(2) : [0, 1];
+    const lo = bound("eqxe-rule-lo", "lo", a ?? "");
+    const hi = bound("eqxe-rule-hi", "hi", b ?? "");
+    const interval = h("button", {
+      class: "eqxe-rule-pick",
+      "data-rule": "interval",
+      text: "interval",
+      title: RULE_TEXT.interval,
+      onclick: () => {
+        const a = lo.valueAsNumber;
+        const b = hi.valueAsNumber;
+        lo.classList.toggle("eqxe-invalid", !Number.isFinite(a));
+        hi.classList.toggle("eqxe-invalid", !Number.isFinite(b));
+        if (Number.isFinite(a) && Number.isFinite(b)) pick(["interval", a, b]);
+      },
+    });
+    picks.push(interval);
+    const el = h(
+      "div",
+      {
+        class: "eqxe-rule-pop",
+        role: "group",
+        "aria-label": `update rule of ${path || "(root)"}`,
+        "data-path": path,
+      },
+      h("span", { class: "eqxe-rule-title", text: "update rule" }),
+      ...picks.slice(0, -1),
+      h("span", { class: "eqxe-rule-interval" }, interval, " [", lo, ", ", hi, "]"),
+      h("button", { class: "eqxe-rule-close", text: "×", title: "close", onclick: () => this.closeRulePop(true) }),
+    );
+    el.style.setProperty("--depth", this.tree.depth[i]);
+    el.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") {
+        e.stopPropagation();
+        this.closeRulePop(true);
+      } else if (e.key === "Enter" && (e.target === lo || e.target === hi)) {
+        interval.click();
+      }
+    });
+    const row = this.rows.get(i);
+    row._eqxe.rule.menu.setAttribute("aria-expanded", "true");
+    row.after(el);
+    el.scrollIntoView({ block: "nearest" });
+    this.rulePop = { node: i, el, picks };
+    this.paintRulePop();
+    (picks.find((b) => b.getAttribute("aria-pressed") === "true") || picks[0]).focus();
+  }
+
+  paintRulePop() {
+    const { node, picks } = this.rulePop;
+    const name = this.rules[node] ? this.rules[node][0] : "none";
+    for (const b of picks) b.setAttribute("aria-pressed", String(b.dataset.rule === name));
+  }
+
+  closeRulePop(refocus) {
+    if (!this.rulePop) return;
+    const { node, el } = this.rulePop;
+    this.rulePop = null;
+    el.remove();
+    const row = this.rows.get(node);
+    if (row) {
+      row._eqxe.rule.menu.setAttribute("aria-expanded", "false");
+      if (refocus && row.isConnected) row._eqxe.rule.menu.focus();
+    }
   }
 
   paintBadge(i, badge) {
@@ -494,7 +636,10 @@ class ExplorerView {
     const row = e.target.closest(".eqxe-row");
     if (!row || !this.treeEl.contains(row)) return;
     const i = Number(row.dataset.node);
-    if (e.target.classList.contains("eqxe-twisty") && this.isContainer(i)) {
+    if (e.target.classList.contains("eqxe-rule-menu")) {
+      if (this.rulePop && this.rulePop.node === i) this.closeRulePop(true);
+      else this.openRulePop(i);
+    } else if (e.target.classList.contains("eqxe-twisty") && this.isContainer(i)) {
       this.expanded[i] = this.expanded[i] ? 0 : 1;
       this.renderRows();
     } else if (e.target.classList.contains("eqxe-check")) {
