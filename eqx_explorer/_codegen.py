@@ -567,6 +567,13 @@ def constrain_grads(params, grads):
 apply_updates = eqx.apply_updates"""
 
 
+def _bound(x: float) -> str:
+    # An open side of an interval is +-inf, which has no literal.
+    if math.isinf(x):
+        return 'float("inf")' if x > 0 else '-float("inf")'
+    return repr(float(x))
+
+
 def _custom_updates(plan: _Plan) -> list[str]:
     rules = plan.spec.constraints
     custom = [p for p, r in rules.items() if r.name == "custom"]
@@ -579,7 +586,10 @@ def _custom_updates(plan: _Plan) -> list[str]:
     items = []
     for path, rule in rules.items():
         keystr = path if path.startswith("[") or not path else "." + path
-        value = _literal(tuple(rule.to_json())) if rule.name == "interval" else _literal(rule.name)
+        if rule.name == "interval":
+            value = f'("interval", {_bound(rule.lo)}, {_bound(rule.hi)})'
+        else:
+            value = _literal(rule.name)
         items.append(f"{_INDENT}{_literal(keystr)}: {value},")
     if not items:
         return [*_spec_block(plan), _NO_RULES]

@@ -201,3 +201,20 @@ def test_step_runner_applies_rules_and_reports_violations():
     report = frozen.step(3)
     assert "rot" in report.by_status("frozen")
     assert (frozen.model.rot == model.rot).all()
+
+
+def test_open_interval_exports(tmp_path):
+    from tests.test_codegen import assert_rebuilds, assert_ruff_clean
+
+    spec = FilterSpec(physics()).constrain("free", ("interval", float("-inf"), 0.0))
+    code = spec.to_code("custom_updates")
+    assert_ruff_clean([code], tmp_path)
+    ns = assert_rebuilds(code, spec)
+    params = physics()
+    updates = jax.tree.map(lambda _: None, params)
+    updates = eqx.tree_at(
+        lambda m: m.free, updates, jnp.array([-5.0, 1.0, 0.0]), is_leaf=lambda x: x is None
+    )
+    out = ns["apply_updates"](params, updates)
+    np.testing.assert_array_equal(out.free, [-5.0, 0.0, 0.0])
+    assert out.rot is params.rot
