@@ -5,6 +5,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8888
+# Jupyter refuses to run as root without this flag (containers, CI machines).
+ifndef TOKEN
+TOKEN := $(shell $(PYTHON) -c "import secrets; print(secrets.token_hex(16))")
+endif
+ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: demo test lint format bench chromium clean
 
@@ -20,9 +25,11 @@ chromium:
 	@sh scripts/ensure_chromium.sh
 
 demo: $(STAMP)
-	@echo "Starting JupyterLab; open the URL printed below (the tour notebook opens first)."
-	$(BIN)/jupyter lab --no-browser --ip=$(HOST) --port=$(PORT) \
-		--ServerApp.root_dir=$(CURDIR) notebooks/00_tour.ipynb
+	@echo "Starting JupyterLab. Open this URL (the tour notebook):"
+	@echo "    http://$(HOST):$(PORT)/lab/tree/notebooks/00_tour.ipynb?token=$(TOKEN)"
+	$(BIN)/jupyter lab --no-browser --ip=$(HOST) --port=$(PORT) $(ROOT_FLAG) \
+		--IdentityProvider.token=$(TOKEN) --ServerApp.root_dir=$(CURDIR) \
+		notebooks/00_tour.ipynb
 
 test: $(STAMP) chromium
 	$(BIN)/ruff check .
