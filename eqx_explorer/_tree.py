@@ -234,6 +234,10 @@ class ModelTree:
     def n_inexact(self, node: int) -> int:
         return int(self._cum_inexact[self.hi[node]] - self._cum_inexact[self.lo[node]])
 
+    def all_params(self) -> np.ndarray:
+        """`params(i)` for every node at once."""
+        return self._cum_params[self.hi] - self._cum_params[self.lo]
+
     def params(self, node: int) -> int:
         """Number of trainable-kind (inexact) array elements under `node`."""
         return int(self._cum_params[self.hi[node]] - self._cum_params[self.lo[node]])

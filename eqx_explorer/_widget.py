@@ -103,9 +103,7 @@ def _node_table(tree) -> dict:
         summary_ids.setdefault(tree.summary(i), len(summary_ids)) if kinds[i] in leafish else 0
         for i in range(n)
     ]
-    params_per_leaf = np.where(tree.inexact, tree.size, 0)
-    cum = np.concatenate([[0], np.cumsum(params_per_leaf)])
-    params = (cum[tree.hi] - cum[tree.lo]).tolist()
+    params = tree.all_params().tolist()
     sharding = {}
     for i in np.flatnonzero(np.asarray([k == "array" for k in kinds], bool)):
         text = tree.sharding(int(i))
