@@ -31,7 +31,6 @@ import numpy as np
 
 from ._errors import ExplorerError
 from ._spec import FilterSpec
-from ._tree import ModelTree
 
 __all__ = [
     "LeafReport",
@@ -325,20 +324,20 @@ def _model_of(out: Any, model: Any) -> Any:
     return out[0]
 
 
-def _check_spec(spec: FilterSpec | None, model: Any, where: str) -> ModelTree:
+def _check_spec(spec: FilterSpec | None, model: Any, where: str) -> FilterSpec:
+    """`spec` over `model` itself (the default spec if `None`); raises on a wrong type or
+    structure."""
     if spec is None:
-        return ModelTree(model)
+        return FilterSpec(model)
     if not isinstance(spec, FilterSpec):
         raise ExplorerError(
             f"{where}: `spec` must be an eqx_explorer.FilterSpec, got {type(spec).__name__}; "
             "build one with FilterSpec(model).freeze(...)"
         )
-    if spec.model_tree.treedef != jtu.tree_structure(model):
-        raise ExplorerError(
-            f"{where}: this spec was built for another model (its structure differs); "
-            "build the spec from this model: FilterSpec(model)"
-        )
-    return spec.model_tree
+    try:
+        return spec.for_model(model)
+    except ExplorerError as e:
+        raise ExplorerError(f"{where}: {e}") from None
 
 
 def audit_step(
@@ -363,8 +362,9 @@ def audit_step(
 
     If `step_fn` raises, the report has no leaves and `error` holds the exception.
     """
-    tree = _check_spec(spec, model, "audit_step")
-    trainable = tree.inexact if spec is None else spec.mask
+    checked = _check_spec(spec, model, "audit_step")
+    tree = checked.model_tree
+    trainable = checked.mask
     try:
         out = step_fn(model, *args, **kwargs)
     except Exception as e:  # a failing user step is a finding, not a crash of the audit

@@ -90,6 +90,30 @@ class FilterSpec:
             raise ExplorerError("this filter_spec does not match the model's leaves")
         return spec._replace(np.asarray(flags, bool) & spec._model_tree.inexact)
 
+    def for_model(self, model: Any) -> FilterSpec:
+        """This spec (mask and update rules) over `model`, which has the same structure.
+
+        Use it to apply a spec built on one model to another instance of the same
+        architecture (e.g. freshly loaded weights); `self` is returned when `model` is the
+        spec's own model.
+        """
+        if model is self.model:
+            return self
+        return self._onto(FilterSpec(model))
+
+    def _onto(self, base: FilterSpec) -> FilterSpec:
+        """This mask and these rules over `base`'s model tree (same structure)."""
+        if base._model_tree.treedef != self._model_tree.treedef:
+            raise ExplorerError(
+                "this spec was built for another model, with another structure; build it from this "
+                "model, e.g. FilterSpec(model).freeze(...), or FilterSpec.from_json(model, text)"
+            )
+        other = base.set_mask(self._mask)
+        tree = other._model_tree
+        for path, rule in self.constraints.items():
+            rule.check(path, tree.leaves[int(tree.lo[tree.find(path)])])
+        return other._replace(constraints=dict(self.constraints))
+
     @property
     def model_tree(self) -> ModelTree:
         return self._model_tree

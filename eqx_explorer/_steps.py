@@ -353,7 +353,8 @@ class StepRunner:
         method: str = PARTITION,
         state: Any = None,
     ):
-        tree = _check_spec(spec, model, "StepRunner")
+        spec = _check_spec(spec, model, "StepRunner")
+        tree = spec.model_tree
         _check_method(method)
         _check_loss_fn(loss_fn, model, state, batch)
         optimizer = optax.adam(1e-3) if optimizer is None else optimizer
@@ -509,7 +510,11 @@ class StepRunner:
         `notes` (and the `detail` of affected leaves) say which state started fresh.
         Raises `ExplorerError` for a spec of another model or an unknown method.
         """
-        _check_spec(spec, self.model, "set_spec")
+        if not isinstance(spec, FilterSpec) or spec.model_tree.treedef != self._treedef:
+            raise ExplorerError(
+                "set_spec: this spec was built for another model, with another structure; "
+                "build it from this runner's model, e.g. runner.spec.freeze(...)"
+            )
         method = self._layout.method if method is None else _check_method(method)
         new = self._layout_for(spec, method)
         if method != self._layout.method:

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax.tree_util as jtu
-
-from ._errors import ExplorerError
 from ._spec import MIXED, FilterSpec
 from ._tree import CONTAINER_KINDS
 
@@ -55,10 +52,8 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
     """
     if spec is None:
         spec = FilterSpec(model)
-    elif spec.model_tree.treedef != jtu.tree_structure(model):
-        raise ExplorerError(
-            "this spec was built for a model with another structure; build it from this model"
-        )
+    else:
+        spec = spec.for_model(model)
     tree = spec.model_tree
     rows, hidden = _rows(spec, max_rows)
     sharded = any(tree.sharding(i) for i in rows)

@@ -127,21 +127,6 @@ def _node_table(tree) -> dict:
     }
 
 
-def _rehome(spec: FilterSpec, base: FilterSpec) -> FilterSpec:
-    """`spec` (built on a model of the same structure) as a spec over `base`'s model."""
-    if base.model_tree.treedef != spec.model_tree.treedef:
-        raise ExplorerError(
-            "this spec was built for a model with another structure; build it from this "
-            "model (e.g. w.spec.freeze(...))"
-        )
-    out = base.set_mask(spec.mask)
-    if out.constraints:
-        out = out.constrain(list(out.constraints), None)
-    for path, rule in spec.constraints.items():
-        out = out.constrain(path, rule)
-    return out
-
-
 def _export(spec: FilterSpec, style: str) -> str:
     """The code of `spec` in `style`, or, when the style cannot express it, a comment saying why.
 
@@ -219,7 +204,7 @@ class Explorer(anywidget.AnyWidget):
                 "with FilterSpec(model).freeze(...) or FilterSpec.from_tree(model, filter_spec)"
             )
         elif spec.model is not model:
-            spec = _rehome(spec, FilterSpec(model))
+            spec = spec.for_model(model)
         self._styles = tuple(STYLES)
         self._check_style(code_style)
         self._check_method(method)
@@ -274,7 +259,7 @@ class Explorer(anywidget.AnyWidget):
         if not isinstance(spec, FilterSpec):
             raise ExplorerError(f"w.spec takes a FilterSpec, not {type(spec).__name__}")
         if spec.model_tree is not self._tree:
-            spec = _rehome(spec, self._spec)
+            spec = spec._onto(self._spec)  # the widget keeps its own node table
         self._apply_spec(spec)
 
     @property

@@ -181,3 +181,17 @@ def test_weak_and_numpy_leaves_count():
     model = {"w": np.ones((3,), np.float32), "s": jnp.full((2,), 0.05)}
     spec = FilterSpec(model)
     assert spec.counts["trainable_params"] == 5
+
+
+def test_spec_applies_to_another_instance_of_the_architecture(model):
+    other = example_model(jax.random.key(42))
+    spec = FilterSpec(model).freeze("blocks").constrain("head.bias", ("interval", -1, 1))
+    moved = spec.for_model(other)
+    assert moved.model is other and moved.mask is not spec.mask
+    assert np.array_equal(moved.mask, spec.mask) and moved.constraints == spec.constraints
+    assert spec.for_model(model) is spec
+    # The summary reads the model it is given, not the one the spec was built on.
+    head = other.head.weight
+    assert f"{head.size:,}" in summary(other, spec)
+    with pytest.raises(ExplorerError, match="another structure"):
+        spec.for_model(eqx.nn.Linear(2, 2, key=KEY))

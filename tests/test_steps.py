@@ -432,3 +432,16 @@ def test_reset_and_bad_inputs(net, batch):
         runner.step(0)
     with pytest.raises(ExplorerError, match="GradientTransformation"):
         StepRunner(net, spec, mse, batch, optimizer="adam")
+
+
+def test_runner_trains_the_model_it_is_given_not_the_specs():
+    from eqx_explorer import FilterSpec, StepRunner
+    from eqx_explorer._examples import example_batch, example_model, mse_loss
+
+    built_on = example_model(jax.random.key(0))
+    trained = example_model(jax.random.key(7))
+    spec = FilterSpec(built_on).freeze("embed")
+    runner = StepRunner(trained, spec, mse_loss, example_batch())
+    assert runner.step(2).ok
+    assert (runner.model.embed.weight == trained.embed.weight).all()
+    assert not (runner.model.embed.weight == built_on.embed.weight).all()
