@@ -3,7 +3,8 @@
  * All logic lives in Python (eqx_explorer/_widget.py); this file draws and forwards clicks.
  *
  * Stable hooks for browser tests:
- *   .eqxe-root                      the widget
+ *   .eqxe-root                      the widget; .eqxe-stale once the spec changed after the
+ *                                   last step (its badges are dimmed until the next report)
  *   .eqxe-header                    counts; [data-testid=trainable|total|pct|frozen|bytes|opt-state]
  *   .eqxe-banner                    error banner (hidden when empty); .eqxe-banner-text, .eqxe-banner-close
  *   .eqxe-expand-all, .eqxe-collapse-all
@@ -232,6 +233,8 @@ class ExplorerView {
       this.setReport(msg, buffers[1], buffers[2]);
       this.renderRows();
     } else if (msg.type === "states" && this.states) {
+      // The badges describe the last step, taken under the previous spec: mark them stale.
+      this.root.classList.add("eqxe-stale");
       const nodes = typed(Int32Array, buffers[0]);
       const codes = typed(Uint8Array, buffers[1]);
       for (let j = 0; j < nodes.length; j++) {
@@ -239,6 +242,7 @@ class ExplorerView {
         if (this.rows.has(nodes[j])) this.paintRow(nodes[j]);
       }
     } else if (msg.type === "report") {
+      this.root.classList.remove("eqxe-stale");
       this.setReport(msg, buffers[0], buffers[1]);
       for (const i of this.rows.keys()) this.paintRow(i);
     } else if (msg.type === "matches") {
@@ -625,6 +629,9 @@ class ExplorerView {
     } else if (leaf < 0 && this.worst[i] !== NO_STATUS && this.worst[i] >= ALARM) {
       status = Object.keys(SEVERITY).find((k) => SEVERITY[k] === this.worst[i]);
       title = `contains ${status} leaves: expand to see which`;
+    }
+    if (status && this.root.classList.contains("eqxe-stale")) {
+      title += "\n(from the last step, before the spec changed: press Step to refresh)";
     }
     badge.hidden = !status;
     badge.textContent = status || "";

@@ -109,6 +109,8 @@ def test_tour_in_jupyterlab(page, jupyter_server):
     assert after[1] != before[1], f"frozen count unchanged: {before[1]!r}"
     assert f"{after[0]} of " in after[2], (after[0], after[2][:200])
     assert not page.is_checked(f"{row('head')} .eqxe-check")
+    # The tour's badges were earned under the old spec: they are dimmed as stale.
+    assert "eqxe-stale" in (root.get_attribute("class") or "")
     shot(page, "lab-2-head-frozen")
 
     # 2. Reset clears the badges of the tour's own steps; Step brings new ones.
@@ -132,6 +134,7 @@ def test_tour_in_jupyterlab(page, jupyter_server):
         "blocks[1].norm.bias": "updated",
         "step_count": "frozen",  # an int array: never trains
     }
+    assert "eqxe-stale" not in (root.get_attribute("class") or "")
     seen = {path: badge(page, path) for path in expected}
     assert seen == expected
     statuses = page.eval_on_selector_all(
