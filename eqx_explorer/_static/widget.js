@@ -18,7 +18,8 @@
  *       .eqxe-rulecell: .eqxe-rule (the update rule's label, e.g. "interval[0, 1]"; hidden when
  *       none; its title explains the rule) and .eqxe-rule-menu (array rows; hidden on int/bool
  *       arrays; aria-expanded) that opens the picker. A constrained row has
- *       data-rule=positive|orthogonal|unit_norm|interval|custom.
+ *       data-rule=positive|orthogonal|unit_norm|interval|custom. A collapsed container shows
+ *       .eqxe-rule.eqxe-rule-inside ("2 rules") when leaves inside it have rules.
  *   .eqxe-rule-pop[data-path]       the open rule picker, a panel right under its row:
  *       .eqxe-rule-pick[data-rule=none|positive|orthogonal|unit_norm] (aria-pressed on the
  *       current rule), .eqxe-rule-lo, .eqxe-rule-hi and .eqxe-rule-pick[data-rule=interval];
@@ -415,6 +416,8 @@ class ExplorerView {
   }
 
   renderRows() {
+    // Moving rows into the fragment empties the tree, which clamps its scroll to 0: keep it.
+    const top = this.treeEl.scrollTop;
     const frag = document.createDocumentFragment();
     for (const i of this.visibleNodes()) {
       let row = this.rows.get(i);
@@ -426,6 +429,7 @@ class ExplorerView {
       frag.append(row);
     }
     this.treeEl.replaceChildren(frag);
+    this.treeEl.scrollTop = top;
     if (this.rulePop) {
       const row = this.rows.get(this.rulePop.node);
       if (row && row.isConnected) row.after(this.rulePop.el);
@@ -469,7 +473,9 @@ class ExplorerView {
               "aria-expanded": "false",
             }),
           }
-        : null;
+        : container
+          ? { pill: h("span", { class: "eqxe-rule eqxe-rule-inside" }), menu: null }
+          : null;
     row.append(
       ...[
         h("span", { class: "eqxe-namecell" }, twisty, check, h("span", { class: "eqxe-name", text: label })),
@@ -516,6 +522,14 @@ class ExplorerView {
   }
 
   paintRule(i, row, { pill, menu }, state) {
+    if (!menu) {
+      // A container shows how many rules its collapsed sub-tree hides.
+      const inside = this.expanded[i] ? 0 : this.rulesInside().get(i) || 0;
+      pill.hidden = !inside;
+      pill.textContent = inside ? `${inside} rule${inside > 1 ? "s" : ""}` : "";
+      pill.title = inside ? "update rules on leaves inside: expand to see them" : "";
+      return;
+    }
     const r = this.rules[i];
     if (r) row.dataset.rule = r[0];
     else delete row.dataset.rule;
@@ -526,9 +540,28 @@ class ExplorerView {
     menu.hidden = state === "static" || state === "loading";
   }
 
+  rulesInside() {
+    // Counts of constrained leaves under each container, recomputed when the rules change.
+    if (!this.insideCache) {
+      this.insideCache = new Map();
+      const parent = this.tree.table.parent;
+      for (const k of Object.keys(this.rules)) {
+        for (let p = parent[Number(k)]; p >= 0; p = parent[p]) {
+          this.insideCache.set(p, (this.insideCache.get(p) || 0) + 1);
+        }
+      }
+    }
+    return this.insideCache;
+  }
+
   onRules() {
     const old = this.rules;
     this.rules = this.model.get("_constraints");
+    const before = this.rulesInside();
+    this.insideCache = null;
+    for (const k of new Set([...before.keys(), ...this.rulesInside().keys()])) {
+      if (this.rows.has(k)) this.paintRow(k);
+    }
     for (const k of new Set([...Object.keys(old), ...Object.keys(this.rules)])) {
       if (this.rows.has(Number(k))) this.paintRow(Number(k));
     }

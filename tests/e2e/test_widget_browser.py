@@ -154,6 +154,23 @@ def test_tour_in_jupyterlab(page, jupyter_server):
     assert clipboard.strip() == code.inner_text().strip()
     assert f"{after[0]} of " in clipboard and "filter_spec" in clipboard
 
+    # 4. A row's rule menu constrains a leaf; its collapsed module counts the rules inside.
+    page.click(f"{row('head.bias')} .eqxe-rule-menu")
+    page.click(".eqxe-rule-pop .eqxe-rule-pick[data-rule=unit_norm]")
+    page.wait_for_function(
+        f"""() => document.querySelector('{row("head.bias")}').dataset.rule === 'unit_norm'""",
+        timeout=ACTION_MS,
+    )
+    assert page.locator(f"{row('head.bias')} .eqxe-rule").first.inner_text() == "unit_norm"
+    scroll = "() => document.querySelector('.eqxe-root .eqxe-tree').scrollTop"
+    top = page.evaluate(scroll)
+    page.click(f"{row('head')} .eqxe-twisty")
+    # Collapsing keeps the tree where it was scrolled (it used to jump to the top).
+    assert top > 0 and page.evaluate(scroll) > 0, (top, page.evaluate(scroll))
+    page.wait_for_selector(f"{row('head')} .eqxe-rule-inside:not([hidden])", timeout=ACTION_MS)
+    assert page.locator(f"{row('head')} .eqxe-rule-inside").first.inner_text() == "1 rule"
+    shot(page, "lab-4-rule")
+
 
 def test_tour_in_notebook7(page, jupyter_server):
     open_and_run_all(page, jupyter_server.page_url("notebooks/notebook7/00_tour.ipynb"))
