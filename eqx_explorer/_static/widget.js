@@ -872,7 +872,7 @@ class ExplorerView {
       const last = losses[losses.length - 1];
       const bad = losses.length - finite.length;
       caption.textContent =
-        `${losses.length} steps · loss ${last === null ? "not finite" : last.toPrecision(4)}` +
+        `${losses.length} step${losses.length === 1 ? "" : "s"} · loss ${last === null ? "not finite" : last.toPrecision(4)}` +
         (finite.length ? ` · range ${lo.toPrecision(3)}–${hi.toPrecision(3)}` : "") +
         (bad ? ` · ${bad} non-finite` : "");
     }
