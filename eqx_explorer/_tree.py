@@ -290,11 +290,28 @@ class ModelTree:
         """Index of the node at `path` (leading dot optional); `ExplorerError` if none."""
         if isinstance(path, str) and path in self._index:
             return self._index[path]
-        keys = parse_path(path)
+        keys = self._from_end(parse_path(path))
         canonical = format_path(keys)
         if canonical in self._index:
             return self._index[canonical]
         raise ExplorerError(self._unknown_path_message(keys, canonical))
+
+    def _from_end(self, keys: tuple) -> tuple:
+        """Negative indices into lists and tuples (`layers[-1]`) counted from the end."""
+        node, out = 0, []
+        for key in keys:
+            index = key.key if isinstance(key, jtu.DictKey) else None
+            if (
+                node is not None
+                and type(index) is int
+                and index < 0
+                and self.kind[node] in (LIST, TUPLE, NAMEDTUPLE)
+                and -len(self.children[node]) <= index
+            ):
+                key = jtu.SequenceKey(len(self.children[node]) + index)
+            out.append(key)
+            node = None if node is None else self._index.get(format_path(tuple(out)))
+        return tuple(out)
 
     def _unknown_path_message(self, keys: tuple, canonical: str) -> str:
         # Walk down as far as the path exists, then suggest among that node's children.

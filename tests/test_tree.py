@@ -174,3 +174,16 @@ def test_random_models_match_jax_flattening(model):
     assert all(a is b for a, b in zip(tree.leaves, (x for _, x in flat), strict=True))
     for i, path in enumerate(tree.paths):
         assert tree.find(path) == i
+
+
+def test_negative_indices_count_from_the_end():
+    tree = ModelTree(example_model())
+    assert tree.find("blocks[-1].mlp") == tree.find("blocks[2].mlp")
+    assert tree.find("blocks[-3]") == tree.find("blocks[0]")
+    assert tree.find("blocks[0].mlp.layers[-1].weight") == tree.find(
+        "blocks[0].mlp.layers[1].weight"
+    )
+    with pytest.raises(ExplorerError, match="blocks\\[-4\\]"):
+        tree.find("blocks[-4]")
+    # A dict's negative int key is a key, not an index.
+    assert ModelTree({-1: jnp.ones(1)}).find("[-1]") == 1
