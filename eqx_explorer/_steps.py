@@ -245,6 +245,39 @@ def _check_method(method: str) -> str:
     return method
 
 
+# Methods whose optimizer state covers only the trainable leaves (see `_Layout.owned`).
+STATE_ON_TRAINABLE = (PARTITION, OPTAX_MASK)
+# Optimizer-state bytes per float byte of the default optimizer, Adam (mu and nu).
+DEFAULT_SLOTS = 2.0
+
+
+def optimizer_slots(model: Any, optimizer: Any = None) -> float:
+    """Optimizer-state bytes per float-parameter byte of `optimizer` on `model`.
+
+    Measured with `jax.eval_shape(optimizer.init, ...)` (nothing is allocated); `None` is the
+    runner's default Adam, `DEFAULT_SLOTS`.
+    """
+    if optimizer is None:
+        return DEFAULT_SLOTS
+    params = eqx.filter(model, eqx.is_inexact_array)
+    nbytes = lambda tree: sum(  # noqa: E731
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jtu.tree_leaves(tree)
+        if hasattr(x, "dtype")
+    )
+    total = nbytes(params)
+    return nbytes(jax.eval_shape(optimizer.init, params)) / total if total else 0.0
+
+
+def opt_state_bytes(spec: FilterSpec, method: str, slots: float) -> int:
+    """Estimated optimizer-state bytes of a `StepRunner` under `method` (see `optimizer_slots`)."""
+    c = spec.counts
+    covered = c["trainable_bytes"]
+    if _check_method(method) not in STATE_ON_TRAINABLE:
+        covered += c["frozen_bytes"]
+    return int(round(slots * covered))
+
+
 def _check_loss_fn(loss_fn: Callable, model: Any, state: Any, batch: Any) -> None:
     if not callable(loss_fn):
         raise ExplorerError(f"loss_fn must be callable, got {type(loss_fn).__name__}")

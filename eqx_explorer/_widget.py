@@ -32,23 +32,26 @@ import anywidget
 import numpy as np
 import traitlets as t
 
+from ._audit import STATUSES
 from ._constraints import RULE_NAMES
 from ._errors import ExplorerError
 from ._spec import STATES, FilterSpec
+from ._steps import (
+    DEFAULT_SLOTS,
+    METHODS,
+    STATE_ON_TRAINABLE,
+    _check_method,
+    opt_state_bytes,
+    optimizer_slots,
+)
 
 __all__ = ["Explorer"]
 
 _STATIC = pathlib.Path(__file__).parent / "_static"
 
 KINDS = ("module", "list", "tuple", "namedtuple", "dict", "node", "array", "leaf", "none")
-STATUSES = ("updated", "stalled", "frozen", "leaked", "kept", "lost")
-METHODS = ("partition", "stop_gradient", "optax_mask", "none")
 NO_STATUS = 255
 MAX_STEPS = 10_000
-# Optimizer-state slots per trainable value assumed when no optimizer is given (Adam: mu, nu).
-DEFAULT_SLOTS = 2.0
-# Methods whose optimizer state covers only the trainable leaves.
-_STATE_ON_TRAINABLE = ("partition", "optax_mask")
 
 
 def _is_rule(value: Any) -> bool:
@@ -207,7 +210,7 @@ class Explorer(anywidget.AnyWidget):
             spec = spec.for_model(model)
         self._styles = tuple(STYLES)
         self._check_style(code_style)
-        self._check_method(method)
+        _check_method(method)
         self._model = model
         self._tree = spec.model_tree
         self._loss_fn = loss_fn
@@ -221,7 +224,7 @@ class Explorer(anywidget.AnyWidget):
         self._before_last_step: list | None = None
         self._selected: int | None = None
         tree = self._tree
-        self._slots = self._optimizer_slots(model, optimizer)
+        self._slots = optimizer_slots(model, optimizer)
         self._spec = spec
         self._codes = spec.state_codes()
         nl = tree.num_leaves
@@ -345,7 +348,7 @@ class Explorer(anywidget.AnyWidget):
 
     @t.validate("method")
     def _valid_method(self, proposal):
-        self._check_method(proposal["value"])
+        _check_method(proposal["value"])
         return proposal["value"]
 
     @t.observe("code_style")
@@ -360,12 +363,6 @@ class Explorer(anywidget.AnyWidget):
         if style not in self._styles:
             raise ExplorerError(
                 f"unknown code style {style!r}; choose one of {', '.join(self._styles)}"
-            )
-
-    def _check_method(self, method: str) -> None:
-        if method not in METHODS:
-            raise ExplorerError(
-                f"unknown step method {method!r}; choose one of {', '.join(METHODS)}"
             )
 
     # -- spec -> states, counts, code -----------------------------------------
@@ -393,31 +390,11 @@ class Explorer(anywidget.AnyWidget):
             out[str(self._tree.find(path))] = row
         return out
 
-    @staticmethod
-    def _optimizer_slots(model: Any, optimizer: Any) -> float:
-        """Optimizer-state bytes per trainable byte, measured with `jax.eval_shape`."""
-        if optimizer is None:
-            return DEFAULT_SLOTS
-        import equinox as eqx
-        import jax
-        import jax.tree_util as jtu
-
-        params = eqx.filter(model, eqx.is_inexact_array)
-        total = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jtu.tree_leaves(params))
-        shapes = jax.eval_shape(optimizer.init, params)
-        state = sum(
-            int(np.prod(x.shape)) * x.dtype.itemsize
-            for x in jtu.tree_leaves(shapes)
-            if hasattr(x, "dtype")
-        )
-        return state / total if total else 0.0
-
     def _counts(self, method: str) -> dict:
         c = dict(self._spec.counts)
         c["total_bytes"] = c["trainable_bytes"] + c["frozen_bytes"]
-        on_trainable = method in _STATE_ON_TRAINABLE
-        covered = c["trainable_bytes"] if on_trainable else c["total_bytes"]
-        c["opt_state_bytes"] = int(round(self._slots * covered))
+        on_trainable = method in STATE_ON_TRAINABLE
+        c["opt_state_bytes"] = opt_state_bytes(self._spec, method, self._slots)
         source = (
             f"{self._slots:.3g} (measured with optimizer.init)"
             if self._optimizer is not None

@@ -445,3 +445,21 @@ def test_runner_trains_the_model_it_is_given_not_the_specs():
     assert runner.step(2).ok
     assert (runner.model.embed.weight == trained.embed.weight).all()
     assert not (runner.model.embed.weight == built_on.embed.weight).all()
+
+
+def test_optimizer_state_estimate_is_headless_and_matches_the_runner():
+    from eqx_explorer import FilterSpec, StepRunner
+    from eqx_explorer._examples import example_batch, example_model, mse_loss
+    from eqx_explorer._steps import opt_state_bytes, optimizer_slots
+
+    model = example_model()
+    spec = FilterSpec(model).freeze("blocks")
+    sgd = optax.sgd(0.1, momentum=0.9)
+    slots = optimizer_slots(model, sgd)
+    assert slots == 1.0
+    assert opt_state_bytes(spec, "partition", slots) == spec.counts["trainable_bytes"]
+    runner = StepRunner(model, spec, mse_loss, example_batch(), optimizer=sgd)
+    held = sum(x.nbytes for x in jax.tree.leaves(runner.opt_state))
+    assert held == opt_state_bytes(spec, "partition", slots)
+    everything = spec.counts["trainable_bytes"] + spec.counts["frozen_bytes"]
+    assert opt_state_bytes(spec, "stop_gradient", slots) == everything

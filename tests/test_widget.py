@@ -382,7 +382,7 @@ def test_python_methods_mirror_the_ui(widget, model):
         widget.freeze("nope")
     with pytest.raises(ExplorerError, match="unknown code style"):
         widget.code_style = "cobol"
-    with pytest.raises(ExplorerError, match="unknown step method"):
+    with pytest.raises(ExplorerError, match="unknown method 'magic'"):
         widget.method = "magic"
 
 
