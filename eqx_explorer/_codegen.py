@@ -585,7 +585,7 @@ def _custom_updates(plan: _Plan) -> list[str]:
         )
     items = []
     for path, rule in rules.items():
-        keystr = path if path.startswith("[") or not path else "." + path
+        keystr = jtu.keystr(plan.tree.keys[plan.tree.find(path)])
         if rule.name == "interval":
             value = f'("interval", {_bound(rule.lo)}, {_bound(rule.hi)})'
         else:
