@@ -9,19 +9,35 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import equinox as eqx
 import jax.tree_util as jtu
 import numpy as np
 
 from ._constraints import make_rule
 from ._errors import ExplorerError
 from ._select import Selection, select
-from ._tree import ModelTree
+from ._tree import MODULE, ModelTree
 
 __all__ = ["FilterSpec"]
 
 _FORMAT = "eqx_explorer.FilterSpec"
 TRAINABLE, FROZEN, MIXED, STATIC = "trainable", "frozen", "mixed", "static"
 STATES = (STATIC, TRAINABLE, FROZEN, MIXED)  # order of `FilterSpec.state_codes()`
+
+
+def _inference_leaves(tree: ModelTree) -> np.ndarray:
+    """Bool array over leaves: the bool `inference` fields of Equinox modules."""
+    flags = np.zeros(tree.num_leaves, bool)
+    for i, (node, leaf) in enumerate(zip(tree.leaf_node, tree.leaves)):
+        keys = tree.keys[node]
+        flags[i] = (
+            isinstance(leaf, bool)
+            and bool(keys)  # not the root
+            and isinstance(keys[-1], jtu.GetAttrKey)
+            and keys[-1].name == "inference"
+            and tree.kind[tree.parent[node]] == MODULE
+        )
+    return flags
 
 
 class FilterSpec:
@@ -40,14 +56,25 @@ class FilterSpec:
     trainable; int/bool arrays and non-array leaves (functions, floats, strings) are always
     `False` in `.tree` and have state `"static"`.
 
+    A spec also says which layers run in inference mode (`spec.inference("bn1")`): the mask
+    says what the optimizer moves, these flags what the layers do. They are stored as
+    overrides, one bool per `inference` field the spec sets (leaf index -> value), read as
+    `inference_overrides` (path -> value) and applied with `apply_inference(model)`.
+
     Edge cases: a stacked layer (`eqx.nn.MLP(..., scan=True)`) is one array leaf, so one bool
     freezes all its layers at once; `eqx.nn.Shared` ties arrays so only the source is a leaf.
     """
 
-    __slots__ = ("_model_tree", "_mask", "_cum", "constraints")
+    __slots__ = ("_model_tree", "_mask", "_cum", "constraints", "_inference")
 
     def __init__(
-        self, model: Any, *, _tree: ModelTree | None = None, _mask=None, _constraints=None
+        self,
+        model: Any,
+        *,
+        _tree: ModelTree | None = None,
+        _mask=None,
+        _constraints=None,
+        _inference=None,
     ):
         self._model_tree = _tree if _tree is not None else ModelTree(model)
         mask = self._model_tree.inexact.copy() if _mask is None else _mask
@@ -55,16 +82,22 @@ class FilterSpec:
         self._mask = mask
         self._cum = None
         self.constraints = dict(_constraints or {})
+        # Leaf index of an `inference` field -> the value the spec sets, in leaf order.
+        self._inference: dict[int, bool] = dict(sorted((_inference or {}).items()))
 
     # -- construction -------------------------------------------------------
     def _replace(
-        self, mask: np.ndarray | None = None, constraints: dict | None = None
+        self,
+        mask: np.ndarray | None = None,
+        constraints: dict | None = None,
+        inference: dict | None = None,
     ) -> FilterSpec:
         return FilterSpec(
             None,
             _tree=self._model_tree,
             _mask=self._mask if mask is None else mask,
             _constraints=self.constraints if constraints is None else constraints,
+            _inference=self._inference if inference is None else inference,
         )
 
     @classmethod
@@ -91,7 +124,7 @@ class FilterSpec:
         return spec._replace(np.asarray(flags, bool) & spec._model_tree.inexact)
 
     def for_model(self, model: Any) -> FilterSpec:
-        """This spec (mask and update rules) over `model`, which has the same structure.
+        """This spec (mask, update rules, inference flags) over `model`, of the same structure.
 
         Use it to apply a spec built on one model to another instance of the same
         architecture (e.g. freshly loaded weights); `self` is returned when `model` is the
@@ -102,7 +135,7 @@ class FilterSpec:
         return self._onto(FilterSpec(model))
 
     def _onto(self, base: FilterSpec) -> FilterSpec:
-        """This mask and these rules over `base`'s model tree (same structure)."""
+        """This mask, these rules and inference flags over `base`'s model tree (same structure)."""
         if base._model_tree.treedef != self._model_tree.treedef:
             raise ExplorerError(
                 "this spec was built for another model, with another structure; build it from this "
@@ -112,7 +145,8 @@ class FilterSpec:
         tree = other._model_tree
         for path, rule in self.constraints.items():
             rule.check(path, tree.leaves[int(tree.lo[tree.find(path)])])
-        return other._replace(constraints=dict(self.constraints))
+        self._check_inference_leaves(tree.leaves)
+        return other._replace(constraints=dict(self.constraints), inference=self._inference)
 
     @property
     def model_tree(self) -> ModelTree:
@@ -199,6 +233,55 @@ class FilterSpec:
             constraints[path] = made
         return self._replace(constraints=constraints)
 
+    def inference(self, *targets: Any, on: bool = True) -> FilterSpec:
+        """A new spec running the layers under `targets` in inference mode (`on=False`: training).
+
+        Targets take the same forms as `freeze`. Every Equinox module in the selected sub-trees
+        with a bool `inference` field (`eqx.nn.BatchNorm`, `eqx.nn.Dropout`, your own) gets it
+        set to `on` *in the spec*; the model is never changed. Later calls override earlier
+        ones, and the spec keeps what it set even where the model already agrees, so it means
+        the same over another instance (`for_model`). The flags are leaves, not trainable
+        arrays: the mask and `tree` are unaffected. Apply them with `apply_inference(model)`.
+
+        ```python
+        model, state = eqx.nn.make_with_state(Net)(key)     # Net has `bn1 = eqx.nn.BatchNorm(...)`
+        spec = FilterSpec(model).freeze("bn1").inference("bn1")
+        spec.inference_paths                                 # ('bn1.inference',)
+        eval_model = spec.apply_inference(model)             # eval_model.bn1.inference is True
+        ```
+
+        A frozen BatchNorm still updates its running statistics (in `state`) on every training
+        step unless it runs in inference mode. Raises `ExplorerError` if a target holds no
+        such field (e.g. a `Linear`), naming the layers of the model that have one.
+        """
+        if not targets:
+            raise ExplorerError("inference() needs at least one target, e.g. spec.inference('bn1')")
+        if not isinstance(on, bool):
+            raise ExplorerError(f"inference(..., on=) takes True or False, got {on!r}")
+        tree = self._model_tree
+        fields = _inference_leaves(tree)
+        overrides = dict(self._inference)
+        for target in targets:
+            sel = self.select(target)
+            hit = np.flatnonzero(sel.mask & fields)
+            if not len(hit):
+                layers = [
+                    tree.paths[tree.parent[tree.leaf_node[i]]] for i in np.flatnonzero(fields)
+                ]
+                fix = (
+                    "Select a sub-tree that has one; in this model: "
+                    + ", ".join(f"`{p}`" for p in layers[:8])
+                    + (", ..." if len(layers) > 8 else "")
+                    if layers
+                    else "This model has no such layer, so inference mode changes nothing in it."
+                )
+                raise ExplorerError(
+                    f"{sel.label} has no layer with an `inference` field (BatchNorm, Dropout, "
+                    f"...). {fix}"
+                )
+            overrides.update(dict.fromkeys(hit.tolist(), on))
+        return self._replace(inference=overrides)
+
     def set_mask(self, mask: Any) -> FilterSpec:
         """A new spec from a bool array over leaves (True = trainable)."""
         mask = np.asarray(mask, dtype=bool)
@@ -280,6 +363,66 @@ class FilterSpec:
         tree = self._model_tree
         return [tree.paths[tree.leaf_node[i]] for i in np.flatnonzero(self._mask)]
 
+    # -- inference mode -------------------------------------------------------
+    @property
+    def inference_overrides(self) -> dict[str, bool]:
+        """Every `inference` field the spec sets, path -> value, in leaf order.
+
+        `{"bn1.inference": True, "drop.inference": False}`: the spec's own record, including
+        fields where the model already holds that value.
+        """
+        tree = self._model_tree
+        return {tree.paths[tree.leaf_node[i]]: on for i, on in self._inference.items()}
+
+    @property
+    def inference_paths(self) -> tuple[str, ...]:
+        """Paths of the `inference` fields the spec turns on (True here, False in the model)."""
+        tree = self._model_tree
+        return tuple(
+            tree.paths[tree.leaf_node[i]]
+            for i, on in self._inference.items()
+            if on and not tree.leaves[i]
+        )
+
+    def _check_inference_leaves(self, leaves: list) -> None:
+        tree = self._model_tree
+        for i in self._inference:
+            if not isinstance(leaves[i], bool):
+                raise ExplorerError(
+                    f"`{tree.paths[tree.leaf_node[i]]}` is {leaves[i]!r} in this model, not a "
+                    "bool, so the spec cannot set its inference mode; build the model with a "
+                    "bool there (e.g. `inference=False`) or clear it: spec.inference(..., on=...)"
+                )
+
+    def apply_inference(self, model: Any) -> Any:
+        """`model` with the `inference` fields this spec sets (via `eqx.tree_at`).
+
+        Every other leaf is the very same object; `model` itself is returned when the spec
+        sets no field. `model` must have this spec's structure (its own model or another
+        instance of the architecture), else `ExplorerError`.
+
+        ```python
+        spec = FilterSpec(model).inference(eqx.nn.BatchNorm)
+        model = spec.apply_inference(model)   # before training and evaluation
+        ```
+        """
+        if not self._inference:
+            return model
+        leaves, treedef = jtu.tree_flatten(model)
+        if treedef != self._model_tree.treedef:
+            raise ExplorerError(
+                "apply_inference: this model has another structure than the spec's; use the "
+                "spec's model or another instance of the same architecture, or build a spec "
+                "for this one, e.g. FilterSpec(model).inference(...)"
+            )
+        self._check_inference_leaves(leaves)
+        index = list(self._inference)
+        return eqx.tree_at(
+            lambda m: [jtu.tree_leaves(m)[i] for i in index],
+            model,
+            replace=list(self._inference.values()),
+        )
+
     # -- comparison ---------------------------------------------------------
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, FilterSpec):
@@ -288,6 +431,7 @@ class FilterSpec:
             self._model_tree.treedef == other._model_tree.treedef
             and np.array_equal(self._mask, other._mask)
             and self.constraints == other.constraints
+            and self._inference == other._inference
         )
 
     __hash__ = None  # type: ignore[assignment]
@@ -295,10 +439,16 @@ class FilterSpec:
     def __repr__(self) -> str:
         c = self.counts
         total = c["total_params"] or 1
+        n_on = sum(self._inference.values())
+        modes = [
+            f"{n} {'layer' if n == 1 else 'layers'} set to {mode} mode"
+            for n, mode in ((n_on, "inference"), (len(self._inference) - n_on, "training"))
+            if n
+        ]
         return (
             f"FilterSpec({self._model_tree.cls[0]}: {c['trainable_params']:,} trainable / "
             f"{c['total_params']:,} params ({100 * c['trainable_params'] / total:.1f}%), "
-            f"{c['frozen_leaves']} frozen arrays)"
+            f"{c['frozen_leaves']} frozen arrays{''.join(', ' + m for m in modes)})"
         )
 
     # -- export -----------------------------------------------------------
@@ -310,7 +460,11 @@ class FilterSpec:
 
     # -- JSON ---------------------------------------------------------------
     def to_json(self) -> str:
-        """JSON with every float/complex leaf's path under `trainable` or `frozen`."""
+        """JSON with every float/complex leaf's path under `trainable` or `frozen`.
+
+        Update rules go under `constraints` and inference flags under `inference` (path ->
+        bool), each only when the spec has some.
+        """
         doc = {
             "format": _FORMAT,
             "version": 1,
@@ -320,6 +474,8 @@ class FilterSpec:
         }
         if self.constraints:
             doc["constraints"] = {p: r.to_json() for p, r in self.constraints.items()}
+        if self._inference:
+            doc["inference"] = self.inference_overrides
         return json.dumps(doc, indent=1, ensure_ascii=False)
 
     @classmethod
@@ -361,4 +517,13 @@ class FilterSpec:
         spec = spec._replace(mask)
         for path, rule in doc.get("constraints", {}).items():
             spec = spec.constrain(path, tuple(rule) if isinstance(rule, list) else rule)
+        inference = doc.get("inference", {})
+        if not isinstance(inference, dict) or not all(type(v) is bool for v in inference.values()):
+            raise ExplorerError(
+                "the saved `inference` must map paths to true/false, as spec.to_json() writes it"
+            )
+        for on in (True, False):
+            paths = [p for p, value in inference.items() if value is on]
+            if paths:
+                spec = spec.inference(*paths, on=on)
         return spec

@@ -195,3 +195,189 @@ def test_spec_applies_to_another_instance_of_the_architecture(model):
     assert f"{head.size:,}" in summary(other, spec)
     with pytest.raises(ExplorerError, match="another structure"):
         spec.for_model(eqx.nn.Linear(2, 2, key=KEY))
+
+
+# -- inference mode -----------------------------------------------------------------------------
+class Net(eqx.Module):
+    bn1: eqx.nn.BatchNorm
+    lin: eqx.nn.Linear
+    drop: eqx.nn.Dropout
+
+    def __init__(self, key, drop_inference=True):
+        self.bn1 = eqx.nn.BatchNorm(3, "batch", mode="batch")
+        self.lin = eqx.nn.Linear(3, 3, key=key)
+        self.drop = eqx.nn.Dropout(0.1, inference=drop_inference)
+
+
+@pytest.fixture(scope="module")
+def net():
+    return eqx.nn.make_with_state(Net)(KEY)[0]
+
+
+def test_inference_sets_fields_in_the_spec_not_the_model(net):
+    spec = FilterSpec(net).freeze("bn1").inference("bn1")
+    assert net.bn1.inference is False  # the model is never changed
+    assert spec.inference_paths == ("bn1.inference",)
+    assert spec.inference_overrides == {"bn1.inference": True}
+    assert spec.tree == FilterSpec(net).freeze("bn1").tree  # flags are not trainable leaves
+    assert spec.apply_inference(net).bn1.inference is True
+
+
+def test_inference_off_clears_a_field_the_model_sets(net):
+    spec = FilterSpec(net).inference("drop", on=False)
+    assert spec.inference_overrides == {"drop.inference": False}
+    assert spec.inference_paths == ()  # only fields turned on
+    assert net.drop.inference is True and spec.apply_inference(net).drop.inference is False
+    # Later calls override earlier ones; a field the model already holds stays recorded.
+    again = spec.inference("**")
+    assert again.inference_overrides == {"bn1.inference": True, "drop.inference": True}
+    assert again.inference_paths == ("bn1.inference",)
+
+
+def test_inference_target_forms_agree(net):
+    base = FilterSpec(net)
+    both = base.inference("bn1", "drop")
+    assert base.inference("") == both
+    assert base.inference("**") == both
+    assert base.inference(["bn1", "drop"]) == both
+    assert base.inference(lambda m: (m.bn1, m.drop)) == both
+    assert base.inference(lambda path, leaf: path.endswith("inference")) == both
+    assert (
+        base.inference(eqx.nn.BatchNorm) == base.inference("bn1") == base.inference("bn1.inference")
+    )
+    assert base.inference(eqx.nn.BatchNorm) != both
+
+
+def test_inference_errors_name_the_path_and_the_layers_that_have_the_field(net):
+    spec = FilterSpec(net)
+    with pytest.raises(ExplorerError, match=r"`lin` has no layer with an `inference` field.*`bn1`"):
+        spec.inference("lin")
+    with pytest.raises(ExplorerError, match=r"`bn1.weight` has no layer.*`bn1`, `drop`"):
+        spec.inference("bn1", "bn1.weight")  # every target must hold one
+    with pytest.raises(ExplorerError, match="class Linear has no layer"):
+        spec.inference(eqx.nn.Linear)
+    with pytest.raises(ExplorerError, match="no such layer"):
+        FilterSpec(net.lin).inference("")
+    with pytest.raises(ExplorerError, match="needs at least one target"):
+        spec.inference()
+    with pytest.raises(ExplorerError, match="True or False, got 1"):
+        spec.inference("bn1", on=1)
+    with pytest.raises(ExplorerError, match="no node at path `bn2`"):
+        spec.inference("bn2")
+
+
+def test_apply_inference_keeps_other_leaves_and_checks_the_structure(net):
+    spec = FilterSpec(net).inference("bn1")
+    new = spec.apply_inference(net)
+    flags = [p == "bn1.inference" for p in spec.model_tree.leaf_paths]
+    for changed, old, leaf in zip(flags, jtu.tree_leaves(net), jtu.tree_leaves(new), strict=True):
+        assert leaf is True if changed else leaf is old
+    assert FilterSpec(net).apply_inference(net) is net  # nothing to set
+    with pytest.raises(ExplorerError, match="another structure"):
+        spec.apply_inference(net.lin)
+    # Another instance whose field is not a bool: same treedef, but nothing to set.
+    broken = eqx.tree_at(lambda m: m.bn1.inference, net, replace="yes")
+    with pytest.raises(ExplorerError, match=r"`bn1.inference` is 'yes' in this model, not a bool"):
+        spec.apply_inference(broken)
+    with pytest.raises(ExplorerError, match="not a bool"):
+        spec.for_model(broken)
+
+
+def test_inference_survives_chaining_json_for_model_and_repr(net):
+    spec = FilterSpec(net).inference("bn1").inference("drop", on=False)
+    overrides = {"bn1.inference": True, "drop.inference": False}
+    chained = (
+        spec.freeze("bn1")
+        .unfreeze("bn1.bias")
+        .constrain("lin.bias", ("interval", -1, 1))
+        .set_mask(spec.mask)
+        .constrain("lin.bias", None)
+    )
+    assert chained == spec and chained.inference_overrides == overrides
+    assert spec != FilterSpec(net)  # the flags are part of the value
+    assert FilterSpec.from_json(net, spec.to_json()) == spec
+    assert '"inference": {\n  "bn1.inference": true,\n  "drop.inference": false\n }' in (
+        spec.to_json()
+    )
+    # Another instance holding the opposite flags: the spec still sets its own values.
+    other = eqx.nn.make_with_state(Net)(jax.random.key(1), drop_inference=False)[0]
+    moved = spec.for_model(other)
+    assert moved.model is other and moved.inference_overrides == overrides
+    assert moved.apply_inference(other).drop.inference is False
+    assert "1 layer set to inference mode, 1 layer set to training mode)" in repr(spec)
+    assert "mode" not in repr(FilterSpec(net))
+
+
+def test_json_without_inference_loads_and_bad_values_raise(net):
+    old = FilterSpec(net).freeze("bn1")
+    assert '"inference"' not in old.to_json()  # files saved before inference mode existed
+    assert FilterSpec.from_json(net, old.to_json()).inference_overrides == {}
+    bad = old.to_json().replace('"version": 1,', '"version": 1, "inference": {"bn1.inference": 1},')
+    with pytest.raises(ExplorerError, match="must map paths to true/false"):
+        FilterSpec.from_json(net, bad)
+
+
+class Layers(eqx.Module):
+    layers: list
+
+
+_LAYER_KINDS = ("bn", "drop", "lin")
+
+
+def _layers_model(kinds, flags, seed):
+    keys = jax.random.split(jax.random.key(seed), len(kinds))
+    make = {
+        "bn": lambda k, f: eqx.nn.BatchNorm(2, "batch", mode="batch", inference=f),
+        "drop": lambda k, f: eqx.nn.Dropout(0.5, inference=f),
+        "lin": lambda k, f: eqx.nn.Linear(2, 2, key=k),
+    }
+    layers = [make[kind](k, f) for kind, k, f in zip(kinds, keys, flags, strict=True)]
+    # Through make_with_state: it numbers the StateIndex markers, so instances share a treedef.
+    return eqx.nn.make_with_state(Layers)(layers)[0]
+
+
+@given(data=st.data())
+@settings(max_examples=40, deadline=None)
+def test_random_inference_edits_round_trip(data):
+    kinds = data.draw(st.lists(st.sampled_from(_LAYER_KINDS), min_size=1, max_size=4))
+    flags = data.draw(st.lists(st.booleans(), min_size=len(kinds), max_size=len(kinds)))
+    model = _layers_model(kinds, flags, 0)
+    spec = FilterSpec(model)
+    expected: dict[int, bool] = {}  # layer index -> the flag the spec sets
+    edits = st.tuples(
+        st.sampled_from(["freeze", "unfreeze", "inference", "training"]),
+        st.integers(0, len(kinds) - 1),
+    )
+    for action, i in data.draw(st.lists(edits, max_size=6)):
+        path = f"layers[{i}]"
+        if action in ("freeze", "unfreeze"):
+            if kinds[i] == "lin" or action == "freeze":
+                spec = getattr(spec, action)(path)
+            continue
+        on = action == "inference"
+        if kinds[i] == "lin":
+            with pytest.raises(ExplorerError, match="no layer with an `inference` field"):
+                spec.inference(path, on=on)
+        else:
+            spec = spec.inference(path, on=on)
+            expected[i] = on
+    overrides = {f"layers[{i}].inference": on for i, on in sorted(expected.items())}
+    assert spec.inference_overrides == overrides
+    assert list(spec.inference_overrides) == list(overrides)  # leaf order
+    assert spec.inference_paths == tuple(
+        f"layers[{i}].inference" for i, on in sorted(expected.items()) if on and not flags[i]
+    )
+    assert FilterSpec.from_json(model, spec.to_json()) == spec
+    assert spec.set_mask(spec.mask) == spec and spec.freeze("").inference_overrides == overrides
+    applied = spec.apply_inference(model)
+    for i, (kind, flag) in enumerate(zip(kinds, flags, strict=True)):
+        if kind != "lin":
+            assert applied.layers[i].inference is expected.get(i, flag)
+    # The same spec over another instance whose flags are all flipped.
+    other = _layers_model(kinds, [not f for f in flags], 1)
+    moved = spec.for_model(other)
+    assert moved.inference_overrides == overrides
+    moved_applied = moved.apply_inference(other)
+    for i, (kind, flag) in enumerate(zip(kinds, flags, strict=True)):
+        if kind != "lin":
+            assert moved_applied.layers[i].inference is expected.get(i, not flag)
