@@ -9,6 +9,8 @@ Statuses, per leaf of the model (`jtu.tree_leaves` order):
 - `kept`: a non-array leaf that is the same object, or an equal one.
 - `lost`: a leaf that became `None` or changed type (dtype/shape for arrays), or a non-array
   leaf whose value changed.
+- `unchanged`: an array of the model's state (`eqx.nn.State`, `StepReport.state_leaves`)
+  that stayed bit-identical; one that changed is `updated`.
 
 Array comparisons are bit-level (`-0.0` vs `0.0` differs, a NaN that stays NaN is unchanged)
 and run inside one `jax.jit`; only one flag and one norm per leaf come back to the host.
@@ -40,15 +42,16 @@ __all__ = [
     "STATUSES",
 ]
 
-UPDATED, STALLED, FROZEN, LEAKED, KEPT, LOST = (
+UPDATED, STALLED, FROZEN, LEAKED, KEPT, LOST, UNCHANGED = (
     "updated",
     "stalled",
     "frozen",
     "leaked",
     "kept",
     "lost",
+    "unchanged",
 )
-STATUSES = (UPDATED, STALLED, FROZEN, LEAKED, KEPT, LOST)
+STATUSES = (UPDATED, STALLED, FROZEN, LEAKED, KEPT, LOST, UNCHANGED)
 BAD_STATUSES = frozenset({LEAKED, LOST})
 
 
@@ -108,6 +111,11 @@ class StepReport:
     report.loss                 # [0.91, 0.87, 0.85]: the losses of the steps committed
     print(report.table())       # one row per leaf
     ```
+
+    `state_leaves` audits the model's state (`eqx.nn.State`: BatchNorm's running statistics)
+    the same way, each array `updated` or `unchanged`, named by the layer that owns it
+    (`bn1.ema_state_index[0]`). `stopped` is True when `StepRunner.stop()` ended the call
+    early; `steps` and `loss` then cover the steps that ran.
     """
 
     leaves: list[LeafReport]
@@ -117,6 +125,8 @@ class StepReport:
     steps: int = 0
     notes: list[str] = dataclasses.field(default_factory=list)
     compiles: int = 0
+    state_leaves: list[LeafReport] = dataclasses.field(default_factory=list)
+    stopped: bool = False
 
     @property
     def ok(self) -> bool:
@@ -153,21 +163,27 @@ class StepReport:
             "counts": self.counts,
             "statuses": self.statuses(),
             "leaves": [leaf.to_dict() for leaf in self.leaves],
+            "state_leaves": [leaf.to_dict() for leaf in self.state_leaves],
+            "stopped": self.stopped,
         }
 
     def table(self, only: Any = None) -> str:
-        """A readable table; `only` = a status or a collection of statuses to show."""
+        """A readable table, parameters then state; `only` = a status or statuses to show."""
         if isinstance(only, str):
             only = {only}
-        rows = [leaf for leaf in self.leaves if only is None or leaf.status in only]
+        rows = [
+            leaf
+            for leaf in [*self.leaves, *self.state_leaves]
+            if only is None or leaf.status in only
+        ]
 
         def num(x: float | None) -> str:
             return "-" if x is None else f"{x:.3g}"
 
         width = max([4] + [len(r.path) for r in rows])
-        lines = [f"{'path':<{width}}  {'status':<8} {'grad':>9} {'update':>9} {'delta':>9}  detail"]
+        lines = [f"{'path':<{width}}  {'status':<9} {'grad':>9} {'update':>9} {'delta':>9}  detail"]
         lines += [
-            f"{r.path:<{width}}  {r.status:<8} {num(r.grad_norm):>9} {num(r.update_norm):>9} "
+            f"{r.path:<{width}}  {r.status:<9} {num(r.grad_norm):>9} {num(r.update_norm):>9} "
             f"{num(r.delta_norm):>9}  {r.detail}".rstrip()
             for r in rows
         ]

@@ -5,44 +5,58 @@ runner = eqx_explorer.StepRunner(model, spec, loss_fn, batch, optimizer=optax.ad
                                  method="stop_gradient")
 report = runner.step(5)
 report.by_status("leaked")     # adamw's weight decay moved the "frozen" leaves
-runner.set_spec(spec, method="partition")
+runner.set_spec(spec, method="partition")      # no recompilation
 runner.step(5).by_status("leaked")   # []
 ```
 
-Methods (seed 000's comparison):
+Methods:
 
-- `"partition"`: `eqx.partition(model, spec.tree)` outside the jit; gradients and optimizer state
-  exist only for trainable leaves; frozen leaves never enter the optimizer.
-- `"stop_gradient"`: the optimizer spans every float leaf; frozen leaves are wrapped in
-  `jax.lax.stop_gradient` inside the loss, so their gradient is zero, not absent. Weight decay
-  and momentum still move them: the report shows `leaked`.
-- `"optax_mask"`: `optax.multi_transform({"trainable": opt, "frozen": optax.set_to_zero()}, ...)`
-  over every float leaf: frozen leaves get a real gradient and a zero update.
+- `"partition"`: as `eqx.partition(model, spec.tree)`: frozen leaves get no gradient, no
+  update and no optimizer state; they never move.
+- `"stop_gradient"`: the optimizer spans every float leaf; frozen leaves get a zero gradient
+  (as `jax.lax.stop_gradient` in the loss). Weight decay and momentum still move them:
+  the report shows `leaked`.
+- `"optax_mask"`: as `optax.partition({"trainable": opt, "frozen": optax.set_to_zero()}, ...)`:
+  frozen leaves get a real gradient and a zero update, and no optimizer state.
 - `"none"`: everything float trains; the baseline.
 
-How it stays correct and fast:
+What is compiled, and when (the `layout`):
 
-- One `eqx.filter_jit` function per runner; the spec enters as the structure of its arguments
-  (which leaves are `None`) or as a static tuple of flags, never through a closure, so a
-  toggled spec cannot go stale. JAX's cache is keyed by (method, mask, optimizer, structure):
-  returning to a spec seen before does not retrace (`compile_count` counts traces). It has
-  two variants: the last step of a call also returns its gradients (`step(1)` only ever
-  needs that one; `step(n > 1)` compiles the plain one too).
-- `step(n)` dispatches its steps back to back like a hand-written loop, then one jitted
-  audit compares the start and end of the call (bit-level changed flags, norms, finite
-  flags) and sends a `(6, n_optimized_leaves)` matrix to the host. Arrays stay on device.
-- A failure (an exception, a non-scalar or non-finite loss, NaN/inf parameters) makes the
-  runner replay the call one checked step at a time from its start, and keep the last good
-  step. Nothing is mutated in place, so rolling back is keeping references; nothing is
-  donated, so the user's arrays stay valid.
-- Weakly typed leaves (`jnp.full(shape, 0.05)`) are made strongly typed once, at construction:
-  an optax update returns strong types, which would otherwise retrace the second step.
+- `"masked"` (default): one program per runner. The spec and the method enter it as data,
+  per-leaf masks (which gradients reach the optimizer, which updates apply, which leaves
+  move, which optimizer slots advance), and `n` steps run as one `lax.while_loop` with a
+  dynamic trip count. So a click, a method switch or another `n` never recompiles;
+  `compile_count` stays at 1. The price: every float leaf is differentiated (a frozen
+  leaf's gradient is computed, then masked) and the optimizer state spans every float
+  leaf. For long runs the runner therefore compiles, in a background thread, the same
+  program with the current masks baked in (XLA then drops the frozen leaves' gradients)
+  and swaps it in between chunks once ready (`specialise=True`, after
+  `SPECIALISE_AFTER` steps on one spec); `report.notes` says when it did.
+- `"structural"`: the spec is the structure of the program's arguments, as in a
+  hand-written loop: `"partition"` passes only trainable leaves, so the optimizer state
+  covers only them (for models whose frozen leaves' optimizer state would not fit in
+  memory), and frozen leaves are not differentiated at all (a custom JVP rule then sees
+  `None` tangents, as the exported code will). Each new (spec, method) compiles once.
+
+Either way a call runs in chunks of about `CHUNK_SECONDS` (the `progress` callback reports
+after each, `stop()` ends the call between two), each chunk stops at the first non-finite
+loss, and the audit of the call (bit-level changed flags, norms, finite flags, for the
+parameters and the model's state) runs in the same program: one small matrix comes back.
+
+A failure (an exception, a non-scalar or non-finite loss, NaN/inf parameters) keeps the last
+good step: a chunk that made NaN/inf parameters or raised at run time is replayed one checked
+step at a time (no recompilation: `n` is data). Nothing is mutated in place or donated, so
+rolling back is keeping references and the user's arrays stay valid. Weakly typed leaves
+(`jnp.full(shape, 0.05)`) are made strongly typed once, at construction: an optax update
+returns strong types, which would otherwise retrace.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -58,6 +72,8 @@ from ._audit import (
     FROZEN,
     KEPT,
     LEAKED,
+    UNCHANGED,
+    UPDATED,
     LeafReport,
     StepReport,
     _check_spec,
@@ -66,140 +82,231 @@ from ._audit import (
     stack,
     sumsq,
 )
-from ._constraints import apply_updates, constrain_grads
 from ._errors import ExplorerError
+from ._spec import FROZEN as FROZEN_STATE
+from ._spec import STATIC as STATIC_STATE
 from ._spec import FilterSpec
+from ._state import state_entries
 
-__all__ = ["StepRunner", "METHODS"]
+__all__ = ["StepRunner", "StepProgress", "METHODS", "LAYOUTS"]
 
 PARTITION, STOP_GRADIENT, OPTAX_MASK, NONE = "partition", "stop_gradient", "optax_mask", "none"
 METHODS = (PARTITION, STOP_GRADIENT, OPTAX_MASK, NONE)
+MASKED, STRUCTURAL = "masked", "structural"
+LAYOUTS = (MASKED, STRUCTURAL)
 
-# Rows of the per-call audit matrix (`_audit_call`).
-_CHANGED, _DELTA, _UPDATE, _FINITE, _GRAD, _GRAD_FINITE = range(6)
+# Rows of the per-leaf masks: the gradient reaches the optimizer; the raw gradient is
+# computed (and reported); the update applies; the leaf is written at all; its optimizer
+# slots advance.
+_GRAD, _SEEN, _UPD, _TOUCH, _SLOT = range(5)
+# Rows of the per-call audit matrix.
+_CHANGED, _DELTA, _UPDATE, _FINITE, _GRAD_NORM, _GRAD_FINITE = range(6)
+
+CHUNK_SECONDS = 0.25  # a chunk's wall time when someone watches (`progress`)
+QUIET_CHUNK_SECONDS = 2.0  # without `progress`: fewer audits, `stop()` still answers
+MAX_CHUNK = 4096  # steps per program call (the size of its loss buffer)
+SPECIALISE_AFTER = 16  # steps on one (spec, method) before a specialised program pays
+
+
+class StepProgress(NamedTuple):
+    """What a running `StepRunner.step` reports to its `progress` callback.
+
+    `phase` is `"compiling"` (once, before a compilation starts) or `"running"` (after
+    each chunk); `done` of `total` steps are committed; `loss` is the latest loss.
+    """
+
+    phase: str
+    done: int
+    total: int
+    loss: float | None
+    elapsed: float
 
 
 class _StepFailure(Exception):
     """A failure detected while tracing the step, with a message meant for the user."""
 
 
-# -- the jitted step and the per-call audit ---------------------------------------------
+def _method_masks(method: str, trainable: np.ndarray) -> np.ndarray:
+    """The `(5, k)` masks of `method` over `k` float leaves (`trainable`: the spec's mask)."""
+    t, every = trainable, np.ones_like(trainable)
+    rows = {
+        PARTITION: (t, t, t, t, t),
+        OPTAX_MASK: (t, every, t, every, t),
+        STOP_GRADIENT: (t, t, every, every, every),
+        NONE: (every,) * 5,
+    }[method]
+    return np.stack(rows).astype(bool)
 
 
-def _make_step(counter: list[int]) -> Callable:
-    """A fresh `filter_jit` step: its cache (and `counter`) belong to one runner.
+# -- the program: n steps and the audit, one jitted function -------------------------
 
-    It returns the new arrays and the loss, like a hand-written loop; with the static
-    `with_grads=True` (the last step of a call: a second compilation) also the gradients,
-    for `_audit_call`. Not every step: extra outputs are fresh buffers each step, and even
-    one reduction over every gradient costs ~10% of a step.
+
+def _select(flag: Any, a: Any, b: Any) -> Any:
+    # A Python bool (masks baked into a specialised program) picks at trace time, so XLA
+    # never sees the other branch; an array picks per leaf at run time.
+    if isinstance(flag, bool | np.bool_):
+        return a if flag else b
+    return jnp.where(flag, a, b)
+
+
+def _zero_unless(flag: Any, x: jax.Array) -> jax.Array:
+    return _select(flag, x, jnp.zeros_like(x))
+
+
+class _Static(NamedTuple):
+    """Everything the program is specialised on (hashable; a change recompiles)."""
+
+    loss_fn: Callable
+    optimizer: Any
+    stateful: bool
+    rules: tuple  # one `Rule` or None per optimized leaf
+    masks: tuple | None  # baked-in masks, or None: the masks are an argument
+    slot_cols: tuple  # optimizer-state leaf -> optimized leaf it belongs to (-1: shared)
+    pins: tuple | None  # output shardings of (params, opt_state) for sharded models
+
+
+def _make_program(on_trace: Callable[[bool], None]) -> Callable:
+    """A fresh `filter_jit` program; its cache belongs to one runner.
+
+    `program(start, params, rest, opt_state, state, state0, batch, masks, n, *, st)` runs up
+    to `n` steps (at most `MAX_CHUNK`) from `params`/`opt_state`/`state`, stopping after the
+    first step whose loss is not finite (that step is not committed), and audits the result
+    against the call's `start` parameters and `state0`. It returns the new arrays, the
+    losses, the number of steps attempted, whether the last one was finite, the audit
+    matrix (`_CHANGED`...) and the state audit (changed, delta norm).
     """
 
-    def step(
-        params,
-        rest,
-        opt_state,
-        state,
-        batch,
-        *,
-        loss_fn,
-        optimizer,
-        frozen,
-        stateful,
-        with_grads,
-        rules,
-        pins,
-    ):
+    def program(start, params, rest, opt_state, state, state0, batch, masks, n, *, st):
+        on_trace(st.masks is not None)  # runs only when JAX traces: counts compilations
+        m = st.masks if st.masks is not None else masks
         treedef = jtu.tree_structure(params)
+        k = treedef.num_leaves
 
-        def objective(p):
-            if frozen is not None:  # "stop_gradient": zero gradients for frozen leaves
-                p_leaves = jtu.tree_leaves(p)
-                p_leaves = [jax.lax.stop_gradient(x) if f else x for x, f in zip(p_leaves, frozen)]
-                p = jtu.tree_unflatten(treedef, p_leaves)
+        def objective(p, s):
+            if st.masks is not None:  # not differentiated at all, as in a partition
+                leaves = [
+                    x if m[_GRAD][j] or m[_SEEN][j] else jax.lax.stop_gradient(x)
+                    for j, x in enumerate(jtu.tree_leaves(p))
+                ]
+                p = jtu.tree_unflatten(treedef, leaves)
             model = eqx.combine(p, rest)
-            if stateful:
-                out = loss_fn(model, state, batch)
+            if st.stateful:
+                out = st.loss_fn(model, s, batch)
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise _StepFailure(
                         "with `state=`, loss_fn(model, state, batch) must return "
                         f"(loss, new_state); it returned {type(out).__name__}."
                     )
-                loss, new_state = out
+                loss, new_s = out
             else:
-                loss, new_state = loss_fn(model, batch), state
+                loss, new_s = st.loss_fn(model, batch), s
             if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
                 raise _StepFailure(
                     "loss_fn must return a float scalar; it returned "
                     f"{jnp.result_type(loss)}{list(jnp.shape(loss))}. Reduce it, e.g. "
                     "`jnp.mean(...)` over the batch."
                 )
-            return loss, new_state
+            return loss.astype(jnp.float32), new_s
 
-        (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        if rules:  # constrained leaves (FilterSpec.constrain): see _constraints
-            updates, new_opt_state = optimizer.update(
-                constrain_grads(params, grads, rules), opt_state, params
+        def grad_stats(grads):
+            gsq = stack([sumsq(g) for g in grads], jnp.float32)
+            # A non-finite sum of squares is a NaN/inf element or an overflow: check which.
+            finite = jax.lax.cond(
+                jnp.all(jnp.isfinite(gsq)),
+                lambda: jnp.ones(k, bool),
+                lambda: stack([jnp.all(jnp.isfinite(g)) for g in grads], bool),
             )
-            new_params = apply_updates(params, updates, rules)
-        else:
-            updates, new_opt_state = optimizer.update(grads, opt_state, params)
-            new_params = optax.apply_updates(params, updates)
-        if pins is not None:  # sharded inputs: outputs keep exactly the inputs' shardings
-            new_params, new_opt_state = _pin((new_params, new_opt_state), pins)
-        counter[0] += 1  # runs only when JAX traces: counts compilations
-        out_grads = grads if with_grads else None
-        return new_params, new_opt_state, new_state, loss.astype(jnp.float32), out_grads
+            return gsq, finite
 
-    return eqx.filter_jit(step)
+        def body(carry):
+            i, _, p, o, s, losses, gsq, g_finite, usq = carry
+            (loss, new_s), grads = jax.value_and_grad(objective, has_aux=True)(p, s)
+            ok = jnp.isfinite(loss)
+            last = (i == n - 1) | ~ok
+            g = jtu.tree_leaves(grads)
+            gsq, g_finite = jax.lax.cond(last, lambda: grad_stats(g), lambda: (gsq, g_finite))
 
+            def commit():
+                old = jtu.tree_leaves(p)
+                fed = [
+                    _zero_unless(m[_GRAD][j], g[j] if r is None else r.grad(x, g[j]))
+                    for j, (x, r) in enumerate(zip(old, st.rules))
+                ]
+                updates, o_new = st.optimizer.update(jtu.tree_unflatten(treedef, fed), o, p)
+                new = []
+                for j, (x, u, r) in enumerate(zip(old, jtu.tree_leaves(updates), st.rules)):
+                    u = _zero_unless(m[_UPD][j], u)
+                    moved = (x + u).astype(x.dtype)
+                    if r is not None:  # update rules apply to the leaves that train
+                        moved = _select(m[_GRAD][j], r.apply(x, u).astype(x.dtype), moved)
+                    new.append(_select(m[_TOUCH][j], moved, x))
+                slots = [
+                    y if c < 0 else _select(m[_SLOT][c], y, x)
+                    for x, y, c in zip(jtu.tree_leaves(o), jtu.tree_leaves(o_new), st.slot_cols)
+                ]
+                p_new = jtu.tree_unflatten(treedef, new)
+                o_new = jtu.tree_unflatten(jtu.tree_structure(o_new), slots)
+                if st.pins is not None:  # sharded inputs: outputs keep the inputs' shardings
+                    p_new, o_new = _pin((p_new, o_new), st.pins)
+                moved_sq = jax.lax.cond(
+                    last,
+                    lambda: stack([sumsq(y - x) for x, y in zip(old, new)], jnp.float32),
+                    lambda: usq,
+                )
+                return p_new, o_new, new_s, moved_sq
 
-@jax.jit
-def _audit_call(start: list, prev: list | None, end: list, grads: list | None) -> jax.Array:
-    """What a `step(n)` call did to its `k` optimized leaves: a `(6, k)` float32 matrix.
+            p, o, s, usq = jax.lax.cond(ok, commit, lambda: (p, o, s, usq))
+            return i + 1, ok, p, o, s, losses.at[i].set(loss), gsq, g_finite, usq
 
-    Rows: changed (bit-level, end vs start); delta norm (end - start); update norm (end -
-    prev: what the last step moved; `prev is None` means one step, so it equals delta);
-    finite (no element that was finite at the start is NaN/inf at the end, so a frozen
-    leaf that already holds an inf is not blamed); gradient norm and gradient finite flag
-    of the last step attempted (NaN and True when `grads is None`).
-
-    Cheap float sums decide most flags; the exact scans run under one `lax.cond` each,
-    only when some sum is zero (changed?) or not finite (NaN/inf?).
-    """
-    k = len(start)
-    changed, d = compare(start, end)
-    u = d if prev is None else stack([sumsq(e - p) for p, e in zip(prev, end)], jnp.float32)
-    finite = jax.lax.cond(
-        jnp.all(jnp.isfinite(d)),
-        lambda: jnp.ones(k, bool),
-        lambda: stack(
-            [~jnp.any(jnp.isfinite(s) & ~jnp.isfinite(e)) for s, e in zip(start, end)], bool
-        ),
-    )
-    if grads is None:  # the last step failed at run time: its gradients are unusable
-        gsq, g_finite = jnp.full(k, jnp.nan, jnp.float32), jnp.ones(k, bool)
-    else:
-        gsq = stack([sumsq(g) for g in grads], jnp.float32)
-        # A non-finite sum of squares is a NaN/inf element or an overflow: check which.
-        g_finite = jax.lax.cond(
-            jnp.all(jnp.isfinite(gsq)),
-            lambda: jnp.ones(k, bool),
-            lambda: stack([jnp.all(jnp.isfinite(g)) for g in grads], bool),
+        init = (
+            jnp.int32(0),
+            jnp.bool_(True),
+            params,
+            opt_state,
+            state,
+            jnp.zeros(MAX_CHUNK, jnp.float32),
+            jnp.full(k, jnp.nan, jnp.float32),
+            jnp.ones(k, bool),
+            jnp.zeros(k, jnp.float32),
         )
-    rows = [changed, jnp.sqrt(d), jnp.sqrt(u), finite, jnp.sqrt(gsq), g_finite]
-    return jnp.stack([r.astype(jnp.float32) for r in rows])
+        i, ok, p, o, s, losses, gsq, g_finite, usq = jax.lax.while_loop(
+            lambda c: (c[0] < n) & c[1], body, init
+        )
+        if st.pins is not None:  # the loop's outputs too: propagation may pick others
+            p, o = _pin((p, o), st.pins)
+
+        begin, end = jtu.tree_leaves(start), jtu.tree_leaves(p)
+        changed, d = compare(begin, end)
+        # No element that was finite at the start is NaN/inf at the end (a frozen leaf that
+        # already holds an inf is not blamed).
+        finite = jax.lax.cond(
+            jnp.all(jnp.isfinite(d)),
+            lambda: jnp.ones(k, bool),
+            lambda: stack(
+                [~jnp.any(jnp.isfinite(a) & ~jnp.isfinite(b)) for a, b in zip(begin, end)], bool
+            ),
+        )
+        rows = [changed, jnp.sqrt(d), jnp.sqrt(usq), finite, jnp.sqrt(gsq), g_finite]
+        audit = jnp.stack([r.astype(jnp.float32) for r in rows])
+        s_changed, s_d = compare(_arrays(state0), _arrays(s))
+        state_audit = jnp.stack([s_changed.astype(jnp.float32), jnp.sqrt(s_d)])
+        return p, o, s, losses, i, ok, audit, state_audit
+
+    return eqx.filter_jit(program)
 
 
-class _Attempt(NamedTuple):
-    """The outcome of running steps: what is committed and what went wrong."""
+def _arrays(tree: Any) -> list:
+    return [x for x in jtu.tree_leaves(tree) if eqx.is_array(x)]
 
-    good: tuple  # (params, opt_state, state) after the last good step (or the start)
-    losses: list
-    audit: np.ndarray | None  # `_audit_call` of the call (None: no step ran)
-    broken: np.ndarray | None  # "finite" row of the step that made NaN/inf parameters
-    # ("exception", text) | ("loss", step, value) | ("update", step) | ("replay",): see _fast
-    failure: tuple | None
+
+class _Chunk(NamedTuple):
+    """One program call, on the host: what it committed and what it saw."""
+
+    arrays: tuple  # (params, opt_state, state) after its last committed step
+    losses: list  # losses of the committed steps
+    failed_loss: float | None  # the non-finite loss that stopped it, if any
+    audit: np.ndarray
+    state_audit: np.ndarray
 
 
 # -- helpers ------------------------------------------------------------------------------
@@ -245,7 +352,16 @@ def _check_method(method: str) -> str:
     return method
 
 
-# Methods whose optimizer state covers only the trainable leaves (see `_Layout.owned`).
+def _check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ExplorerError(
+            f"unknown layout {layout!r}; use {MASKED!r} (one compilation for every spec and "
+            f"method) or {STRUCTURAL!r} (optimizer state only for trainable leaves)"
+        )
+    return layout
+
+
+# Methods whose optimizer state covers only the trainable leaves (structural layout).
 STATE_ON_TRAINABLE = (PARTITION, OPTAX_MASK)
 # Optimizer-state bytes per float byte of the default optimizer, Adam (mu and nu).
 DEFAULT_SLOTS = 2.0
@@ -269,11 +385,15 @@ def optimizer_slots(model: Any, optimizer: Any = None) -> float:
     return nbytes(jax.eval_shape(optimizer.init, params)) / total if total else 0.0
 
 
-def opt_state_bytes(spec: FilterSpec, method: str, slots: float) -> int:
-    """Estimated optimizer-state bytes of a `StepRunner` under `method` (see `optimizer_slots`)."""
+def opt_state_bytes(spec: FilterSpec, method: str, slots: float, layout: str = MASKED) -> int:
+    """Estimated optimizer-state bytes of a `StepRunner` (see `optimizer_slots`).
+
+    The masked layout holds state for every float leaf; the structural one, under
+    `"partition"` and `"optax_mask"`, only for the trainable ones.
+    """
     c = spec.counts
     covered = c["trainable_bytes"]
-    if _check_method(method) not in STATE_ON_TRAINABLE:
+    if _check_layout(layout) == MASKED or _check_method(method) not in STATE_ON_TRAINABLE:
         covered += c["frozen_bytes"]
     return int(round(slots * covered))
 
@@ -334,17 +454,45 @@ def _explain(e: BaseException) -> str:
 
 
 class _Layout(NamedTuple):
-    """How one (spec, method) maps the model's leaves onto the jitted step."""
+    """How one (spec, method) maps the model's leaves onto the program."""
 
     spec: FilterSpec
     method: str
-    trainable: np.ndarray  # leaves that should train under this method
-    diff: np.ndarray  # leaves passed to the optimizer (differentiated and updated)
+    trainable: np.ndarray  # per model leaf: should train under this method
+    diff: np.ndarray  # per model leaf: passed to the program as an optimized leaf
     diff_index: np.ndarray
-    frozen: tuple | None  # static stop_gradient flags over the diff leaves
+    masks: np.ndarray  # (5, number of optimized leaves): see `_method_masks`
     optimizer: Any
-    owned: np.ndarray  # leaves with per-leaf optimizer state (Adam's mu/nu, momentum)
-    rules: dict  # update rules of the leaves that train (frozen leaves are never touched)
+    rules: tuple  # per optimized leaf: its update rule or None
+
+
+def _slot_cols(opt_state: Any, params: Any) -> tuple:
+    """For each optimizer-state leaf, the optimized leaf whose slot it is, or -1 (shared).
+
+    Per-leaf slots (Adam's mu and nu, momentum) are sub-trees with exactly the parameters'
+    structure; anything else (a step count, a masked optimizer's state) is shared.
+    """
+    structure = jtu.tree_structure(params)
+    if structure.num_nodes == 1:  # a bare array as the model: match slots by shape
+        shape = np.shape(params)
+        return tuple(0 if np.shape(x) == shape else -1 for x in jtu.tree_leaves(opt_state))
+    is_mirror = lambda x: type(x) is type(params) and jtu.tree_structure(x) == structure  # noqa: E731
+    cols: list[int] = []
+    for x in jtu.tree_leaves(opt_state, is_leaf=is_mirror):
+        cols.extend(range(structure.num_leaves) if is_mirror(x) else [-1])
+    return tuple(cols)
+
+
+def _layer_is_frozen(spec: FilterSpec, path: str) -> bool:
+    """Whether the layer at `path` (or its nearest ancestor holding parameters) is frozen."""
+    tree = spec.model_tree
+    node = tree.find(path)
+    while node >= 0:
+        state = spec.node_state(node)
+        if state != STATIC_STATE:
+            return state == FROZEN_STATE
+        node = tree.parent[node]
+    return False
 
 
 # -- the runner ---------------------------------------------------------------------------
@@ -358,19 +506,27 @@ class StepRunner:
     runner = eqx_explorer.StepRunner(model, spec, loss_fn, batch)   # adam(1e-3), "partition"
     report = runner.step(10)
     report.ok, report.loss[-1], report.by_status("frozen")
+    runner.set_spec(spec.unfreeze("encoder"))   # no recompilation (layout="masked")
     trained = runner.model            # full structure; non-array leaves intact
     ```
 
     - `loss_fn(model, batch) -> scalar`; for stateful models (`eqx.nn.make_with_state`) pass
-      `state=` and write `loss_fn(model, state, batch) -> (loss, new_state)`.
+      `state=` and write `loss_fn(model, state, batch) -> (loss, new_state)`. Every array
+      of the state is audited (`report.state_leaves`).
+    - `layout="masked"` (default) compiles once for every spec, method and `n`;
+      `layout="structural"` holds optimizer state only for the leaves it optimizes and
+      compiles once per (spec, method). See the module docstring.
     - `runner.batch` may be reassigned between calls (same shapes: no retrace).
     - `set_spec(spec, method=None)` changes what is frozen between steps, as a user's own loop
-      would: under `"partition"`/`"optax_mask"` the optimizer state is rebuilt for the new
-      trainable set, keeping the state of leaves that stay trainable (and scalars such as
-      Adam's step `count`, which belong to the optimizer, so newly trainable leaves start
-      with zero moments but a later bias correction); newly trainable leaves start fresh and
-      the next report says so. Under `"stop_gradient"`/`"none"` the state spans every float
-      leaf and carries over unchanged: momentum keeps moving a newly frozen leaf (`leaked`).
+      would: under `"partition"`/`"optax_mask"` leaves that stay trainable keep their
+      optimizer state (and scalars such as Adam's step `count`, which belong to the
+      optimizer, so newly trainable leaves start with zero moments but a later bias
+      correction); newly trainable leaves start fresh and the next report says so.
+      Under `"stop_gradient"`/`"none"` the state spans every float leaf and carries over
+      unchanged: momentum keeps moving a newly frozen leaf (`leaked`). Switching to or
+      from `"optax_mask"` rebuilds the state, as its structure differs in a user's loop.
+    - `step(n, progress=...)` reports `StepProgress` after each chunk; `stop()`, from
+      another thread, ends a running call after its current chunk (`report.stopped`).
     - `reset()` returns to the initial model, state and a fresh optimizer state.
 
     The user's model, state and arrays are never modified or donated.
@@ -385,10 +541,13 @@ class StepRunner:
         optimizer: optax.GradientTransformation | None = None,
         method: str = PARTITION,
         state: Any = None,
+        layout: str = MASKED,
+        specialise: bool = True,
     ):
         spec = _check_spec(spec, model, "StepRunner")
         tree = spec.model_tree
         _check_method(method)
+        self._kind = _check_layout(layout)
         _check_loss_fn(loss_fn, model, state, batch)
         optimizer = optax.adam(1e-3) if optimizer is None else optimizer
         if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
@@ -399,6 +558,7 @@ class StepRunner:
         self.loss_fn = loss_fn
         self.batch = batch
         self.optimizer = optimizer
+        self.specialise = bool(specialise)
         self._treedef = tree.treedef
         self._inexact = tree.inexact
         self._is_array = tree.is_array
@@ -408,15 +568,35 @@ class StepRunner:
         self._initial_leaves = [_strong(x) for x in tree.leaves]
         self._initial_state = _strong(state)
         self._stateful = state is not None
-        self._counter = [0]
-        self._step_fn = _make_step(self._counter)
-        self._labelled: dict[bytes, Any] = {}  # mask -> multi_transform, reused on revisits
+        self._state_names = (
+            [
+                e
+                for e, x in zip(state_entries(model, state), jtu.tree_leaves(state))
+                if eqx.is_array(x)
+            ]
+            if self._stateful
+            else []
+        )
+        self._counter = [0, 0]  # traces: [foreground, background (specialised)]
+        self._local = threading.local()
+        self._program = _make_program(self._on_trace)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._labelled: dict[bytes, Any] = {}  # mask -> optax.partition, reused on revisits
+        # masks -> "compiling" | seconds it took | _Unbuilt (why it could not be built)
+        self._special: dict[bytes, Any] = {}
+        self._specialising: threading.Thread | None = None
+        self._step_seconds: dict[bool, float] = {}  # specialised? -> seconds per step
+        self._init_fn = None
         self._leaves = list(self._initial_leaves)
         self._state = self._initial_state
         self._layout = self._layout_for(spec, method)
-        self._opt_state = _strong(self._layout.optimizer.init(self._params(self._layout)))
+        self._opt_state = self._fresh_opt_state(self._layout)
+        self._slot_cols = _slot_cols(self._opt_state, self._params(self._layout))
         self._notes: list[str] = []
         self._fresh: set[int] = set()
+        self._steps_on_layout = 0
+        self.program = None  # which program ran the last chunk: "masked", "specialised", ...
 
     # -- public state -------------------------------------------------------------------
     @property
@@ -431,7 +611,8 @@ class StepRunner:
 
     @property
     def opt_state(self) -> Any:
-        """The optimizer state (over the leaves the current method optimizes)."""
+        """The optimizer state: over every float leaf (masked layout), or over the leaves
+        the current method optimizes (structural layout)."""
         return self._opt_state
 
     @property
@@ -443,38 +624,80 @@ class StepRunner:
         return self._layout.method
 
     @property
+    def layout(self) -> str:
+        """`"masked"` or `"structural"`: what the runner compiles (module docstring)."""
+        return self._kind
+
+    @property
     def compile_count(self) -> int:
-        """How many times the step function was traced (= compiled) by this runner."""
+        """How many times the step program was traced (= compiled) for `step` calls.
+
+        Specialised programs compiled in the background are counted apart, in
+        `background_compile_count`.
+        """
         return self._counter[0]
+
+    @property
+    def background_compile_count(self) -> int:
+        return self._counter[1]
+
+    @property
+    def busy(self) -> bool:
+        """True while a `step` call runs (in any thread)."""
+        return self._lock.locked()
+
+    def stop(self) -> None:
+        """Ask a running `step` call to end after its current chunk (thread-safe).
+
+        The call returns a report of the steps that ran, with `stopped=True`; a call that
+        is not running is not affected.
+        """
+        if self.busy:
+            self._stop.set()
 
     # -- layouts and optimizer state -----------------------------------------------------
     def _layout_for(self, spec: FilterSpec, method: str) -> _Layout:
         mask = np.asarray(spec.mask, bool)
         trainable = self._inexact.copy() if method == NONE else mask.copy()
-        diff = mask.copy() if method == PARTITION else self._inexact.copy()
-        diff_index = np.flatnonzero(diff)
-        frozen = tuple(not t for t in trainable[diff_index]) if method == STOP_GRADIENT else None
         optimizer = self.optimizer
-        if method == OPTAX_MASK:
-            key = mask.tobytes()
-            if key not in self._labelled:
-                labels = jtu.tree_unflatten(
-                    self._treedef,
-                    [
-                        ("trainable" if m else "frozen") if f else None
-                        for m, f in zip(mask, self._inexact)
-                    ],
-                )
-                self._labelled[key] = optax.multi_transform(
-                    {"trainable": self.optimizer, "frozen": optax.set_to_zero()},
-                    lambda _: labels,  # a module as labels would be *called* by optax
-                )
-            optimizer = self._labelled[key]
-        # multi_transform keeps state only under the "trainable" label.
-        owned = trainable if method == OPTAX_MASK else diff
-        train_paths = {self._paths[i] for i in np.flatnonzero(trainable)}
-        rules = {p: r for p, r in spec.constraints.items() if p in train_paths}
-        return _Layout(spec, method, trainable, diff, diff_index, frozen, optimizer, owned, rules)
+        if self._kind == MASKED:
+            diff = self._inexact.copy()
+            masks = _method_masks(method, mask[diff])
+        else:
+            diff = mask.copy() if method == PARTITION else self._inexact.copy()
+            masks = np.ones((5, int(diff.sum())), bool)
+            if method == STOP_GRADIENT:
+                masks = _method_masks(method, mask[diff])
+            if method == OPTAX_MASK:
+                optimizer = self._labelled_optimizer(mask)
+        diff_index = np.flatnonzero(diff)
+        rules = tuple(spec.constraints.get(self._paths[i]) for i in diff_index)
+        return _Layout(spec, method, trainable, diff, diff_index, masks, optimizer, rules)
+
+    def _labelled_optimizer(self, mask: np.ndarray) -> Any:
+        key = mask.tobytes()
+        if key not in self._labelled:
+            labels = jtu.tree_unflatten(
+                self._treedef,
+                [
+                    ("trainable" if m else "frozen") if f else None
+                    for m, f in zip(mask, self._inexact)
+                ],
+            )
+            self._labelled[key] = optax.partition(
+                {"trainable": self.optimizer, "frozen": optax.set_to_zero()},
+                lambda _: labels,  # a module as labels would be *called* by optax
+            )
+        return self._labelled[key]
+
+    def _owned(self, layout: _Layout) -> np.ndarray:
+        """Per model leaf: its optimizer slots advance under `layout`."""
+        owned = np.zeros(len(self._paths), bool)
+        if self._kind == STRUCTURAL and layout.method == OPTAX_MASK:
+            owned[layout.diff_index] = layout.trainable[layout.diff_index]
+        else:
+            owned[layout.diff_index] = layout.masks[_SLOT]
+        return owned
 
     def _params(self, layout: _Layout) -> Any:
         return jtu.tree_unflatten(
@@ -486,11 +709,54 @@ class StepRunner:
             self._treedef, [None if d else x for x, d in zip(self._leaves, layout.diff)]
         )
 
-    def _carry_opt_state(self, old: _Layout, new: _Layout) -> None:
-        """Move `self._opt_state` from layout `old` to `new`, as a user's loop would."""
+    def _fresh_opt_state(self, layout: _Layout) -> Any:
+        if self._kind == MASKED:  # one structure for the runner's life: init is jitted once
+            if self._init_fn is None:
+                self._init_fn = jax.jit(lambda p: _strong(self.optimizer.init(p)))
+            return self._init_fn(self._params(layout))
+        return _strong(layout.optimizer.init(self._params(layout)))
+
+    def _carry_masked(self, old: _Layout, new: _Layout) -> None:
+        """Masked layout: reset the slots the structural version would have (re)started."""
+        if not jtu.tree_leaves(self._opt_state):
+            return  # a stateless optimizer: nothing to carry
+        old_owned, new_owned = self._owned(old), self._owned(new)
+        fresh_state = self._fresh_opt_state(new)
+        if (old.method == OPTAX_MASK) != (new.method == OPTAX_MASK):
+            # In a user's loop the state's structure changes (optax.partition wraps it).
+            self._opt_state = fresh_state
+            self._notes.append(
+                f"optimizer state rebuilt from scratch: its structure changed "
+                f"({old.method} -> {new.method})"
+            )
+            self._started(new_owned)
+            return
+        fresh = new_owned & ~old_owned
+        dropped = old_owned & ~new_owned
+        if not any(c >= 0 for c in self._slot_cols) or not (fresh.any() or dropped.any()):
+            return
+        # A dropped leaf's slots go back to their initial value too: a frozen leaf then
+        # holds the state a partition would give it if it trained again.
+        reset = {int(j) for j, i in enumerate(new.diff_index) if fresh[i] or dropped[i]}
+        leaves = [
+            y if c in reset else x
+            for x, y, c in zip(
+                jtu.tree_leaves(self._opt_state), jtu.tree_leaves(fresh_state), self._slot_cols
+            )
+        ]
+        self._opt_state = jtu.tree_unflatten(jtu.tree_structure(self._opt_state), leaves)
+        if dropped.any():
+            self._notes.append(
+                "optimizer state dropped for newly frozen leaves: "
+                + ", ".join(self._paths[i] for i in np.flatnonzero(dropped))
+            )
+        self._started(fresh)
+
+    def _carry_structural(self, old: _Layout, new: _Layout) -> None:
+        """Structural layout: move `self._opt_state` to `new`'s structure, by key path."""
         if old.optimizer is new.optimizer and np.array_equal(old.diff, new.diff):
             return  # same optimizer over the same leaves: the state carries over unchanged
-        fresh_state = _strong(new.optimizer.init(self._params(new)))
+        fresh_state = self._fresh_opt_state(new)
         # Optimizer state leaves are keyed by their path (e.g. `[0].mu.layers[1].weight`),
         # which does not depend on which other leaves are None: equal paths = same slot.
         old_by_path = {tuple(p): x for p, x in jtu.tree_flatten_with_path(self._opt_state)[0]}
@@ -510,38 +776,40 @@ class StepRunner:
                 leaves.append(x)
                 started += 1
         self._opt_state = jtu.tree_unflatten(treedef, leaves)
-
-        paths = self._paths
+        old_owned, new_owned = self._owned(old), self._owned(new)
         if carried == 0 and started and old_by_path:
-            fresh = new.owned
             self._notes.append(
                 "optimizer state rebuilt from scratch: its structure changed "
                 f"({old.method} -> {new.method})"
             )
-        else:
-            # Slots are only started for newly optimized leaves (an optimizer without
-            # per-leaf state, e.g. plain sgd, starts none) and only dropped for leaves
-            # that left the optimizer.
-            fresh = new.owned & ~old.owned if started else np.zeros_like(new.owned)
-            dropped = np.flatnonzero(old.owned & ~new.owned)
-            if carried < len(old_by_path) and len(dropped):
-                self._notes.append(
-                    "optimizer state dropped for newly frozen leaves: "
-                    + ", ".join(paths[i] for i in dropped)
-                )
-        fresh_index = np.flatnonzero(fresh)
-        if len(fresh_index):
-            self._fresh |= set(fresh_index.tolist())
+            self._started(new_owned)
+            return
+        # Slots are only started for newly optimized leaves (an optimizer without per-leaf
+        # state, e.g. plain sgd, starts none) and only dropped for leaves that left.
+        dropped = np.flatnonzero(old_owned & ~new_owned)
+        if carried < len(old_by_path) and len(dropped):
             self._notes.append(
-                "optimizer state started fresh for: " + ", ".join(paths[i] for i in fresh_index)
+                "optimizer state dropped for newly frozen leaves: "
+                + ", ".join(self._paths[i] for i in dropped)
+            )
+        if started:
+            self._started(new_owned & ~old_owned)
+
+    def _started(self, fresh: np.ndarray) -> None:
+        index = np.flatnonzero(fresh)
+        if len(index):
+            self._fresh |= set(index.tolist())
+            self._notes.append(
+                "optimizer state started fresh for: " + ", ".join(self._paths[i] for i in index)
             )
 
     def set_spec(self, spec: FilterSpec, method: str | None = None) -> None:
         """Change what is frozen (and optionally the method) before the next step.
 
-        The optimizer state follows the rules in the class docstring; the next report's
-        `notes` (and the `detail` of affected leaves) say which state started fresh.
-        Raises `ExplorerError` for a spec of another model or an unknown method.
+        No recompilation in the masked layout. The optimizer state follows the rules in the
+        class docstring; the next report's `notes` (and the `detail` of affected leaves) say
+        which state started fresh. Raises `ExplorerError` for a spec of another model or an
+        unknown method, and while a `step` call runs.
         """
         if not isinstance(spec, FilterSpec) or spec.model_tree.treedef != self._treedef:
             raise ExplorerError(
@@ -549,155 +817,300 @@ class StepRunner:
                 "build it from this runner's model, e.g. runner.spec.freeze(...)"
             )
         method = self._layout.method if method is None else _check_method(method)
-        new = self._layout_for(spec, method)
-        if method != self._layout.method:
-            self._notes.append(f"method changed: {self._layout.method} -> {method}")
-        self._carry_opt_state(self._layout, new)
-        self._layout = new
+        with self._exclusive("set_spec"):
+            new = self._layout_for(spec, method)
+            if method != self._layout.method:
+                self._notes.append(f"method changed: {self._layout.method} -> {method}")
+            if self._kind == MASKED:
+                self._carry_masked(self._layout, new)
+            else:
+                self._carry_structural(self._layout, new)
+                self._slot_cols = _slot_cols(self._opt_state, self._params(new))
+            if not np.array_equal(new.masks, self._layout.masks):
+                self._steps_on_layout = 0
+            self._layout = new
 
     def reset(self) -> None:
         """Back to the initial model and state, with a fresh optimizer state (cache kept)."""
-        self._leaves = list(self._initial_leaves)
-        self._state = self._initial_state
-        self._opt_state = _strong(self._layout.optimizer.init(self._params(self._layout)))
-        self._notes = ["reset: initial model, fresh optimizer state"]
-        self._fresh = set()
+        with self._exclusive("reset"):
+            self._leaves = list(self._initial_leaves)
+            self._state = self._initial_state
+            self._opt_state = self._fresh_opt_state(self._layout)
+            self._notes = ["reset: initial model, fresh optimizer state"]
+            self._fresh = set()
+
+    def _exclusive(self, what: str) -> Any:
+        if not self._lock.acquire(blocking=False):
+            raise ExplorerError(
+                f"{what}: a step call is running; wait for it to finish or call runner.stop()"
+            )
+        return _Release(self._lock)
 
     # -- stepping -------------------------------------------------------------------------
-    def step(self, n: int = 1) -> StepReport:
+    def step(
+        self, n: int = 1, *, progress: Callable[[StepProgress], Any] | None = None
+    ) -> StepReport:
         """Run `n` optimizer steps on `runner.batch`; return the audit of the whole call.
 
         Statuses and `delta_norm` compare the model before and after the call; `grad_norm`
         is from the last step attempted; `update_norm` is what the last committed step
         moved. On a failure (the loss raises, is not a float scalar or is NaN/inf, or a step
         makes a parameter NaN/inf) the runner keeps the arrays of the last good step and
-        `error` says what happened and where.
+        `error` says what happened and where. `progress(StepProgress)` is called before a
+        compilation and after each chunk; `stop()` ends the call between chunks. A second
+        call while one runs raises `ExplorerError`.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
             raise ExplorerError(f"step(n) needs a positive int number of steps, got {n!r}")
+        with self._exclusive("step"):
+            self._stop.clear()
+            try:
+                return self._step(int(n), progress)
+            finally:
+                self._stop.clear()
+                self._local.on_trace = None
+
+    def _on_trace(self, _baked: bool) -> None:
+        hook = getattr(self._local, "on_trace", None)
+        if getattr(self._local, "background", False):
+            self._counter[1] += 1
+            return
+        self._counter[0] += 1
+        if hook is not None:
+            hook()
+
+    def _step(self, n: int, progress: Callable | None) -> StepReport:
         layout = self._layout
-        rest = self._rest(layout)
         begin = (self._params(layout), self._opt_state, self._state)
-        compiles = self._counter[0]
+        compiles, t0 = self._counter[0], time.perf_counter()
 
-        run = self._fast(layout, rest, begin, n)
-        if run.failure == ("replay",):
-            run = self._replay(layout, rest, begin, n)
+        def tell(phase: str, done: int, loss: float | None) -> None:
+            if progress is not None:
+                progress(StepProgress(phase, done, n, loss, time.perf_counter() - t0))
 
-        params, self._opt_state, self._state = run.good
-        for i, x in zip(layout.diff_index, jtu.tree_leaves(params)):
-            self._leaves[i] = x
-        reports = self._leaf_reports(layout, run)
-        for path, rule in layout.spec.constraints.items():
-            i = self._leaf_index[path]
-            reports[i] = dataclasses.replace(
-                reports[i], violation=float(rule.violation(self._leaves[i]))
+        self._local.on_trace = lambda: tell("compiling", 0, None)
+        if self._kind == MASKED and self.specialise:
+            if self._steps_on_layout + n >= SPECIALISE_AFTER:
+                self._specialise(layout)
+
+        current, losses, last, moved = begin, [], None, None
+        failure, broken, stopped, swapped = None, None, False, None
+        while len(losses) < n:
+            if losses and self._stop.is_set():
+                stopped = True
+                break
+            baked = self._baked(layout)
+            if baked is not None and swapped is None and self._kind == MASKED:
+                swapped = len(losses)
+            size = self._chunk_size(n - len(losses), baked is not None, progress is not None)
+            traces, tc = self._counter[0], time.perf_counter()
+            try:
+                chunk = self._run(layout, baked, begin, current, size)
+            except _Traced as e:  # the program could not be built: nothing ran
+                failure = ("exception", _explain(e.__cause__))
+                break
+            except _Ran:  # an error at run time (e.g. eqx.error_if): find the step
+                chunk = None
+            if chunk is not None and chunk.audit[_FINITE].all():
+                if self._counter[0] == traces and len(chunk.losses) == size:
+                    self._step_seconds[baked is not None] = (time.perf_counter() - tc) / size
+                # A chunk that committed nothing hands back copies: keep the very objects.
+                current = chunk.arrays if chunk.losses else current
+                losses += chunk.losses
+                last, moved = chunk, (chunk if chunk.losses else moved)
+                if chunk.failed_loss is not None:
+                    failure = ("loss", len(losses) + 1, chunk.failed_loss)
+                    break
+            else:  # NaN/inf parameters or a run-time error somewhere in this chunk
+                current, steps, last, moved, broken, failure = self._replay(
+                    layout, baked, begin, current, size, last, moved
+                )
+                losses += steps
+                if failure is not None:
+                    break
+            self.program = (
+                ("specialised" if baked is not None else MASKED)
+                if self._kind == MASKED
+                else STRUCTURAL
+            )
+            tell("running", len(losses), losses[-1] if losses else None)
+
+        self._steps_on_layout += len(losses)
+        params, self._opt_state, self._state = current
+        for i, x, touched in zip(layout.diff_index, jtu.tree_leaves(params), layout.masks[_TOUCH]):
+            if touched:  # an untouched leaf comes back bit-identical: keep the very object
+                self._leaves[i] = x
+        if swapped is not None:
+            seconds = self._special.get(self._special_key(layout))
+            self._notes.append(
+                f"steps {swapped + 1}-{len(losses)} ran on the specialised program (masks "
+                f"compiled in, frozen leaves not differentiated; compiled in the background in "
+                f"{seconds:.1f} s)"
+            )
+        unbuilt = self._special.get(self._special_key(layout))
+        if isinstance(unbuilt, _Unbuilt) and not unbuilt.told:
+            unbuilt.told = True
+            self._notes.append(
+                "the specialised program (frozen leaves not differentiated, as in a partition "
+                "or the exported code) could not be built; steps stay on the masked one: "
+                + unbuilt.why
             )
         report = StepReport(
-            reports,
-            loss=run.losses,
-            error=self._message(run),
+            self._leaf_reports(layout, last, moved, broken),
+            loss=losses,
+            error=self._message(layout, failure, last, broken),
             method=layout.method,
-            steps=len(run.losses),
+            steps=len(losses),
             notes=self._notes,
             compiles=self._counter[0] - compiles,
+            state_leaves=self._state_reports(last),
+            stopped=stopped,
         )
+        report.notes.extend(self._state_notes(layout, report))
         self._notes, self._fresh = [], set()
         return report
 
-    def _call(self, layout: _Layout, rest: Any, arrays: tuple, with_grads: bool) -> tuple:
+    def _chunk_size(self, remaining: int, baked: bool, watched: bool) -> int:
+        seconds = self._step_seconds.get(baked) or self._step_seconds.get(not baked)
+        if seconds is None:  # never timed: one step first, unless nobody watches
+            return 1 if watched and remaining > 1 else min(remaining, MAX_CHUNK)
+        budget = CHUNK_SECONDS if watched else QUIET_CHUNK_SECONDS
+        return int(max(1, min(remaining, MAX_CHUNK, budget // max(seconds, 1e-6))))
+
+    def _run(
+        self, layout: _Layout, baked: tuple | None, begin: tuple, arrays: tuple, n: int
+    ) -> _Chunk:
         params, opt_state, state = arrays
-        return self._step_fn(
-            params,
-            rest,
-            opt_state,
-            state,
-            self.batch,
-            loss_fn=self.loss_fn,
-            optimizer=layout.optimizer,
-            frozen=layout.frozen,
-            stateful=self._stateful,
-            with_grads=with_grads,
-            rules=layout.rules,
-            pins=_pins((params, opt_state)) if self._sharded else None,
+        st = _Static(
+            self.loss_fn,
+            layout.optimizer,
+            self._stateful,
+            layout.rules,
+            baked,
+            self._slot_cols,
+            _pins((params, opt_state)) if self._sharded else None,
+        )
+        masks = None if baked is not None else jnp.asarray(layout.masks)
+        try:
+            out = self._program(
+                begin[0],
+                params,
+                self._rest(layout),
+                opt_state,
+                state,
+                begin[2],
+                self.batch,
+                masks,
+                np.asarray(n, np.int32),
+                st=st,
+            )
+        except Exception as e:
+            raise _Traced() from e
+        p, o, s, losses, i, ok, audit, state_audit = out
+        try:  # the one wait of the chunk
+            losses, i, ok, audit, state_audit = jax.device_get((losses, i, ok, audit, state_audit))
+        except Exception as e:
+            raise _Ran() from e
+        committed = int(i) if ok else int(i) - 1
+        return _Chunk(
+            (p, o, s),
+            [float(x) for x in losses[:committed]],
+            None if ok else float(losses[committed]),
+            np.asarray(audit),
+            np.asarray(state_audit),
         )
 
-    def _fast(self, layout: _Layout, rest: Any, begin: tuple, n: int) -> _Attempt:
-        """`n` steps dispatched back to back, like a hand-written loop; checked at the end.
+    def _replay(
+        self,
+        layout: _Layout,
+        baked: Any,
+        begin: tuple,
+        current: tuple,
+        n: int,
+        last: Any,
+        moved: Any,
+    ) -> tuple:
+        """Re-run up to `n` steps from `current` one at a time, each checked.
 
-        Only `begin` is kept as the rollback target, so memory and speed match a plain
-        loop. Any sign of trouble (an exception after the first step, a non-finite loss or
-        parameter) returns `("replay",)`: `_replay` then finds the exact step.
+        The slow path, taken only after a chunk saw NaN/inf parameters or raised at run
+        time; steps are deterministic, so it stops at the step that broke and keeps
+        everything before it. Returns (arrays, losses, last chunk, last chunk that committed a
+        step, broken, failure).
         """
-        replay = _Attempt(begin, [], None, None, ("replay",))
-        current, prev, losses = begin, None, []
-        for k in range(n):
-            last = k == n - 1
+        losses, broken, failure = [], None, None
+        for _ in range(n):
             try:
-                *arrays, loss, grads = self._call(layout, rest, current, with_grads=last)
-            except Exception as e:
-                if k == 0:  # tracing failed: no step ran, and a replay would fail the same way
-                    return _Attempt(begin, [], None, None, ("exception", _explain(e)))
-                return replay
-            prev, current = (current[0] if last and k else None), tuple(arrays)
-            losses.append(loss)
-        try:  # the one wait of the call
-            losses = [float(x) for x in jax.device_get(losses)]
-            audit = self._audit(begin[0], prev, current[0], grads)
-        except Exception:  # a runtime error (e.g. eqx.error_if) in some step
-            return replay
-        if not (np.isfinite(losses).all() and audit[_FINITE].all()):
-            return replay
-        return _Attempt(current, losses, audit, None, None)
-
-    def _replay(self, layout: _Layout, rest: Any, begin: tuple, n: int) -> _Attempt:
-        """Re-run up to `n` steps from `begin` one at a time, each checked.
-
-        The slow path, taken only after the fast one saw trouble; steps are deterministic,
-        so it stops at the step that broke and keeps everything before it.
-        """
-        good, prev, grads, losses, broken, failure = begin, None, None, [], None, None
-        for k in range(n):
-            try:
-                *arrays, loss, grads = self._call(layout, rest, good, with_grads=True)
-                loss = float(loss)
-            except Exception as e:
-                failure, grads = ("exception", _explain(e)), None
+                chunk = self._run(layout, baked, begin, current, 1)
+            except (_Traced, _Ran) as e:
+                failure = ("exception", _explain(e.__cause__))
                 break
-            if not np.isfinite(loss):
-                failure = ("loss", k + 1, loss)
+            if not chunk.audit[_FINITE].all():
+                failure, broken = ("update", len(losses) + 1), chunk.audit[_FINITE]
+                last = chunk
                 break
-            finite = self._audit(good[0], None, arrays[0], grads)[_FINITE]
-            if not finite.all():
-                failure, broken = ("update", k + 1), finite
+            last = chunk
+            if chunk.failed_loss is not None:
+                failure = ("loss", len(losses) + 1, chunk.failed_loss)
                 break
-            good, prev = tuple(arrays), good[0]
-            losses.append(loss)
-        if not losses and grads is None:
-            return _Attempt(begin, [], None, None, failure)
-        audit = self._audit(begin[0], prev if len(losses) > 1 else None, good[0], grads)
-        return _Attempt(good, losses, audit, broken, failure)
+            current, moved = chunk.arrays, chunk
+            losses += chunk.losses
+        return current, losses, last, moved, broken, failure
 
-    def _audit(self, start: Any, prev: Any, end: Any, grads: Any) -> np.ndarray:
-        leaves = [None if t is None else jtu.tree_leaves(t) for t in (start, prev, end, grads)]
-        return np.asarray(_audit_call(*leaves))
+    # -- specialised programs ---------------------------------------------------------------
+    def _special_key(self, layout: _Layout) -> bytes:
+        return layout.masks.tobytes()
 
-    def _message(self, run: _Attempt) -> str | None:
-        if run.failure is None:
+    def _baked(self, layout: _Layout) -> tuple | None:
+        """The masks to bake into the program: always in the structural layout; in the
+        masked layout once the background compilation of this spec is ready."""
+        if self._kind == STRUCTURAL or isinstance(
+            self._special.get(self._special_key(layout)), float
+        ):
+            return tuple(tuple(bool(b) for b in row) for row in layout.masks)
+        return None
+
+    def _specialise(self, layout: _Layout) -> None:
+        key = self._special_key(layout)
+        if key in self._special:
+            return
+        self._special[key] = "compiling"
+        baked = tuple(tuple(bool(b) for b in row) for row in layout.masks)
+        arrays = (self._params(layout), self._opt_state, self._state)
+
+        def work() -> None:
+            self._local.background = True
+            start = time.perf_counter()
+            try:  # zero steps: compiles the program and runs only its audit
+                self._run(layout, baked, arrays, arrays, 0)
+            except Exception as e:  # e.g. a custom JVP rule that fails on None tangents
+                self._special[key] = _Unbuilt(_explain(e.__cause__ or e))
+                return
+            self._special[key] = time.perf_counter() - start
+
+        self._specialising = threading.Thread(
+            target=work, name="eqx_explorer-specialise", daemon=True
+        )
+        self._specialising.start()
+
+    # -- the report -------------------------------------------------------------------------
+    def _message(
+        self, layout: _Layout, failure: tuple | None, last: Any, broken: Any
+    ) -> str | None:
+        if failure is None:
             return None
-        kind, *info = run.failure
+        kind, *info = failure
         if kind == "exception":
             return info[0]
-        paths, diff_index = self._paths, self._layout.diff_index
-        bad = [paths[i] for i, f in zip(diff_index, run.audit[_GRAD_FINITE]) if not f]
+        paths, diff_index = self._paths, layout.diff_index
+        bad = [paths[i] for i, f in zip(diff_index, last.audit[_GRAD_FINITE]) if not f]
         grads = f"; non-finite gradients at: {', '.join(bad)}" if bad else ""
         if kind == "loss":
             step, loss = info
             what = f"non-finite loss ({loss}){grads}"
         else:
             step = info[0]
-            broken = [paths[i] for i, f in zip(diff_index, run.broken) if not f]
-            what = f"the update made NaN/inf values in: {', '.join(broken)}{grads}"
+            broken_paths = [paths[i] for i, f in zip(diff_index, broken) if not f]
+            what = f"the update made NaN/inf values in: {', '.join(broken_paths)}{grads}"
             if not bad:
                 what += " (the gradients were finite: check the optimizer, e.g. its learning rate)"
         return (
@@ -706,9 +1119,15 @@ class StepRunner:
             "or lower the learning rate."
         )
 
-    def _leaf_reports(self, layout: _Layout, run: _Attempt) -> list[LeafReport]:
+    def _leaf_reports(
+        self, layout: _Layout, last: Any, moved: Any, broken: Any
+    ) -> list[LeafReport]:
         column = {int(i): j for j, i in enumerate(layout.diff_index)}
-        audit = run.audit
+        audit = None if last is None else last.audit
+        if audit is not None and moved is not None and moved is not last:
+            audit = audit.copy()  # the last chunk committed nothing: the update is earlier
+            audit[_UPDATE] = moved.audit[_UPDATE]
+        masks = layout.masks
         reports = []
         for i, path in enumerate(self._paths):
             detail = "optimizer state started fresh" if i in self._fresh else ""
@@ -718,9 +1137,9 @@ class StepRunner:
                 continue
             train = bool(layout.trainable[i])
             j = column.get(i)
-            if j is None:
-                # Never passed to the optimizer; the runner reuses the very same array
-                # object, so it is bit-identical by construction.
+            if j is None or not masks[:, j].any():
+                # Never optimized (a partition's frozen leaf, an int array): the runner keeps
+                # the very same array object, so it is bit-identical by construction.
                 reports.append(LeafReport(path, FROZEN, trainable=train, detail=detail))
                 continue
             if audit is None:  # no step ran
@@ -730,8 +1149,11 @@ class StepRunner:
             status = array_status(train, bool(audit[_CHANGED, j]))
             if status == LEAKED:
                 detail = "frozen but changed" + (f"; {detail}" if detail else "")
-            grad = float(audit[_GRAD, j])
-            finite = bool(audit[_GRAD_FINITE, j]) and (run.broken is None or bool(run.broken[j]))
+            seen = bool(masks[_SEEN, j])  # else the optimizer saw a zero gradient
+            grad = float(audit[_GRAD_NORM, j]) if seen else 0.0
+            finite = (not seen or bool(audit[_GRAD_FINITE, j])) and (
+                broken is None or bool(broken[j])
+            )
             reports.append(
                 LeafReport(
                     path,
@@ -744,4 +1166,65 @@ class StepRunner:
                     detail=detail,
                 )
             )
+        for path, rule in layout.spec.constraints.items():
+            i = self._leaf_index[path]
+            reports[i] = dataclasses.replace(
+                reports[i], violation=float(rule.violation(self._leaves[i]))
+            )
         return reports
+
+    def _state_reports(self, last: Any) -> list[LeafReport]:
+        reports = []
+        for j, entry in enumerate(self._state_names):
+            changed = last is not None and bool(last.state_audit[0, j])
+            delta = None if last is None else float(last.state_audit[1, j])
+            reports.append(
+                LeafReport(
+                    entry.path,
+                    UPDATED if changed else UNCHANGED,
+                    delta_norm=None if delta is None or np.isnan(delta) else delta,
+                    detail=f"state of {entry.owner or 'the model'}",
+                )
+            )
+        return reports
+
+    def _state_notes(self, layout: _Layout, report: StepReport) -> list[str]:
+        moved: dict[str, list[str]] = {}
+        for entry, leaf in zip(self._state_names, report.state_leaves):
+            if (
+                leaf.status == UPDATED
+                and entry.owner
+                and _layer_is_frozen(layout.spec, entry.owner)
+            ):
+                moved.setdefault(entry.owner, []).append(entry.path)
+        return [
+            f"frozen layer `{owner}` still changed its state ({', '.join(paths)}): its running "
+            f"statistics move with every step unless it runs in inference mode, e.g. "
+            f'spec.inference("{owner}") (the row menu\'s "inference mode" in the widget)'
+            for owner, paths in moved.items()
+        ]
+
+
+class _Release:
+    def __init__(self, lock: threading.Lock):
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        self._lock.release()
+
+
+@dataclasses.dataclass
+class _Unbuilt:
+    why: str
+    told: bool = False
+
+
+class _Traced(Exception):
+    """Building (tracing, compiling) the program failed; `__cause__` says why."""
+
+
+class _Ran(Exception):
+    """Running the program failed (e.g. `eqx.error_if`); `__cause__` says why."""

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from eqx_explorer import ExplorerError, FilterSpec
-from eqx_explorer._steps import StepRunner
+from eqx_explorer._steps import SPECIALISE_AFTER, StepRunner
 
 
 class Net(eqx.Module):
@@ -69,9 +69,10 @@ def leaves_equal(a, b) -> bool:
     )
 
 
-def test_statuses_partition_every_leaf_kind(net, batch):
+@pytest.mark.parametrize("layout", ["masked", "structural"])
+def test_statuses_partition_every_leaf_kind(net, batch, layout):
     spec = FilterSpec(net).freeze("mlp")
-    runner = StepRunner(net, spec, mse, batch)
+    runner = StepRunner(net, spec, mse, batch, layout=layout)
     report = runner.step(2)
     statuses = report.statuses()
     assert report.ok and report.error is None and report.steps == 2 and len(report.loss) == 2
@@ -96,9 +97,13 @@ def test_statuses_partition_every_leaf_kind(net, batch):
     assert trained.mlp.layers[0].weight is net.mlp.layers[0].weight
     assert not np.array_equal(trained.head.weight, net.head.weight)
     assert leaves_equal(net, Net(jax.random.key(0)))
-    # Optimizer state under partition: Adam's mu and nu for trainable leaves only (+ count).
+    # Optimizer state under partition: Adam's mu and nu (+ count) for trainable leaves only
+    # (structural), or for every float leaf (masked: one program for every spec).
     state_bytes = sum(x.nbytes for x in jtu.tree_leaves(runner.opt_state))
-    assert state_bytes == 2 * spec.counts["trainable_bytes"] + 4
+    covered = spec.counts["trainable_bytes"]
+    if layout == "masked":
+        covered += spec.counts["frozen_bytes"]
+    assert state_bytes == 2 * covered + 4
 
 
 @pytest.mark.parametrize(
@@ -164,7 +169,7 @@ def test_train_then_freeze_with_momentum(net, batch, method, expected):
 
 def test_set_spec_partition_keeps_state_of_leaves_that_stay(net, batch):
     spec = FilterSpec(net).freeze("head")
-    runner = StepRunner(net, spec, mse, batch)
+    runner = StepRunner(net, spec, mse, batch, layout="structural")
     runner.step()
     before = {jtu.keystr(p): x for p, x in jtu.tree_flatten_with_path(runner.opt_state)[0]}
     runner.set_spec(spec.unfreeze("head"))
@@ -206,19 +211,28 @@ def weak_loss(model, batch):
     return jnp.mean((jax.vmap(model)(batch) - 1.0) ** 2)
 
 
-def test_weak_types_and_revisits_do_not_recompile():
+def test_masked_layout_compiles_once_for_every_spec_method_and_n():
     model = Weak(jnp.full((3,), 0.05), jnp.asarray(0.5))
     assert model.w.weak_type and model.b.weak_type
-    batch = jnp.ones((4, 3))
     spec = FilterSpec(model)
-    runner = StepRunner(model, spec, weak_loss, batch)
-    for _ in range(3):
-        runner.step()
-    assert runner.compile_count == 1
-    runner.step(3)  # several steps: the un-audited variant compiles once
-    runner.step(4)
-    assert runner.compile_count == 2
+    runner = StepRunner(model, spec, weak_loss, jnp.ones((4, 3)), specialise=False)
+    for n in (1, 1, 3, 4, 1):
+        runner.step(n)
+    for method in ("partition", "stop_gradient", "optax_mask", "none"):
+        for s in (spec.freeze("b"), spec.freeze("w"), spec):
+            runner.set_spec(s, method=method)
+            assert runner.step(2).compiles == 0
+    assert runner.compile_count == 1 and runner.background_compile_count == 0
     assert model.w.weak_type  # the user's arrays are not touched
+
+
+def test_structural_layout_compiles_once_per_spec_and_method():
+    model = Weak(jnp.full((3,), 0.05), jnp.asarray(0.5))
+    spec = FilterSpec(model)
+    runner = StepRunner(model, spec, weak_loss, jnp.ones((4, 3)), layout="structural")
+    for n in (1, 1, 3, 4):  # weak types made strong once; n is data
+        runner.step(n)
+    assert runner.compile_count == 1
     for method in ("partition", "stop_gradient", "optax_mask", "none"):
         runner.set_spec(spec.freeze("b"), method=method)
         runner.step()
@@ -228,9 +242,9 @@ def test_weak_types_and_revisits_do_not_recompile():
         runner.step()
         runner.set_spec(spec.freeze("b"), method=method)
         assert runner.step().compiles == 0  # a spec seen before: no recompile
-    # First visits of the full spec under stop_gradient (static flags) and optax_mask (its
-    # labels); partition saw it at the start, and "none" ignores the spec.
-    assert runner.compile_count == seen + 2
+    # The first visit of the full spec under optax_mask (its labels); partition saw it at
+    # the start, and stop_gradient with nothing frozen and "none" are the same program.
+    assert runner.compile_count == seen + 1
 
 
 class Scalar(eqx.Module):
@@ -321,7 +335,17 @@ def _scaled_jvp(primals, tangents):
 def test_custom_jvp_none_tangent_gets_a_hint():
     model = JvpModel(jnp.ones(2), jnp.ones(2))
     spec = FilterSpec(model).freeze("y")
-    runner = StepRunner(model, spec, lambda m, b: jnp.sum(scaled(m.x, m.y)), None)
+    loss = lambda m, b: jnp.sum(scaled(m.x, m.y))  # noqa: E731
+    # Masked: every float leaf is differentiated, so no tangent is None and steps run; the
+    # specialised program (frozen leaves not differentiated) fails and the notes say why.
+    masked = StepRunner(model, spec, loss, None)
+    report = masked.step(SPECIALISE_AFTER)
+    assert report.ok
+    masked._specialising.join()
+    notes = report.notes + masked.step().notes  # said once, when the build has failed
+    assert sum("custom JVP rule failed on a `None` tangent" in n for n in notes) == 1
+    # Structural: frozen leaves are not differentiated, as in the exported code.
+    runner = StepRunner(model, spec, loss, None, layout="structural")
     error = runner.step().error
     assert "custom JVP rule failed on a `None` tangent" in error
     assert "eqx.filter_custom_jvp" in error and "symbolic" in error
@@ -457,9 +481,11 @@ def test_optimizer_state_estimate_is_headless_and_matches_the_runner():
     sgd = optax.sgd(0.1, momentum=0.9)
     slots = optimizer_slots(model, sgd)
     assert slots == 1.0
-    assert opt_state_bytes(spec, "partition", slots) == spec.counts["trainable_bytes"]
-    runner = StepRunner(model, spec, mse_loss, example_batch(), optimizer=sgd)
-    held = sum(x.nbytes for x in jax.tree.leaves(runner.opt_state))
-    assert held == opt_state_bytes(spec, "partition", slots)
+    assert opt_state_bytes(spec, "partition", slots, "structural") == spec.counts["trainable_bytes"]
     everything = spec.counts["trainable_bytes"] + spec.counts["frozen_bytes"]
-    assert opt_state_bytes(spec, "stop_gradient", slots) == everything
+    for layout in ("structural", "masked"):
+        runner = StepRunner(model, spec, mse_loss, example_batch(), optimizer=sgd, layout=layout)
+        held = sum(x.nbytes for x in jax.tree.leaves(runner.opt_state))
+        assert held == opt_state_bytes(spec, "partition", slots, layout)
+        assert opt_state_bytes(spec, "stop_gradient", slots, layout) == everything
+    assert opt_state_bytes(spec, "partition", slots, "masked") == everything
