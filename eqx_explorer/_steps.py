@@ -590,6 +590,8 @@ class StepRunner:
         self._init_fn = None
         self._leaves = list(self._initial_leaves)
         self._state = self._initial_state
+        self._inference: set[int] = set()  # leaves whose `inference` flag a spec has set
+        self._set_inference(spec)
         self._layout = self._layout_for(spec, method)
         self._opt_state = self._fresh_opt_state(self._layout)
         self._slot_cols = _slot_cols(self._opt_state, self._params(self._layout))
@@ -795,6 +797,14 @@ class StepRunner:
         if started:
             self._started(new_owned & ~old_owned)
 
+    def _set_inference(self, spec: FilterSpec) -> None:
+        """Layers' `inference` flags as `spec` sets them; flags it no longer sets go back to
+        the model's. They are static to the program: a change here retraces it once."""
+        overrides = {self._leaf_index[p]: on for p, on in spec.inference_overrides.items()}
+        for i in self._inference | set(overrides):
+            self._leaves[i] = overrides.get(i, self._initial_leaves[i])
+        self._inference = set(overrides)
+
     def _started(self, fresh: np.ndarray) -> None:
         index = np.flatnonzero(fresh)
         if len(index):
@@ -828,12 +838,15 @@ class StepRunner:
                 self._slot_cols = _slot_cols(self._opt_state, self._params(new))
             if not np.array_equal(new.masks, self._layout.masks):
                 self._steps_on_layout = 0
+            self._set_inference(spec)
             self._layout = new
 
     def reset(self) -> None:
         """Back to the initial model and state, with a fresh optimizer state (cache kept)."""
         with self._exclusive("reset"):
             self._leaves = list(self._initial_leaves)
+            self._inference = set()
+            self._set_inference(self._layout.spec)
             self._state = self._initial_state
             self._opt_state = self._fresh_opt_state(self._layout)
             self._notes = ["reset: initial model, fresh optimizer state"]

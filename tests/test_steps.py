@@ -388,6 +388,30 @@ def test_batchnorm_state():
         StepRunner(model, spec, bn_loss, x)
 
 
+def test_batchnorm_state_is_audited_and_inference_mode_keeps_it():
+    model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (6, 3))
+    spec = FilterSpec(model).freeze("bn")
+    runner = StepRunner(model, spec, bn_loss, x, state=state)
+    report = runner.step(2)
+    names = [leaf.path for leaf in report.state_leaves]
+    assert names == ["bn.ema_first_time_index", "bn.ema_state_index[0]", "bn.ema_state_index[1]"]
+    assert {leaf.status for leaf in report.state_leaves} == {"updated"}
+    assert any("frozen layer `bn` still changed its state" in n for n in report.notes)
+    assert "bn.ema_state_index[0]" in report.table()
+    # In inference mode the frozen layer's statistics stay put (no recompile needed twice).
+    runner.set_spec(spec.inference("bn"))
+    report = runner.step(2)
+    assert report.ok and {leaf.status for leaf in report.state_leaves} == {"unchanged"}
+    assert not any("frozen layer" in n for n in report.notes)
+    assert runner.model.bn.inference is True and model.bn.inference is False
+    runner.set_spec(spec)  # the flag goes back to the model's own value
+    assert runner.model.bn.inference is False
+    moved = {leaf.path: leaf.status for leaf in runner.step().state_leaves}
+    assert moved["bn.ema_state_index[0]"] == moved["bn.ema_state_index[1]"] == "updated"
+    assert moved["bn.ema_first_time_index"] == "unchanged"  # False since the first step
+
+
 class Tied(eqx.Module):
     shared: eqx.nn.Shared
 
