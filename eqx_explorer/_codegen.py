@@ -33,6 +33,7 @@ import jax.tree_util as jtu
 from ._constraints import _retract
 from ._errors import ExplorerError
 from ._spec import FROZEN, MIXED, TRAINABLE, FilterSpec
+from ._state import has_state
 from ._tree import LIST, TUPLE, ModelTree
 
 __all__ = ["STYLES", "to_code"]
@@ -383,6 +384,52 @@ def _path_block(plan: _Plan) -> list[str]:
     ]
 
 
+_SET_INFERENCE = '''
+
+def set_inference(model):
+    """`model` with the `inference` flags this spec sets (BatchNorm, Dropout, ...).
+
+    Train and evaluate the model it returns: a frozen BatchNorm still updates its running
+    statistics (in `state`) on every step unless it runs in inference mode.
+    """'''
+
+
+def _inference_block(plan: _Plan, by_path: bool = False) -> list[str]:
+    """`set_inference(model)` for the spec's inference flags; nothing when it sets none.
+
+    `eqx.tree_at` on the flags (one call per value), or with `by_path` (style "path", or a
+    flag no `where` can reach) a table of `jtu.keystr` key paths, which handles every key.
+    It comes last in the code: every style's other parts end in a way it can follow.
+    """
+    overrides = plan.spec.inference_overrides
+    if not overrides:
+        return []
+    tree = plan.tree
+    nodes = {on: [tree.find(p) for p, v in overrides.items() if v is on] for on in (True, False)}
+    if by_path or _unwritable(tree, nodes[True] + nodes[False]) is not None:
+        table = [
+            f"{_literal(jtu.keystr(tree.keys[tree.find(p)]))}: {v}" for p, v in overrides.items()
+        ]
+        return [
+            "\n\n# `inference` flags set by the spec, by `jtu.keystr` of their key paths.",
+            _statement(_Seq("{", table, "}"), "INFERENCE = "),
+            _SET_INFERENCE,
+            "    return jtu.tree_map_with_path("
+            "lambda path, x: INFERENCE.get(jtu.keystr(path), x), model)",
+        ]
+    calls = [
+        _Seq(
+            "eqx.tree_at(",
+            [_Arg("lambda m: ", _targets(tree, n, "m")), "model", f"replace_fn=lambda _: {on}"],
+            ")",
+        )
+        for on, n in nodes.items()
+        if n
+    ]
+    body = [_statement(call, "model = ", _INDENT) for call in calls[:-1]]
+    return [_SET_INFERENCE, *body, _statement(calls[-1], "return ", _INDENT)]
+
+
 def _spec_block(plan: _Plan) -> list[str]:
     """`tree_at` when every changed sub-tree can be reached by a `where`, else `path`."""
     if _unwritable(plan.tree, plan.changed) is not None:
@@ -429,14 +476,16 @@ def apply_freeze(model):
     """
 '''
 
-_TRAIN_STEP = '''
+_INIT_OPT_STATE = """
 
 def init_opt_state(optimizer, model):
     # Exactly the part that gets gradients, by the same filter_spec as the step. (Built
     # with `eqx.is_array`, int arrays would get state but no gradient: a structure error.)
     params, _ = eqx.partition(model, filter_spec)
-    return optimizer.init(params)
+    return optimizer.init(params)"""
 
+# `{prepare}`: `_PREPARE` when the spec sets inference flags, else nothing.
+_MAKE_TRAIN_STEP = '''
 
 def make_train_step(loss_fn, optimizer):
     """`step(model, opt_state, batch) -> (model, opt_state, loss)` training `filter_spec`."""
@@ -454,7 +503,7 @@ def make_train_step(loss_fn, optimizer):
         return params, opt_state, loss
 
     def step(model, opt_state, batch):
-        # Split outside the jit, reading `filter_spec` on every call: a spec captured
+{prepare}        # Split outside the jit, reading `filter_spec` on every call: a spec captured
         # inside a jitted function goes stale when it changes. (A new spec also needs a
         # new `init_opt_state`.)
         params, static = eqx.partition(model, filter_spec)
@@ -462,6 +511,41 @@ def make_train_step(loss_fn, optimizer):
         return eqx.combine(params, static), opt_state, loss
 
     return step'''
+
+# For a model made with `eqx.nn.make_with_state`: its state goes in and out of every step.
+_MAKE_STATEFUL_TRAIN_STEP = '''
+
+def make_train_step(loss_fn, optimizer):
+    """`step(model, state, opt_state, batch) -> (model, state, opt_state, loss)`.
+
+    Trains `filter_spec` with `loss_fn(model, state, batch) -> (loss, new_state)`, where
+    `state` is the `eqx.nn.State` of `eqx.nn.make_with_state` (e.g. BatchNorm statistics).
+    """
+
+    @eqx.filter_jit
+    def _step(params, static, state, opt_state, batch):
+        def loss_of(trainable):
+            return loss_fn(eqx.combine(trainable, static), state, batch)
+
+        # `has_aux`: the new state comes out beside the loss and is never differentiated.
+        (loss, state), grads = eqx.filter_value_and_grad(loss_of, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        # Onto the whole trainable part: `static` keeps frozen arrays, ints, functions
+        # and flags as they are, so none of them comes back as None.
+        params = eqx.apply_updates(params, updates)
+        return params, state, opt_state, loss
+
+    def step(model, state, opt_state, batch):
+{prepare}        # Split outside the jit, reading `filter_spec` on every call: a spec captured
+        # inside a jitted function goes stale when it changes. (A new spec also needs a
+        # new `init_opt_state`.)
+        params, static = eqx.partition(model, filter_spec)
+        params, state, opt_state, loss = _step(params, static, state, opt_state, batch)
+        return eqx.combine(params, static), state, opt_state, loss
+
+    return step'''
+
+_PREPARE = "        model = set_inference(model)  # the spec's inference flags, on every call\n"
 
 _NO_WHERE = (
     'Use style "train_step" or "optax": they freeze through `filter_spec`, which they write '
@@ -501,7 +585,10 @@ def _stop_gradient(plan: _Plan) -> list[str]:
 
 
 def _train_step(plan: _Plan) -> list[str]:
-    return [*_spec_block(plan), _TRAIN_STEP]
+    spec = plan.spec
+    make = _MAKE_STATEFUL_TRAIN_STEP if has_state(spec.model) else _MAKE_TRAIN_STEP
+    prepare = _PREPARE if spec.inference_overrides else ""
+    return [*_spec_block(plan), _INIT_OPT_STATE, make.format(prepare=prepare)]
 
 
 # -- custom update rules (seed 002) --------------------------------------------------------
@@ -625,10 +712,17 @@ def to_code(spec: FilterSpec, style: str = "tree_at") -> str:
     `train_step` adds `init_opt_state(optimizer, model)` and `make_train_step(loss_fn, optimizer)`,
     `custom_updates` adds `RULES`, `constrain_grads(params, grads)` and
     `apply_updates(params, updates)` for the spec's update rules (`FilterSpec.constrain`).
+
+    A spec that sets layers' inference flags (`FilterSpec.inference`) ends, in every style,
+    with `set_inference(model)`; the `train_step` step calls it on every call.
+    For a stateful model (`eqx.nn.make_with_state`) `train_step` threads the state:
+    `step(model, state, opt_state, batch) -> (model, state, opt_state, loss)` with
+    `loss_fn(model, state, batch) -> (loss, new_state)`.
     """
     if style not in _RENDERERS:
         raise ExplorerError(
             f"unknown code style {style!r}; choose one of {', '.join(map(repr, STYLES))}"
         )
     plan = _plan(spec)
-    return _with_header(plan, "\n".join(_RENDERERS[style](plan))) + "\n"
+    parts = [*_RENDERERS[style](plan), *_inference_block(plan, by_path=style == "path")]
+    return _with_header(plan, "\n".join(parts)) + "\n"

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from eqx_explorer import ExplorerError, FilterSpec
+from eqx_explorer import ExplorerError, FilterSpec, StepRunner
 from eqx_explorer._codegen import STYLES, _literal, to_code
 from eqx_explorer._examples import Hypernet, TinyTransformer, example_batch, mse_loss
 from tests.strategies import models, random_edits
@@ -40,6 +40,13 @@ def assert_rebuilds(code: str, spec: FilterSpec) -> dict:
     leaves = jtu.tree_leaves(built)
     assert all(type(b) is bool for b in leaves)
     assert leaves == jtu.tree_leaves(spec.tree)
+    # `set_inference` exactly when the spec sets inference flags, setting exactly those.
+    assert ("set_inference" in namespace) == bool(spec.inference_overrides)
+    if spec.inference_overrides:
+        got = namespace["set_inference"](spec.model)
+        want = spec.apply_inference(spec.model)
+        assert jtu.tree_structure(got) == jtu.tree_structure(want)
+        assert all(a is b for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(want), strict=True))
     return namespace
 
 
@@ -149,6 +156,15 @@ class Stateful(eqx.Module):
         self.linear = eqx.nn.Linear(3, 3, key=key)
 
 
+def odd_inference_model() -> dict:
+    """Inference flags behind hostile dict keys, a non-identifier attribute and a list."""
+    return {
+        "text": {INJECTION: eqx.nn.Dropout(0.1), "it's": eqx.nn.Dropout(0.2, inference=True)},
+        "odd": Odd(eqx.nn.Dropout(0.3), {"k": eqx.nn.Linear(2, 2, key=jax.random.key(8))}),
+        "blocks": [eqx.nn.Dropout(0.1) for _ in range(4)],
+    }
+
+
 def shared_model() -> eqx.nn.Shared:
     a = eqx.nn.Linear(3, 3, key=jax.random.key(1))
     b = eqx.nn.Linear(3, 3, key=jax.random.key(2))
@@ -197,7 +213,23 @@ def example_specs() -> dict[str, FilterSpec]:
         "odd_keys_trainable_few": FilterSpec(odd).freeze("**").unfreeze(odd_spec.frozen_paths()[0]),
         "with_none": FilterSpec(with_none_model()).freeze("pair.right", "linear.bias"),
         "stateful": FilterSpec(stateful).freeze("norm"),
+        "stateful_inference": FilterSpec(stateful).freeze("norm").inference("norm"),
         "stateful_with_state": FilterSpec((stateful, state)).freeze("[1]", "[0].linear.bias"),
+        "stateful_with_state_inference": FilterSpec((stateful, state))
+        .freeze("[1]")
+        .inference("[0].norm"),
+        "hyper_training_mode": FilterSpec(hyper).inference("dropout", on=False),
+        "odd_inference": FilterSpec(odd_inference_model())
+        .freeze(lambda m: getattr(m["odd"], "class"))
+        .inference(
+            lambda m: m["text"][INJECTION],
+            lambda m: getattr(m["odd"], "my field"),
+            '["blocks"][*]',
+        )
+        .inference("""["text"]["it's"]""", on=False),
+        "nan_key_inference": FilterSpec({"d": {float("nan"): eqx.nn.Dropout(0.1)}, "w": arr()})
+        .freeze('["w"]')
+        .inference("**"),
         "shared": FilterSpec(shared_model()).freeze("pytree[0].bias"),
         "scan_mlp": FilterSpec(scan).freeze("layers[1].weight"),  # all stacked hidden layers
         "blocks_run": FilterSpec(blocks_model()).freeze(
@@ -476,3 +508,167 @@ def test_random_models_and_specs_round_trip_in_every_style(tmp_path):
 
     check()
     assert_ruff_clean(outputs, tmp_path / "random")
+
+
+# -- stateful models and inference mode ----------------------------------------------------------
+class BNNet(eqx.Module):
+    bn: eqx.nn.BatchNorm
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        self.bn = eqx.nn.BatchNorm(3, "batch", mode="batch")
+        self.head = eqx.nn.Linear(3, 1, key=key)
+
+    def __call__(self, x, state):
+        x, state = self.bn(x, state)
+        return self.head(x), state
+
+
+def bn_loss(model, state, batch):
+    x, y = batch
+    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    pred, state = batched(x, state)
+    return jnp.mean((pred[:, 0] - y) ** 2), state
+
+
+@pytest.fixture(scope="module")
+def bn_net():
+    model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 3)) * 2.0 + 1.0
+    return model, state, (x, jnp.sum(x, axis=1))
+
+
+def _train_stateful(spec, state, batch, steps=3, optimizer=None):
+    """Run the exported train_step of `spec` (a stateful model); the namespace and the result."""
+    ns = assert_rebuilds(to_code(spec, "train_step"), spec)
+    optimizer = optimizer or optax.adam(1e-2)
+    opt_state = ns["init_opt_state"](optimizer, spec.model)
+    step = ns["make_train_step"](bn_loss, optimizer)
+    model = spec.model
+    for _ in range(steps):
+        model, state, opt_state, loss = step(model, state, opt_state, batch)
+    assert jnp.isfinite(loss)
+    return ns, model, state
+
+
+def _bits(tree) -> list[bytes]:
+    return [np.asarray(x).tobytes() for x in jtu.tree_leaves(tree) if eqx.is_array(x)]
+
+
+BN_SPECS = {
+    "frozen_bn_inference": lambda m: FilterSpec(m).freeze("bn").inference("bn"),
+    "frozen_bn_training": lambda m: FilterSpec(m).freeze("bn"),
+    "trainable_bn_inference": lambda m: FilterSpec(m).inference("bn"),
+    "trainable_bn": FilterSpec,
+}
+
+
+@pytest.mark.parametrize("name", list(BN_SPECS))
+def test_stateful_train_step_equals_step_runner(bn_net, name):
+    model, state, batch = bn_net
+    spec = BN_SPECS[name](model)
+    _, new, new_state = _train_stateful(spec, state, batch)
+    # The model in the spec's inference mode, as the exported step trains it (applying the
+    # flags twice changes nothing, so this holds whether or not the runner applies them too).
+    runner = StepRunner(
+        spec.apply_inference(model),
+        spec,
+        bn_loss,
+        batch,
+        optimizer=optax.adam(1e-2),
+        method="partition",
+        state=state,
+    )
+    for _ in range(3):
+        assert runner.step(1).ok
+    for ours, theirs in ((new, runner.model), (new_state, runner.state)):
+        assert jtu.tree_structure(ours) == jtu.tree_structure(theirs)
+        for a, b in zip(jtu.tree_leaves(ours), jtu.tree_leaves(theirs), strict=True):
+            if eqx.is_array(a):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+            else:
+                assert a == b
+    assert new.bn.inference is ("inference" in name)
+
+
+def test_frozen_batchnorm_statistics_stay_bit_identical_only_in_inference_mode(bn_net):
+    model, state, batch = bn_net
+    frozen = FilterSpec(model).freeze("bn")
+    _, new, kept = _train_stateful(frozen.inference("bn"), state, batch)
+    assert _bits(kept) == _bits(state)  # running mean, variance and counter
+    assert _bits(new.bn) == _bits(model.bn) and _bits(new.head) != _bits(model.head)
+    # The classic mistake: frozen weights, but the layer still in training mode.
+    _, new, moved = _train_stateful(frozen, state, batch)
+    assert _bits(new.bn) == _bits(model.bn)
+    assert all(a != b for a, b in zip(_bits(moved), _bits(state), strict=True))
+
+
+def test_stateful_train_step_code_threads_the_state_and_sets_inference(bn_net):
+    model, _, _ = bn_net
+    code = to_code(FilterSpec(model).inference("bn"), "train_step")
+    assert "def step(model, state, opt_state, batch):" in code
+    assert "(loss, state), grads = eqx.filter_value_and_grad(loss_of, has_aux=True)" in code
+    assert "        model = set_inference(model)" in code
+    assert "eqx.tree_at(lambda m: m.bn.inference, model, replace_fn=lambda _: True)" in code
+    plain = to_code(FilterSpec(model), "train_step")
+    assert "set_inference" not in plain and "has_aux=True" in plain
+    # A stateless model keeps the plain step.
+    assert "def step(model, opt_state, batch):" in to_code(SPECS["tiny_attn"], "train_step")
+
+
+def test_set_inference_reaches_hostile_keys_and_falls_back_to_key_paths():
+    code = to_code(SPECS["odd_inference"], "tree_at")
+    assert 'getattr(m["odd"], "my field").inference' in code
+    assert '*[x.inference for x in m["blocks"]]' in code
+    assert "INFERENCE = " not in code
+    # A NaN dict key has no literal: the flags are then listed by key path, as style "path" does.
+    fallback = to_code(SPECS["nan_key_inference"], "tree_at")
+    assert "INFERENCE = {\"['d'][nan].inference\": True}" in fallback
+    assert "INFERENCE = " in to_code(SPECS["odd_inference"], "path")
+
+
+class DropNet(eqx.Module):
+    drop: eqx.nn.Dropout
+    lin: eqx.nn.Linear
+
+    def __call__(self, x):
+        return self.lin(self.drop(x))
+
+
+def test_stateless_train_step_runs_dropout_in_the_spec_inference_mode():
+    model = DropNet(eqx.nn.Dropout(0.5), eqx.nn.Linear(2, 1, key=jax.random.key(0)))
+    x = jnp.ones((4, 2))
+
+    def loss_fn(m, batch):
+        return jnp.mean(jax.vmap(m)(batch) ** 2)
+
+    with pytest.raises(RuntimeError, match="requires a key"):
+        loss_fn(model, x)  # Dropout in training mode needs a key
+    spec = FilterSpec(model).inference("drop")
+    ns, new, _, _ = _train(to_code(spec, "train_step"), spec, loss_fn, x)
+    assert new.drop.inference is True and model.drop.inference is False
+    assert "set_inference" in ns
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    freeze=st.sets(st.sampled_from(["bn", "head"])),
+    mode=st.sampled_from([None, True, False]),  # the spec's flag for `bn`; None: not set
+    model_flag=st.booleans(),
+)
+def test_random_freeze_and_inference_round_trip_on_a_stateful_model(
+    bn_net, freeze, mode, model_flag
+):
+    base, state, batch = bn_net
+    model = eqx.tree_at(lambda m: m.bn.inference, base, replace=model_flag)
+    spec = FilterSpec(model)
+    if freeze:
+        spec = spec.freeze(*sorted(freeze))
+    if mode is not None:
+        spec = spec.inference("bn", on=mode)
+    _, new, new_state = _train_stateful(spec, state, batch, steps=1)
+    inference = model_flag if mode is None else mode
+    assert new.bn.inference is inference
+    assert (_bits(new_state) == _bits(state)) == inference
+    assert frozen_leaves_identical(model, new, spec)
+    assert trainable_leaves_moved(model, new, spec)
