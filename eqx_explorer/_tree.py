@@ -19,7 +19,7 @@ import numpy as np
 from ._errors import ExplorerError
 from ._paths import format_key, format_path, parse_path
 
-__all__ = ["ModelTree", "Node"]
+__all__ = ["ModelTree", "Node", "array_summary"]
 
 # Node kinds.
 MODULE, LIST, TUPLE, NAMEDTUPLE, DICT, NODE = (
@@ -56,6 +56,11 @@ class Node(NamedTuple):
     trainable: bool
     static: dict
     summary: str
+
+
+def array_summary(x: Any) -> str:
+    """An array's dtype and shape as a row shows them: `float32[4, 3]`."""
+    return f"{np.dtype(x.dtype).name}{list(np.shape(x))}"
 
 
 def _short_repr(x: Any, limit: int = 40) -> str:
@@ -275,7 +280,7 @@ class ModelTree:
         """Short text for a row: shape/dtype for arrays, a repr for other leaves."""
         kind, obj = self.kind[index], self.objects[index]
         if kind == ARRAY:
-            return f"{np.dtype(obj.dtype).name}{list(np.shape(obj))}"
+            return array_summary(obj)
         if kind == LEAF:
             return _short_repr(obj)
         if kind == NONE:
