@@ -6,7 +6,8 @@ with its own settings and workspaces (no news pop-up, no restored layout, every 
 the DOM) and a `python3` kernel that is this interpreter. `window.jupyterapp` is exposed so the
 tests can wait on the kernel's state instead of sleeping.
 
-On a failing test the page's screenshot and console log go to test-artifacts/.
+On a failing test the page's screenshot and console log go to test-artifacts/. The helpers at
+the end (open a notebook and run all its cells, find a row, read a badge) serve every test.
 """
 
 from __future__ import annotations
@@ -191,3 +192,63 @@ def page(browser, jupyter_server, request):
                 pass
             (ARTIFACTS / f"{name}-console.log").write_text("\n".join(console))
         context.close()
+
+
+# -- helpers for the browser tests ----------------------------------------------------------
+KERNEL_IDLE_MS = 180_000  # a cold kernel start
+RUN_ALL_MS = 300_000  # JAX import + jit compiles on 2 cores
+WIDGET_MS = 60_000
+ACTION_MS = 60_000  # one click -> Python -> state back (a Step compiles the first time)
+
+# `window.jupyterapp` in JupyterLab and in Notebook 7: the notebook panel in the main area.
+PANEL = """() => {
+  const app = window.jupyterapp;
+  if (!app || !app.shell) return null;
+  const w = app.shell.currentWidget;
+  return w && w.content && w.sessionContext ? w : null;
+}"""
+
+KERNEL_IDLE = f"""() => {{
+  const w = ({PANEL})();
+  const kernel = w && w.sessionContext.session && w.sessionContext.session.kernel;
+  return !!kernel && kernel.status === 'idle' && w.context.isReady;
+}}"""
+
+ALL_RAN = f"""() => {{
+  const w = ({PANEL})();
+  if (!w) return false;
+  const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
+  const cells = w.content.widgets.filter((c) => c.model.type === 'code');
+  const errors = cells.some((c) => c.model.outputs.toJSON().some((o) => o.output_type === 'error'));
+  return errors || (!!kernel && kernel.status === 'idle' &&
+                    cells.every((c) => c.model.executionCount !== null));
+}}"""
+
+CELL_ERRORS = f"""() => ({PANEL})().content.widgets
+  .filter((c) => c.model.type === 'code')
+  .flatMap((c) => c.model.outputs.toJSON().filter((o) => o.output_type === 'error'))
+  .map((o) => o.ename + ': ' + o.evalue + '\\n' + (o.traceback || []).join('\\n'))"""
+
+
+def row(path: str) -> str:
+    return f'.eqxe-root .eqxe-row[data-path="{path}"]'
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
+
+
+def open_and_run_all(page, url: str) -> None:
+    page.goto(url)
+    page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=250)
+    page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    page.wait_for_function(ALL_RAN, timeout=RUN_ALL_MS, polling=500)
+    errors = page.evaluate(CELL_ERRORS)
+    assert not errors, "a cell failed:\n" + "\n\n".join(errors)[-6000:]
+    page.wait_for_selector(".eqxe-root .eqxe-row", timeout=WIDGET_MS)
+    page.locator(".eqxe-root").first.scroll_into_view_if_needed()
+
+
+def badge(page, path: str) -> str:
+    return page.eval_on_selector(f"{row(path)} .eqxe-badge", "b => b.dataset.status || ''")
