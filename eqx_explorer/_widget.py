@@ -12,13 +12,24 @@ One anywidget model per explorer, not one widget per node. What goes over the wi
 - `_constraints` (trait): the update rules (`FilterSpec.constrain`) of the constrained leaves
   only, so it stays small: `{node: [name, label]}`, `+ [lo, hi]` for an interval. A view
   displayed later reads it with the other traits.
+- `_modes` (trait): `{node: true}` for the modules that run in inference mode (the spec's
+  `inference` setting, else the model's own field).
+- `progress` (trait): `{}` when no steps run; else the running call's `phase` ("starting",
+  "compiling", "running"), `done` / `total` steps, the latest `loss`, `started` (epoch ms:
+  the page ticks the elapsed time), `stopping`, and `blocking` (started from Python, which
+  the page cannot interrupt). A view displayed later shows it too.
 - custom messages from Python: `states` (the nodes whose state changed and their new codes,
-  two binary buffers), `report` (per-leaf status codes and norms as binary buffers, runner
-  notes), `snapshot` (all node states + the last report, in reply to `hello`, so a view
+  two binary buffers), `report` (per-leaf status codes and norms as binary buffers, model
+  leaves then state arrays; runner notes; `run`: steps, total, stopped, seconds, compiles),
+  `snapshot` (all node states + the last report, in reply to `hello`, so a view
   displayed later starts from the current state), `matches`, `ack`.
 - custom messages from the browser, all validated in `_handle_message`: `hello`, `toggle`,
-  `glob`, `match`, `select`, `constrain`, `style`, `method`, `step`, `reset`, `dismiss`; each
-  may carry an integer `id`, answered by an `ack`.
+  `glob`, `match`, `select`, `constrain`, `inference`, `style`, `method`, `step`, `stop`,
+  `reset`, `dismiss`; each may carry an integer `id`, answered by an `ack`.
+
+Steps started from the page run in a worker thread, so the kernel keeps answering the page
+(a toggle while steps run reaches the runner at the next Step); `w.step(n)` from Python runs
+in the caller's thread. One lock orders the widget's own updates between the two threads.
 """
 
 from __future__ import annotations
@@ -26,30 +37,38 @@ from __future__ import annotations
 import math
 import pathlib
 import textwrap
+import threading
+import time
 from typing import Any
 
 import anywidget
+import equinox as eqx
+import jax.tree_util as jtu
 import numpy as np
 import traitlets as t
 
 from ._audit import STATUSES
 from ._constraints import RULE_NAMES
 from ._errors import ExplorerError
-from ._spec import STATES, FilterSpec
+from ._spec import STATES, FilterSpec, _inference_leaves
+from ._state import state_entries
 from ._steps import (
     DEFAULT_SLOTS,
     METHODS,
     STATE_ON_TRAINABLE,
+    STRUCTURAL,
+    _check_layout,
     _check_method,
     opt_state_bytes,
     optimizer_slots,
 )
+from ._tree import array_summary
 
 __all__ = ["Explorer"]
 
 _STATIC = pathlib.Path(__file__).parent / "_static"
 
-KINDS = ("module", "list", "tuple", "namedtuple", "dict", "node", "array", "leaf", "none")
+KINDS = ("module", "list", "tuple", "namedtuple", "dict", "node", "array", "leaf", "none", "state")
 NO_STATUS = 255
 MAX_STEPS = 10_000
 
@@ -80,7 +99,9 @@ _MESSAGES: dict[str, dict[str, Any]] = {
     "constrain": {"path": str, "rule": _is_rule},
     "style": {"style": str},
     "method": {"method": str},
+    "inference": {"path": str, "on": bool},
     "step": {"n": int},
+    "stop": {},
     "reset": {},
     "dismiss": {},
 }
@@ -88,12 +109,21 @@ _MAX_MATCHES = 2_000
 
 
 def _finite_or_none(x: Any) -> float | None:
+    if x is None:
+        return None
     x = float(x)
     return x if math.isfinite(x) else None
 
 
-def _node_table(tree) -> dict:
-    """The columns the browser needs to draw every row, as compact JSON lists."""
+def _node_table(tree, entries: list, state_leaves: list, modes: list[int]) -> dict:
+    """The columns the browser needs to draw every row, as compact JSON lists.
+
+    Model nodes keep their `ModelTree` index. With a state (`entries` from `state_entries`),
+    the state arrays follow as rows `n, n + 1, ...` under the layers that own them (`state`:
+    parent node, path step, summary) and the `StateIndex` markers they replace, which hold no
+    leaves, are `hidden` (their `_Sentinel` below them with them). `inference` lists `modes`,
+    the modules with a bool `inference` field (the row menu offers inference mode for them).
+    """
     paths, parent, kinds = tree.paths, tree.parent, tree.kind
     n = len(paths)
     steps = [""] + [paths[i][len(paths[parent[i]]) :] for i in range(1, n)]
@@ -115,6 +145,19 @@ def _node_table(tree) -> dict:
     static = {
         str(i): ", ".join(f"{k}={v}" for k, v in s.items()) for i, s in enumerate(tree.static) if s
     }
+    owners = [tree.find(e.owner) for e in entries]
+    state = {
+        "parent": owners,
+        "step": [e.path[len(paths[o]) :] for e, o in zip(entries, owners)],
+        "summary": [
+            summary_ids.setdefault(array_summary(x), len(summary_ids)) for x in state_leaves
+        ],
+    }
+    hidden = [
+        i
+        for i in range(n)
+        if entries and isinstance(tree.objects[i], eqx.nn.StateIndex) and tree.lo[i] == tree.hi[i]
+    ]
     return {
         "n": n,
         "step": steps,
@@ -127,6 +170,9 @@ def _node_table(tree) -> dict:
         "params": params,
         "sharding": sharding,
         "static": static,
+        "state": state,
+        "hidden": hidden,
+        "inference": modes,
     }
 
 
@@ -164,11 +210,14 @@ class Explorer(anywidget.AnyWidget):
     w.freeze("encoder")      # same as clicking the encoder's checkbox
     w.code                   # the export of w.spec in w.code_style ("tree_at" by default)
     report = w.step(10)      # ten steps; rows show each leaf's status
+    w.inference("bn1")       # run a layer in inference mode (its running statistics stay)
     ```
 
     Every click is mirrored by a method and every method is shown in the page. In a terminal
     `repr(w)` is the text summary. The model passed in is never changed; `w.model` is the
-    trained one after steps.
+    trained one after steps. For a stateful model (`eqx.nn.make_with_state`) pass `state=`:
+    its arrays are rows under the layers that own them. `layout` is the runner's (see
+    `StepRunner`).
     """
 
     _esm = _STATIC / "widget.js"
@@ -184,6 +233,8 @@ class Explorer(anywidget.AnyWidget):
     losses = t.List().tag(sync=True)
     detail = t.Dict().tag(sync=True)
     _constraints = t.Dict().tag(sync=True)
+    _modes = t.Dict().tag(sync=True)
+    progress = t.Dict().tag(sync=True)
 
     def __init__(
         self,
@@ -196,6 +247,7 @@ class Explorer(anywidget.AnyWidget):
         *,
         code_style: str = "tree_at",
         method: str = "partition",
+        layout: str = "masked",
     ):
         from ._codegen import STYLES
 
@@ -217,22 +269,34 @@ class Explorer(anywidget.AnyWidget):
         self._batch = batch
         self._optimizer = optimizer
         self._state = state
+        self._layout = _check_layout(layout)
         self._runner = None
         self._runner_spec: FilterSpec | None = None
         self._runner_method: str | None = None
         self._report = None
-        self._before_last_step: list | None = None
+        self._run_info: dict = {}
+        self._before_last_step: tuple[list, list] | None = None
         self._selected: int | None = None
+        self._lock = threading.RLock()
+        self._worker: threading.Thread | None = None
         tree = self._tree
         self._slots = optimizer_slots(model, optimizer)
         self._spec = spec
         self._codes = spec.state_codes()
-        nl = tree.num_leaves
+        entries = state_entries(model, state) if state is not None else []
+        self._entries = entries
+        self._state_rows = {e.path: j for j, e in enumerate(entries)}
+        # Modules with a bool `inference` field: module node -> the field's node.
+        self._mode_fields = {
+            tree.parent[tree.leaf_node[i]]: int(tree.leaf_node[i])
+            for i in np.flatnonzero(_inference_leaves(tree))
+        }
+        nl = tree.num_leaves + len(entries)  # model leaves, then state arrays
         self._status = np.full(nl, NO_STATUS, np.uint8)
         self._norms = np.full((3, nl), np.nan, np.float32)
         self._leaf_details: dict[str, str] = {}
         super().__init__(
-            _table=_node_table(tree),
+            _table=_node_table(tree, entries, jtu.tree_leaves(state), list(self._mode_fields)),
             _options={
                 "styles": list(self._styles),
                 "methods": list(METHODS),
@@ -242,12 +306,14 @@ class Explorer(anywidget.AnyWidget):
                 "rules": list(RULE_NAMES),
                 "has_loss": loss_fn is not None,
                 "max_steps": MAX_STEPS,
+                "layout": self._layout,
             },
             code_style=code_style,
             method=method,
             code=_export(spec, code_style),
             counts=self._counts(method),
             _constraints=self._rule_map(spec),
+            _modes=self._mode_map(spec),
         )
         self.on_msg(self._on_msg)
 
@@ -301,39 +367,55 @@ class Explorer(anywidget.AnyWidget):
         self._apply_spec(self._spec.constrain(where, rule))
         return self._spec
 
+    def inference(self, *targets: Any, on: bool = True) -> FilterSpec:
+        """Run the layers under `targets` in inference mode (`on=False`: training mode), as
+        the row menu does; returns the new spec. See `FilterSpec.inference`."""
+        self._apply_spec(self._spec.inference(*targets, on=on))
+        return self._spec
+
     def select(self, path: str) -> dict:
-        """Show the node at `path` in the detail pane (values and last update of arrays)."""
-        node = self._tree.find(path)
-        self.detail = self._detail(node)
-        self._selected = node
-        return self.detail
+        """Show the node (or state array) at `path` in the detail pane, with values and the
+        last update of arrays."""
+        with self._lock:
+            row = self._state_rows.get(path)
+            node = self._tree.find(path) if row is None else len(self._tree) + row
+            self.detail = self._detail(node)
+            self._selected = node
+            return self.detail
 
     def step(self, n: int = 1) -> Any:
-        """Run `n` training steps with the current spec and method; returns the StepReport."""
-        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= MAX_STEPS:
-            raise ExplorerError(f"step(n) takes an int n between 1 and {MAX_STEPS:,}, got {n!r}")
-        runner = self._ready_runner()
-        import jax.tree_util as jtu
+        """Run `n` training steps with the current spec and method; returns the StepReport.
 
-        before = jtu.tree_leaves(runner.model)
-        report = runner.step(int(n))
-        self._before_last_step = before
-        self._apply_report(report)
-        return report
+        Blocks until the steps are done (the widget shows their progress); the page's Step
+        button runs them in a worker thread instead, and its Stop button ends them.
+        """
+        runner, n = self._start(n, blocking=True)
+        return self._run(runner, n)
+
+    def stop(self) -> None:
+        """End the steps started from the page after their current chunk, as Stop does; the
+        report covers the steps that ran. Does nothing when no steps run."""
+        with self._lock:
+            if self.progress and not self.progress.get("stopping"):
+                self._runner.stop()
+                self.progress = {**self.progress, "stopping": True}
 
     def reset(self) -> None:
         """Forget the steps: back to the original model, no report, an empty loss curve."""
-        if self._runner is not None:
-            self._runner.reset()
-        self._report = None
-        self._before_last_step = None
-        self._status[:] = NO_STATUS
-        self._norms[:] = np.nan
-        self._leaf_details = {}
-        with self.hold_sync():
-            self.losses = []
-            self._refresh_detail()
-        self._send_report()
+        with self._lock:
+            self._refuse_while_running("reset")
+            if self._runner is not None:
+                self._runner.reset()
+            self._report = None
+            self._run_info = {}
+            self._before_last_step = None
+            self._status[:] = NO_STATUS
+            self._norms[:] = np.nan
+            self._leaf_details = {}
+            with self.hold_sync():
+                self.losses = []
+                self._refresh_detail()
+            self._send_report()
 
     def __repr__(self) -> str:
         from ._summary import summary
@@ -369,17 +451,19 @@ class Explorer(anywidget.AnyWidget):
     def _apply_spec(self, spec: FilterSpec) -> None:
         code = _export(spec, self.code_style)
         codes = spec.state_codes()
-        changed = np.flatnonzero(codes != self._codes).astype("<i4")
-        self._spec = spec
-        self._codes = codes
-        with self.hold_sync():
-            self.code = code
-            self.counts = self._counts(self.method)
-            self._constraints = self._rule_map(spec)
-            if self._selected is not None:
-                self.detail = {**self.detail, "state": STATES[codes[self._selected]]}
-        if len(changed):
-            self.send({"type": "states"}, [changed.tobytes(), codes[changed].tobytes()])
+        with self._lock:
+            changed = np.flatnonzero(codes != self._codes).astype("<i4")
+            self._spec = spec
+            self._codes = codes
+            with self.hold_sync():
+                self.code = code
+                self.counts = self._counts(self.method)
+                self._constraints = self._rule_map(spec)
+                self._modes = self._mode_map(spec)
+                if self._selected is not None and self._selected < len(codes):
+                    self.detail = {**self.detail, "state": STATES[codes[self._selected]]}
+            if len(changed):
+                self.send({"type": "states"}, [changed.tobytes(), codes[changed].tobytes()])
 
     def _rule_map(self, spec: FilterSpec) -> dict:
         """The `_constraints` trait: `{node: [name, label]}` (`+ [lo, hi]` for an interval)."""
@@ -390,11 +474,20 @@ class Explorer(anywidget.AnyWidget):
             out[str(self._tree.find(path))] = row
         return out
 
+    def _mode_map(self, spec: FilterSpec) -> dict:
+        """The `_modes` trait: `{node: True}` for the modules that run in inference mode."""
+        tree, overrides = self._tree, spec.inference_overrides
+        return {
+            str(node): True
+            for node, field in self._mode_fields.items()
+            if overrides.get(tree.paths[field], tree.objects[field])
+        }
+
     def _counts(self, method: str) -> dict:
         c = dict(self._spec.counts)
         c["total_bytes"] = c["trainable_bytes"] + c["frozen_bytes"]
-        on_trainable = method in STATE_ON_TRAINABLE
-        c["opt_state_bytes"] = opt_state_bytes(self._spec, method, self._slots)
+        on_trainable = self._layout == STRUCTURAL and method in STATE_ON_TRAINABLE
+        c["opt_state_bytes"] = opt_state_bytes(self._spec, method, self._slots, self._layout)
         source = (
             f"{self._slots:.3g} (measured with optimizer.init)"
             if self._optimizer is not None
@@ -404,6 +497,70 @@ class Explorer(anywidget.AnyWidget):
         return c
 
     # -- steps ------------------------------------------------------------------
+    def _start(self, n: Any, *, blocking: bool) -> tuple[Any, int]:
+        """Claim the runner for `n` steps (refused while steps run) and show that they start."""
+        if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 1 <= n <= MAX_STEPS:
+            raise ExplorerError(f"step(n) takes an int n between 1 and {MAX_STEPS:,}, got {n!r}")
+        with self._lock:
+            self._refuse_while_running("another Step")
+            runner = self._ready_runner()
+            self.progress = {
+                "phase": "starting",
+                "done": 0,
+                "total": int(n),
+                "loss": None,
+                "started": time.time() * 1000,
+                "stopping": False,
+                "blocking": blocking,
+            }
+        return runner, int(n)
+
+    def _refuse_while_running(self, action: str) -> None:
+        if self.progress:
+            done, total = self.progress["done"], self.progress["total"]
+            raise ExplorerError(
+                f"steps are running ({done:,} / {total:,} done): wait for them to finish or "
+                f"press Stop (w.stop()) before {action}"
+            )
+
+    def _run(self, runner: Any, n: int) -> Any:
+        """Run the claimed steps in this thread, then show their report."""
+        before = (jtu.tree_leaves(runner.model), jtu.tree_leaves(runner.state))
+        started = time.monotonic()
+        try:
+            report = runner.step(n, progress=self._on_progress)
+            with self._lock, self.hold_sync():
+                self._before_last_step = before
+                self._run_info = {
+                    "steps": report.steps,
+                    "total": n,
+                    "stopped": report.stopped,
+                    "seconds": round(time.monotonic() - started, 3),
+                    "compiles": report.compiles,
+                }
+                self._apply_report(report)
+        finally:
+            with self._lock:
+                self.progress = {}
+        return report
+
+    def _work(self, runner: Any, n: int) -> None:
+        """The worker thread of a Step from the page: errors go to the banner."""
+        self._to_banner(self._run, runner, n)
+
+    def _on_progress(self, progress: Any) -> None:
+        """The runner's `StepProgress`, called from the thread that runs the steps."""
+        with self._lock:
+            if self.progress["stopping"]:  # Stop came before the runner started: ask again
+                self._runner.stop()
+            self.progress = {
+                **self.progress,
+                "phase": progress.phase,
+                "done": progress.done,
+                "total": progress.total,
+                "loss": _finite_or_none(progress.loss),
+            }
+
     def _ready_runner(self):
         if self._loss_fn is None:
             raise ExplorerError(
@@ -421,6 +578,7 @@ class Explorer(anywidget.AnyWidget):
                 optimizer=self._optimizer,
                 method=self.method,
                 state=self._state,
+                layout=self._layout,
             )
         elif self._runner_spec is not self._spec or self._runner_method != self.method:
             self._runner.set_spec(self._spec, method=self.method)
@@ -432,9 +590,10 @@ class Explorer(anywidget.AnyWidget):
         self._status[:] = NO_STATUS
         self._norms[:] = np.nan
         self._leaf_details = {}
+        slots = [int(tree.lo[tree.find(leaf.path)]) for leaf in report.leaves]
+        slots += [tree.num_leaves + self._state_rows[leaf.path] for leaf in report.state_leaves]
         status_code = {s: j for j, s in enumerate(STATUSES)}
-        for leaf in report.leaves:
-            i = int(tree.lo[tree.find(leaf.path)])
+        for i, leaf in zip(slots, [*report.leaves, *report.state_leaves]):
             self._status[i] = status_code[leaf.status]
             for row, value in enumerate((leaf.grad_norm, leaf.update_norm, leaf.delta_norm)):
                 self._norms[row, i] = np.nan if value is None else value
@@ -452,7 +611,16 @@ class Explorer(anywidget.AnyWidget):
 
     def _report_notes(self) -> dict:
         notes = list(self._report.notes) if self._report is not None else []
-        return {"notes": notes, "details": self._leaf_details}
+        # The spec or method changed since the report's steps started: its badges are stale.
+        stale = self._runner is not None and (
+            self._runner_spec is not self._spec or self._runner_method != self.method
+        )
+        return {
+            "notes": notes,
+            "details": self._leaf_details,
+            "run": self._run_info,
+            "stale": stale,
+        }
 
     def _report_buffers(self) -> list[bytes]:
         return [self._status.tobytes(), self._norms.astype("<f4").tobytes()]
@@ -464,6 +632,8 @@ class Explorer(anywidget.AnyWidget):
 
     def _detail(self, node: int) -> dict:
         tree = self._tree
+        if node >= len(tree):
+            return self._state_detail(node - len(tree))
         row = tree.node(node)
         detail = {
             "path": row.path,
@@ -480,19 +650,33 @@ class Explorer(anywidget.AnyWidget):
         if row.kind != "array":
             return detail
         leaf = int(tree.lo[node])
-        if self._status[leaf] != NO_STATUS:
-            detail["status"] = STATUSES[self._status[leaf]]
-            detail["norms"] = [_finite_or_none(v) for v in self._norms[:, leaf]]
-            detail["note"] = self._leaf_details.get(str(leaf), "")
-        import jax.tree_util as jtu
+        old = None if self._before_last_step is None else self._before_last_step[0][leaf]
+        return self._array_detail(detail, leaf, jtu.tree_leaves(self.model)[leaf], old)
 
-        value = jtu.tree_leaves(self.model)[leaf]
+    def _state_detail(self, j: int) -> dict:
+        """A state array: its layer, status and norms of the last step, values and change."""
+        value = jtu.tree_leaves(self.state)[j]
+        detail = {
+            "path": self._entries[j].path,
+            "cls": "State",
+            "kind": "state",
+            "summary": array_summary(value),
+            "state": "model state (eqx.nn.State): the layer updates it, not the optimizer",
+            "owner": self._entries[j].owner,
+        }
+        old = None if self._before_last_step is None else self._before_last_step[1][j]
+        return self._array_detail(detail, self._tree.num_leaves + j, value, old)
+
+    def _array_detail(self, detail: dict, slot: int, value: Any, old: Any) -> dict:
+        """`detail` plus the last step's status and norms at `slot`, values and change."""
+        if self._status[slot] != NO_STATUS:
+            detail["status"] = STATUSES[self._status[slot]]
+            detail["norms"] = [_finite_or_none(v) for v in self._norms[:, slot]]
+            detail["note"] = self._leaf_details.get(str(slot), "")
         detail["value_html"] = self._render(value)
-        if self._before_last_step is not None:
-            old = self._before_last_step[leaf]
-            if getattr(old, "shape", None) == getattr(value, "shape", None):
-                update = np.asarray(value) - np.asarray(old)
-                detail["update_html"] = self._render(update, around_zero=True)
+        if old is not None and getattr(old, "shape", None) == getattr(value, "shape", None):
+            update = np.asarray(value) - np.asarray(old)
+            detail["update_html"] = self._render(update, around_zero=True)
         return detail
 
     @staticmethod
@@ -511,19 +695,27 @@ class Explorer(anywidget.AnyWidget):
     def _handle_message(self, msg: Any) -> None:
         """Validate and apply one message from the browser; errors go to the banner."""
         msg_id = msg.get("id") if isinstance(msg, dict) else None
-        ok = False
+        with self._lock:
+            ok = self._to_banner(self._apply_message, msg)
+            if isinstance(msg_id, int) and not isinstance(msg_id, bool):
+                self.send({"type": "ack", "id": msg_id, "ok": ok})
+
+    def _apply_message(self, msg: Any) -> None:
+        kind, args = self._validate(msg)
+        getattr(self, f"_on_{kind}")(**args)
+        if kind not in ("hello", "match", "step"):
+            self.error = ""
+
+    def _to_banner(self, action: Any, *args: Any) -> bool:
+        """Run `action(*args)`; an error goes to the banner (a bug too, not to the kernel log)."""
         try:
-            kind, args = self._validate(msg)
-            getattr(self, f"_on_{kind}")(**args)
-            ok = True
-            if kind not in ("hello", "match", "step"):
-                self.error = ""
+            action(*args)
+            return True
         except ExplorerError as e:
             self.error = str(e)
-        except Exception as e:  # a bug must reach the banner, not the kernel log
+        except Exception as e:
             self.error = f"internal error ({type(e).__name__}: {e}); the spec was not changed"
-        if isinstance(msg_id, int) and not isinstance(msg_id, bool):
-            self.send({"type": "ack", "id": msg_id, "ok": ok})
+        return False
 
     @staticmethod
     def _validate(msg: Any) -> tuple[str, dict]:
@@ -559,6 +751,12 @@ class Explorer(anywidget.AnyWidget):
         self.send({"type": "snapshot", **self._report_notes()}, buffers)
 
     def _on_toggle(self, path: str, frozen: bool) -> None:
+        if path in self._state_rows:
+            owner = self._entries[self._state_rows[path]].owner
+            raise ExplorerError(
+                f"`{path}` is model state (eqx.nn.State): its layer updates it, the optimizer "
+                f"does not, so it cannot be frozen; run `{owner}` in inference mode to keep it"
+            )
         # An exact path only: a glob typed into a toggle must not freeze its matches.
         node = self._tree.paths[self._tree.find(path)]
         self._apply_spec(self._spec.freeze(node) if frozen else self._spec.unfreeze(node))
@@ -591,8 +789,19 @@ class Explorer(anywidget.AnyWidget):
     def _on_method(self, method: str) -> None:
         self.method = method  # validated by _valid_method
 
+    def _on_inference(self, path: str, on: bool) -> None:
+        # An exact path, as for a toggle.
+        self.inference(self._tree.paths[self._tree.find(path)], on=on)
+
     def _on_step(self, n: int) -> None:
-        self.step(n)
+        runner, n = self._start(n, blocking=False)
+        self._worker = threading.Thread(
+            target=self._work, args=(runner, n), name="eqx_explorer steps", daemon=True
+        )
+        self._worker.start()
+
+    def _on_stop(self) -> None:
+        self.stop()
 
     def _on_reset(self) -> None:
         self.reset()

@@ -3,6 +3,8 @@ and Python -> browser messages are captured from `send` (the browser test lives 
 notebooks)."""
 
 import json
+import threading
+import time
 
 import equinox as eqx
 import jax
@@ -15,9 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from eqx_explorer import ExplorerError, FilterSpec, summary
+from eqx_explorer._audit import LeafReport, StepReport
 from eqx_explorer._codegen import STYLES, to_code
 from eqx_explorer._constraints import RULE_NAMES
 from eqx_explorer._examples import example_model
+from eqx_explorer._steps import StepProgress
 from eqx_explorer._widget import KINDS, METHODS, NO_STATUS, STATES, STATUSES, Explorer
 from tests.strategies import models, random_edits
 
@@ -34,6 +38,13 @@ class Sent:
 
     def clear(self):
         self.messages.clear()
+
+
+def page_step(widget, n, **extra):
+    """A Step from the page: it runs in a worker thread; wait for it to end."""
+    widget._handle_message({"type": "step", "n": n, **extra})
+    widget._worker.join(timeout=120)
+    assert not widget._worker.is_alive() and widget.progress == {}
 
 
 def state_delta(sent):
@@ -403,14 +414,25 @@ def test_constructor_checks_and_initial_spec(model):
 def test_header_counts_and_optimizer_state_estimate(model):
     spec = FilterSpec(model).freeze("blocks")
     c = spec.counts
+    floats = c["trainable_bytes"] + c["frozen_bytes"]
     w = Explorer(model, spec=spec)
     assert w.counts["trainable_params"] == c["trainable_params"]
-    assert w.counts["total_bytes"] == c["trainable_bytes"] + c["frozen_bytes"]
-    assert w.counts["opt_state_bytes"] == 2 * c["trainable_bytes"]  # Adam-like guess
-    measured = Explorer(model, spec=spec, optimizer=optax.sgd(0.1, momentum=0.9))
+    assert w.counts["total_bytes"] == floats
+    # The masked layout (default) holds optimizer state for every float leaf.
+    assert w.counts["opt_state_bytes"] == 2 * floats  # Adam-like guess
+    assert "all float" in w.counts["opt_state_note"]
+    w = Explorer(model, spec=spec, layout="structural")
+    assert w.counts["opt_state_bytes"] == 2 * c["trainable_bytes"]
+    assert w._options["layout"] == "structural"
+    measured = Explorer(
+        model, spec=spec, optimizer=optax.sgd(0.1, momentum=0.9), layout="structural"
+    )
     assert measured.counts["opt_state_bytes"] == c["trainable_bytes"]  # one slot, measured
+    assert "trainable" in measured.counts["opt_state_note"]
     measured.method = "stop_gradient"  # its optimizer state spans every float leaf
-    assert measured.counts["opt_state_bytes"] == c["trainable_bytes"] + c["frozen_bytes"]
+    assert measured.counts["opt_state_bytes"] == floats
+    with pytest.raises(ExplorerError, match="unknown layout"):
+        Explorer(model, layout="sparse")
 
 
 # -- detail pane -------------------------------------------------------------------------------
@@ -447,7 +469,7 @@ def test_hello_snapshot_carries_the_current_state(widget):
     np.testing.assert_array_equal(np.frombuffer(states, np.uint8), expected_codes(widget.spec))
     assert set(np.frombuffer(status, np.uint8)) == {NO_STATUS}
     assert np.isnan(np.frombuffer(norms, "<f4")).all()
-    assert msg == {"type": "snapshot", "notes": [], "details": {}}
+    assert msg == {"type": "snapshot", "notes": [], "details": {}, "run": {}, "stale": False}
 
 
 def test_redisplay_uses_the_same_model_and_shows_the_same_state(widget):
@@ -540,7 +562,7 @@ def test_step_message_runs_the_runner_and_sends_statuses(trainer, small):
     trainer._handle_message({"type": "toggle", "path": "body.layers[0]", "frozen": True})
     trainer._handle_message({"type": "select", "path": "head.weight"})
     sent = Sent(trainer)
-    trainer._handle_message({"type": "step", "n": 3, "id": 2})
+    page_step(trainer, 3, id=2)
     report = trainer.report
     assert report.ok and trainer.error == ""
     assert len(trainer.losses) == 3 and trainer.losses == pytest.approx(report.loss)
@@ -597,7 +619,7 @@ def test_failing_loss_shows_the_runner_error_in_the_banner(small):
         raise RuntimeError("bad batch")
 
     w = Explorer(small, loss_fn=loss, batch=SMALL_BATCH)
-    w._handle_message({"type": "step", "n": 1})
+    page_step(w, 1)
     assert "bad batch" in w.error
     assert w.spec == FilterSpec(small)
 
@@ -607,7 +629,7 @@ def test_non_finite_losses_are_sent_as_null(small):
         return small_loss(m, batch) * jnp.inf
 
     w = Explorer(small, loss_fn=loss, batch=SMALL_BATCH)
-    w._handle_message({"type": "step", "n": 2})
+    page_step(w, 2)
     assert w.error  # the runner names the non-finite loss
     assert all(x is None or np.isfinite(x) for x in w.losses)
     json.dumps(w.losses, allow_nan=False)
@@ -618,3 +640,328 @@ def test_step_python_api_validates_n(trainer):
         trainer.step(0)
     with pytest.raises(ExplorerError, match="no loss function"):
         Explorer(example_model()).step()
+
+
+# -- steps in a worker thread: progress, Stop, a busy runner -----------------------------------
+class GatedRunner:
+    """A stand-in for StepRunner whose steps wait for the test: one step per `gate.release()`.
+
+    It reports progress as the runner does ("compiling", then "running" after each step) and
+    honours `stop()` between steps; like the runner, a call starts by forgetting earlier stops.
+    """
+
+    def __init__(self, model, spec, loss_fn, batch, optimizer=None, method="partition", **kw):
+        self.model, self.state, self.method, self.kw = model, kw.get("state"), method, kw
+        self.paths = spec.model_tree.leaf_paths
+        self.specs = [spec]
+        self.gate = threading.Semaphore(0)
+        self.stopped = threading.Event()
+
+    def set_spec(self, spec, method=None):
+        self.specs.append(spec)
+
+    def stop(self):
+        self.stopped.set()
+
+    def step(self, n=1, *, progress=None):
+        self.stopped.clear()
+        progress(StepProgress("compiling", 0, n, None, 0.0))
+        losses = []
+        while len(losses) < n:
+            self.gate.acquire()
+            if self.stopped.is_set():
+                break
+            losses.append(1.0 / (1 + len(losses)))
+            progress(StepProgress("running", len(losses), n, losses[-1], 0.1))
+        stopped = self.stopped.is_set()
+        self.stopped.clear()
+        leaves = [LeafReport(p, "frozen") for p in self.paths]
+        return StepReport(leaves, loss=losses, steps=len(losses), stopped=stopped, compiles=1)
+
+
+def wait_for(condition, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+@pytest.fixture
+def gated(small, monkeypatch):
+    import eqx_explorer._steps as steps
+
+    monkeypatch.setattr(steps, "StepRunner", GatedRunner)
+    w = Explorer(small, loss_fn=small_loss, batch=SMALL_BATCH, layout="structural")
+    yield w
+    if w._worker is not None:  # never leave a thread behind
+        w._runner.stop()
+        w._runner.gate.release(10)
+        w._worker.join(timeout=10)
+
+
+def test_page_step_runs_in_a_worker_and_the_kernel_keeps_answering(gated, small):
+    w = gated
+    phases = []
+    w.observe(lambda change: phases.append(dict(change["new"])), "progress")
+    sent = Sent(w)
+    w._handle_message({"type": "step", "n": 3, "id": 5})
+    # The message is answered at once, while the steps wait in the worker.
+    assert sent.of_type("ack") == [({"type": "ack", "id": 5, "ok": True}, None)]
+    runner = w._runner
+    assert runner.kw["layout"] == "structural"
+    wait_for(lambda: w.progress.get("phase") == "compiling")
+    assert w.progress["total"] == 3 and w.progress["blocking"] is False
+    runner.gate.release()
+    wait_for(lambda: w.progress.get("done") == 1)
+    assert w.progress["phase"] == "running" and w.progress["loss"] == 1.0
+    # A toggle while the steps run is applied now; the runner gets it at the next Step.
+    w._handle_message({"type": "toggle", "path": "head", "frozen": True, "id": 6})
+    assert w.spec == FilterSpec(small).freeze("head") and w.error == ""
+    assert sent.of_type("ack")[-1][0]["ok"] and len(runner.specs) == 1
+    runner.gate.release(2)
+    w._worker.join(timeout=10)
+    assert w.progress == {} and w.report.steps == 3 and not w.report.stopped
+    assert w.losses == [1.0, 0.5, pytest.approx(1 / 3)]
+    assert [p.get("phase") for p in phases] == [
+        "starting",
+        "compiling",
+        "running",
+        "running",
+        "running",
+        None,
+    ]
+    assert all(p["started"] == phases[0]["started"] for p in phases[:-1])
+    ((report, _),) = sent.of_type("report")
+    assert report["stale"]  # the toggle came after the steps started: their badges are stale
+    assert report["run"] == {
+        "steps": 3,
+        "total": 3,
+        "stopped": False,
+        "seconds": report["run"]["seconds"],
+        "compiles": 1,
+    }
+    runner.gate.release()
+    page_step(w, 1)  # the next Step takes the toggled spec
+    assert runner.specs[-1] == w.spec
+
+
+def test_a_second_step_or_reset_while_steps_run_is_refused(gated):
+    w = gated
+    w._handle_message({"type": "step", "n": 5})
+    runner = w._runner
+    runner.gate.release(2)
+    wait_for(lambda: w.progress.get("done") == 2)
+    sent = Sent(w)
+    w._handle_message({"type": "step", "n": 1, "id": 9})
+    assert "steps are running (2 / 5 done)" in w.error and "Stop" in w.error
+    assert sent.of_type("ack") == [({"type": "ack", "id": 9, "ok": False}, None)]
+    with pytest.raises(ExplorerError, match="steps are running"):
+        w.step(1)  # from Python too
+    w._handle_message({"type": "reset"})
+    assert "steps are running" in w.error and "before reset" in w.error
+    assert w.progress["total"] == 5  # the running call goes on
+    runner.gate.release(3)
+    w._worker.join(timeout=10)
+    assert w.report.steps == 5
+
+
+def test_stop_ends_the_run_and_keeps_the_steps_done(gated):
+    w = gated
+    w._handle_message({"type": "step", "n": 100})
+    runner = w._runner
+    runner.gate.release(4)
+    wait_for(lambda: w.progress.get("done") == 4)
+    w._handle_message({"type": "stop"})
+    assert w.progress["stopping"] is True and runner.stopped.is_set()
+    sent = Sent(w)
+    runner.gate.release()
+    w._worker.join(timeout=10)
+    assert w.report.stopped and w.report.steps == 4 and len(w.losses) == 4
+    ((report, _),) = sent.of_type("report")
+    assert report["run"]["stopped"] and report["run"]["steps"] == 4
+    assert report["run"]["total"] == 100
+    assert w.progress == {} and w.error == ""
+    # Stop with nothing running does nothing (a late click).
+    w._handle_message({"type": "stop"})
+    assert w.error == "" and not runner.stopped.is_set()
+
+
+def test_stop_right_after_step_is_not_lost(gated):
+    # The runner forgets a stop() that comes before its call starts; the widget asks again.
+    w = gated
+    w._handle_message({"type": "step", "n": 1})
+    runner = w._runner
+    runner.gate.release()
+    w._worker.join(timeout=10)
+    entered, step = threading.Event(), runner.step
+
+    def late_step(n=1, *, progress=None):
+        entered.wait(timeout=10)
+        return step(n, progress=progress)
+
+    runner.step = late_step
+    w._handle_message({"type": "step", "n": 100})
+    w._handle_message({"type": "stop"})  # before the runner's call starts
+    entered.set()
+    runner.gate.release()
+    w._worker.join(timeout=10)
+    assert w.report.stopped and w.report.steps == 0 and w.progress == {}
+
+
+def test_python_step_blocks_and_shows_the_same_progress(small):
+    # A real runner: its progress callback drives the trait a view displays.
+    w = Explorer(small, loss_fn=small_loss, batch=SMALL_BATCH, optimizer=optax.adam(1e-2))
+    seen = []
+    w.observe(lambda change: seen.append(dict(change["new"])), "progress")
+    report = w.step(20)
+    assert report.steps == 20 and w.progress == {}
+    phases = [p.get("phase") for p in seen]
+    assert phases[0] == "starting" and phases[-1] is None and "running" in phases
+    assert "compiling" in phases  # the first call compiles
+    assert all(p["blocking"] for p in seen[:-1])
+    last = [p for p in seen if p.get("phase") == "running"][-1]
+    assert last["done"] == last["total"] == 20
+    assert last["loss"] == pytest.approx(report.loss[-1], rel=1e-6)
+    seen.clear()
+    w.step(3)
+    assert "compiling" not in [p.get("phase") for p in seen]  # same program, no compilation
+
+
+def test_a_failing_worker_reports_in_the_banner_and_frees_the_runner(gated, monkeypatch):
+    w = gated
+    page_step_thread = w._handle_message
+    page_step_thread({"type": "step", "n": 1})
+    runner = w._runner
+    runner.gate.release()
+    w._worker.join(timeout=10)
+
+    def broken(n=1, *, progress=None):
+        raise RuntimeError("runner bug")
+
+    monkeypatch.setattr(runner, "step", broken)
+    page_step(w, 2)
+    assert "internal error (RuntimeError: runner bug)" in w.error
+    assert w.progress == {}  # the next Step is not refused
+
+
+# -- the model's state and inference mode ------------------------------------------------------
+class BNNet(eqx.Module):
+    lin: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+    drop: eqx.nn.Dropout
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.lin = eqx.nn.Linear(2, 4, key=k1)
+        self.bn = eqx.nn.BatchNorm(4, "batch", mode="ema")
+        self.drop = eqx.nn.Dropout(0.0)
+        self.head = eqx.nn.Linear(4, 1, key=k2)
+
+    def __call__(self, x, state):
+        h, state = self.bn(self.lin(x), state)
+        return self.head(self.drop(h))[0], state
+
+
+def bn_loss(model, state, batch):
+    x, y = batch
+    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    out, state = batched(x, state)
+    return jnp.mean((out - y) ** 2), state
+
+
+@pytest.fixture
+def stateful():
+    model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
+    return Explorer(model, loss_fn=bn_loss, batch=SMALL_BATCH, state=state)
+
+
+def state_paths(table):
+    paths = table_paths(table)
+    st = table["state"]
+    return [paths[p] + step for p, step in zip(st["parent"], st["step"])]
+
+
+def test_state_arrays_are_rows_under_their_layer(stateful):
+    w = stateful
+    tree = w.spec.model_tree
+    table = w._table
+    bn = tree.find("bn")
+    assert state_paths(table) == [
+        "bn.ema_first_time_index",
+        "bn.ema_state_index[0]",
+        "bn.ema_state_index[1]",
+    ]
+    assert table["state"]["parent"] == [bn, bn, bn]
+    summaries = [table["summaries"][k] for k in table["state"]["summary"]]
+    assert summaries == ["bool[]", "float32[4]", "float32[4]"]
+    # The StateIndex markers they replace are hidden (their _Sentinel goes with them).
+    hidden = [tree.paths[i] for i in table["hidden"]]
+    assert hidden == ["bn.ema_first_time_index", "bn.ema_state_index"]
+    assert all(tree.cls[i] == "StateIndex" for i in table["hidden"])
+    # Status buffers: model leaves, then the state arrays.
+    assert len(w._status) == tree.num_leaves + 3
+    # A state array is not a parameter: a toggle says what to do instead.
+    w._handle_message({"type": "toggle", "path": "bn.ema_state_index[0]", "frozen": True})
+    assert "model state" in w.error and "inference mode" in w.error
+    # A model without `state=` keeps its rows as they are.
+    plain = Explorer(w.spec.model)
+    assert plain._table["hidden"] == [] and plain._table["state"]["parent"] == []
+
+
+def test_step_reports_state_statuses_and_inference_keeps_them(stateful):
+    w = stateful
+    tree = w.spec.model_tree
+    nl = tree.num_leaves
+    w.select("bn.ema_state_index[0]")
+    assert w.detail["kind"] == "state" and w.detail["owner"] == "bn"
+    assert w.detail["summary"] == "float32[4]" and "treescope" in w.detail["value_html"]
+    assert "status" not in w.detail
+    sent = Sent(w)
+    report = w.step(2)
+    assert {leaf.status for leaf in report.state_leaves} == {"updated"}
+    ((msg, (status, norms)),) = sent.of_type("report")
+    status = np.frombuffer(status, np.uint8)
+    norms = np.frombuffer(norms, "<f4").reshape(3, -1)
+    assert [STATUSES[c] for c in status[nl:]] == ["updated"] * 3
+    assert norms[2, nl + 1] == pytest.approx(report.state_leaves[1].delta_norm, rel=1e-5)
+    d = w.detail  # the selected state row follows the report
+    assert d["status"] == "updated" and d["norms"][2] > 0 and "update_html" in d
+    # Frozen and in inference mode (from the row menu): the statistics stay.
+    w._handle_message({"type": "toggle", "path": "bn", "frozen": True})
+    w._handle_message({"type": "inference", "path": "bn", "on": True, "id": 3})
+    assert w.error == "" and w._modes == {str(tree.find("bn")): True}
+    report = w.step(2)
+    assert {leaf.status for leaf in report.state_leaves} == {"unchanged"}
+    assert w.detail["status"] == "unchanged"
+
+
+def test_inference_message_and_python_method_set_the_spec(stateful):
+    w = stateful
+    tree = w.spec.model_tree
+    bn, drop = tree.find("bn"), tree.find("drop")
+    assert w._table["inference"] == [bn, drop] and w._modes == {}
+    sent = Sent(w)
+    w._handle_message({"type": "inference", "path": "bn", "on": True, "id": 1})
+    assert w.spec == FilterSpec(w.spec.model).inference("bn")
+    assert w._modes == {str(bn): True} and w.code == to_code(w.spec, "tree_at")
+    assert sent.of_type("ack") == [({"type": "ack", "id": 1, "ok": True}, None)]
+    assert sent.of_type("states") == []  # a mode changes no freeze state
+    assert w.inference("drop") is w.spec and w._modes == {str(bn): True, str(drop): True}
+    w._handle_message({"type": "inference", "path": "bn", "on": False})
+    assert w._modes == {str(drop): True}
+    assert w.spec.inference_overrides == {"bn.inference": False, "drop.inference": True}
+    # A layer built in inference mode shows it without any spec setting.
+    model = eqx.tree_at(lambda m: m.drop.inference, w.spec.model, True)
+    assert Explorer(model)._modes == {str(drop): True}
+    for bad in (
+        {"type": "inference", "path": "lin", "on": True},  # no inference field
+        {"type": "inference", "path": "b*", "on": True},  # a glob
+        {"type": "inference", "path": "bn", "on": 1},
+        {"type": "inference", "path": "bn"},
+    ):
+        spec = w.spec
+        w._handle_message(bad)
+        assert w.error and w.spec is spec
+    w._handle_message({"type": "inference", "path": "lin", "on": True})
+    assert "no layer with an `inference` field" in w.error

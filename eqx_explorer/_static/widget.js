@@ -10,16 +10,23 @@
  *   .eqxe-expand-all, .eqxe-collapse-all
  *   .eqxe-filter (glob input), .eqxe-freeze-matches, .eqxe-unfreeze-matches, .eqxe-match-info
  *   .eqxe-tree                      the rows; only rows whose ancestors are expanded exist
- *   .eqxe-row[data-path][data-node][data-state=trainable|frozen|mixed|static][data-kind]
+ *   .eqxe-row[data-path][data-node][data-state=trainable|frozen|mixed|static|state][data-kind]
+ *       A model state array (Explorer(..., state=)) is a row with data-kind=state and
+ *       data-state=state under the layer that owns it, with no checkbox; the StateIndex markers
+ *       it replaces are not rows.
  *       .eqxe-twisty (containers; aria-expanded), .eqxe-check (checked = trainable,
  *       indeterminate = mixed, disabled = static), .eqxe-name, .eqxe-cls, .eqxe-summary,
  *       .eqxe-params, .eqxe-sharding (only when the model has sharded arrays),
- *       .eqxe-badge[data-status=updated|stalled|frozen|leaked|kept|lost] (after steps),
+ *       .eqxe-badge[data-status=updated|stalled|frozen|leaked|kept|lost|unchanged] (after steps),
  *       .eqxe-rulecell: .eqxe-rule (the update rule's label, e.g. "interval[0, 1]"; hidden when
  *       none; its title explains the rule) and .eqxe-rule-menu (array rows; hidden on int/bool
  *       arrays; aria-expanded) that opens the picker. A constrained row has
  *       data-rule=positive|orthogonal|unit_norm|interval|custom. A collapsed container shows
  *       .eqxe-rule.eqxe-rule-inside ("2 rules") when leaves inside it have rules.
+ *       Modules with a bool `inference` field (BatchNorm, Dropout) have .eqxe-mode ("eval", shown
+ *       in inference mode; the row has data-mode=eval) and .eqxe-mode-menu that opens
+ *       .eqxe-mode-pop[data-path]: .eqxe-mode-pick[data-on=true|false] (aria-pressed on the
+ *       current mode) and .eqxe-mode-close; it closes once Python accepts.
  *   .eqxe-rule-pop[data-path]       the open rule picker, a panel right under its row:
  *       .eqxe-rule-pick[data-rule=none|positive|orthogonal|unit_norm] (aria-pressed on the
  *       current rule), .eqxe-rule-lo, .eqxe-rule-hi and .eqxe-rule-pick[data-rule=interval];
@@ -27,7 +34,11 @@
  *       stays open on an error (shown in the banner).
  *   .eqxe-style (code style select), .eqxe-code (pre), .eqxe-copy
  *   .eqxe-steps (only with a loss): .eqxe-method, .eqxe-step, .eqxe-n, .eqxe-run, .eqxe-reset,
- *       .eqxe-loss (svg), .eqxe-legend, .eqxe-step-info
+ *       .eqxe-stop (shown while steps started from the page run), .eqxe-progress ("compiling…
+ *       3.2 s", "step 40 / 100 · loss 0.52 · 1.9 s"; the root has .eqxe-busy meanwhile),
+ *       .eqxe-step-info (the last call: "10 steps · 0.4 s", "stopped after 37 of 100 steps"),
+ *       .eqxe-layout (what the runner compiles), .eqxe-notes (the report's notes, one li each),
+ *       .eqxe-loss (svg), .eqxe-legend
  *   .eqxe-detail                    the selected node; treescope renders in .eqxe-ts
  *
  * Rows: makeRow() builds the cells left to right and CSS `.eqxe-row` lays them out on a grid;
@@ -41,6 +52,18 @@ const STATUS_TEXT = {
   leaked: "frozen but changed: the freeze leaked",
   kept: "not a trainable array; kept as it was",
   lost: "not a trainable array, and it did not survive the step",
+  unchanged: "model state, bit-identical after the step",
+};
+// Model state (eqx.nn.State) is changed by its layer, not by the optimizer.
+const STATE_STATUS_TEXT = {
+  updated: "model state changed by the step (its layer updated it, e.g. running statistics)",
+  unchanged: STATUS_TEXT.unchanged,
+};
+const MODE_TEXT =
+  "inference mode: Dropout is off; BatchNorm normalises with its running statistics and does not update them";
+const LAYOUT_TEXT = {
+  masked: "masked layout: compiled once for every spec, method and N; optimizer state for every float leaf",
+  structural: "structural layout: recompiles when the spec or method changes; optimizer state only for trainable leaves",
 };
 const RULE_TEXT = {
   none: "no rule: plain additive updates",
@@ -51,7 +74,7 @@ const RULE_TEXT = {
   custom: "a Python function rule(param, update) -> new param",
 };
 // Ranks for a container's badge: it shows the worst of its leaves when that is an alarm.
-const SEVERITY = { kept: 0, frozen: 1, updated: 2, stalled: 3, leaked: 4, lost: 5 };
+const SEVERITY = { kept: 0, frozen: 1, unchanged: 1, updated: 2, stalled: 3, leaked: 4, lost: 5 };
 const ALARM = 4;
 const NO_STATUS = 255;
 const INITIAL_ROWS = 60;
@@ -91,6 +114,18 @@ function fmtBytes(x) {
   return `${i ? x.toFixed(x < 10 ? 2 : 1) : x} ${units[i]}`;
 }
 
+const fmtSeconds = (s) => `${s < 10 ? s.toFixed(1) : Math.round(s)} s`;
+
+function progressText(p) {
+  const elapsed = fmtSeconds(Math.max(0, (Date.now() - p.started) / 1000));
+  const parts =
+    p.phase === "running"
+      ? [`step ${fmtInt(p.done)} / ${fmtInt(p.total)}`, p.loss === null ? null : `loss ${p.loss.toPrecision(4)}`, elapsed]
+      : [`${p.phase}… ${elapsed}`];
+  if (p.stopping) parts.push("stopping…");
+  return parts.filter(Boolean).join(" · ");
+}
+
 const fmtNorm = (x) => (Number.isFinite(x) ? x.toPrecision(3) : "—");
 const fmtNorms = ([g, u, d]) => `‖grad‖ ${fmtNorm(g)}  ‖update‖ ${fmtNorm(u)}  ‖change‖ ${fmtNorm(d)}`;
 
@@ -122,33 +157,36 @@ async function copyText(text) {
   }
 }
 
-/** The node table from Python's columns: paths, depths, children and leaf ranges. */
+/**
+ * The rows from Python's columns: paths, depths, children and each row's slot in the status
+ * buffers. Model nodes keep their index (0..table.n-1); the state arrays follow as rows
+ * table.n.. under their layers; hidden nodes (StateIndex markers) get no parent link.
+ */
 function buildTree(table, options) {
-  const n = table.n;
-  const kind = table.kind.map((k) => options.kinds[k]);
+  const state = table.state;
+  const n = table.n + state.parent.length;
+  const kind = [...table.kind.map((k) => options.kinds[k]), ...state.parent.map(() => "state")];
+  const parent = [...table.parent, ...state.parent];
+  const step = [...table.step, ...state.step];
+  const summary = [...table.summary, ...state.summary];
+  const hidden = new Set(table.hidden);
   const path = new Array(n);
   const depth = new Int32Array(n);
   const children = Array.from({ length: n }, () => []);
   const leafOf = new Int32Array(n).fill(-1);
-  const lo = new Int32Array(n);
-  const hi = new Int32Array(n);
-  let leaves = 0;
+  let leaves = 0; // model leaves first, then state arrays: the order of the status buffers
   for (let i = 0; i < n; i++) {
     if (i === 0) path[0] = "";
     else {
-      const p = table.parent[i];
-      path[i] = path[p] + table.step[i];
+      const p = parent[i];
+      path[i] = path[p] + step[i];
       depth[i] = depth[p] + 1;
-      children[p].push(i);
+      if (!hidden.has(i)) children[p].push(i);
     }
-    lo[i] = leaves;
-    if (kind[i] === "array" || kind[i] === "leaf") leafOf[i] = leaves++;
+    if (kind[i] === "array" || kind[i] === "leaf" || kind[i] === "state") leafOf[i] = leaves++;
   }
-  for (let i = n - 1; i >= 0; i--) {
-    const kids = children[i];
-    hi[i] = leafOf[i] >= 0 ? leafOf[i] + 1 : kids.length ? hi[kids[kids.length - 1]] : lo[i];
-  }
-  return { n, kind, path, depth, children, leafOf, lo, hi, leaves, table };
+  const modal = new Set(table.inference);
+  return { n, kind, parent, step, summary, path, depth, children, leafOf, leaves, modal, table };
 }
 
 class ExplorerView {
@@ -163,7 +201,8 @@ class ExplorerView {
     this.worst = new Uint8Array(n).fill(NO_STATUS);
     this.leafDetails = {};
     this.rules = model.get("_constraints"); // {node: [rule name, label, (lo, hi)]}
-    this.rulePop = null; // the open rule picker: {node, el, picks}
+    this.modes = model.get("_modes"); // {node: true} for modules in inference mode
+    this.pop = null; // the open row menu: {node, kind: "rule" | "mode", el, picks}
     this.expanded = new Uint8Array(n);
     this.rows = new Map();
     this.matches = new Set();
@@ -194,6 +233,8 @@ class ExplorerView {
     this.on("change:losses", () => this.paintLoss());
     this.on("change:detail", () => this.paintDetail());
     this.on("change:_constraints", () => this.onRules());
+    this.on("change:_modes", () => this.onModes());
+    this.on("change:progress", () => this.paintProgress());
     this.on("msg:custom", (msg, buffers) => this.onMessage(msg, buffers || []));
 
     this.expandInitial();
@@ -202,6 +243,7 @@ class ExplorerView {
     this.paintBanner();
     this.paintCode();
     this.paintLoss();
+    this.paintProgress();
     this.paintDetail();
     this.send({ type: "hello" });
   }
@@ -214,6 +256,7 @@ class ExplorerView {
   destroy() {
     for (const [event, fn] of this.listeners) this.model.off(event, fn);
     clearTimeout(this.matchTimer);
+    clearInterval(this.ticker);
   }
 
   send(msg, onAck) {
@@ -243,7 +286,6 @@ class ExplorerView {
         if (this.rows.has(nodes[j])) this.paintRow(nodes[j]);
       }
     } else if (msg.type === "report") {
-      this.root.classList.remove("eqxe-stale");
       this.setReport(msg, buffers[0], buffers[1]);
       for (const i of this.rows.keys()) this.paintRow(i);
     } else if (msg.type === "matches") {
@@ -253,6 +295,7 @@ class ExplorerView {
 
   setReport(msg, statusBuffer, normBuffer) {
     const { n, leafOf, children } = this.tree;
+    this.root.classList.toggle("eqxe-stale", msg.stale);
     this.status = typed(Uint8Array, statusBuffer);
     this.norms = typed(Float32Array, normBuffer);
     this.leafDetails = msg.details;
@@ -267,10 +310,7 @@ class ExplorerView {
       }
       this.worst[i] = w;
     }
-    if (this.stepInfo) {
-      this.stepInfo.textContent = msg.notes.join("; ");
-      this.stepInfo.title = msg.notes.join("\n");
-    }
+    if (this.stepInfo) this.paintRun(msg.run, msg.notes);
   }
 
   // -- header and banner ------------------------------------------------------------
@@ -366,7 +406,7 @@ class ExplorerView {
       h("span", { text: "value" }),
       h("span", { class: "eqxe-params", text: "params" }),
       this.sharded ? h("span", { class: "eqxe-sharding", text: "sharding" }) : null,
-      h("span", { class: "eqxe-rulecell", text: "rule" }),
+      h("span", { class: "eqxe-rulecell", text: "rule / mode" }),
       h("span", { text: "" }),
     );
     this.treeEl = h("div", { class: "eqxe-tree", role: "tree" });
@@ -430,23 +470,25 @@ class ExplorerView {
     }
     this.treeEl.replaceChildren(frag);
     this.treeEl.scrollTop = top;
-    if (this.rulePop) {
-      const row = this.rows.get(this.rulePop.node);
-      if (row && row.isConnected) row.after(this.rulePop.el);
-      else this.closeRulePop(false);
+    if (this.pop) {
+      const row = this.rows.get(this.pop.node);
+      if (row && row.isConnected) row.after(this.pop.el);
+      else this.closePop(false);
     }
     this.paintSelected();
   }
 
   makeRow(i) {
-    const { kind, path, depth, table } = this.tree;
+    const { kind, path, depth, step, table } = this.tree;
     const container = this.isContainer(i);
-    const label = i === 0 ? "(root)" : table.step[i].replace(/^\./, "");
-    const cls = table.classes[table.cls[i]];
+    const isState = kind[i] === "state";
+    const label = i === 0 ? "(root)" : step[i].replace(/^\./, "");
+    const cls = isState ? "State" : table.classes[table.cls[i]];
     const kids = this.tree.children[i].length;
-    const summary = container ? `${kids} children` : table.summaries[table.summary[i]];
+    const summary = container ? `${kids} children` : table.summaries[this.tree.summary[i]];
     const sharding = table.sharding[i] || "";
     const staticText = table.static[i];
+    const params = !isState && table.params[i];
     const row = h("div", {
       class: "eqxe-row",
       role: "treeitem",
@@ -458,8 +500,24 @@ class ExplorerView {
     const twisty = container
       ? h("button", { class: "eqxe-twisty", "aria-label": "expand" })
       : h("span", { class: "eqxe-twisty eqxe-twisty-leaf" });
-    const check = h("input", { class: "eqxe-check", type: "checkbox" });
+    // A state array is not a parameter: no checkbox, a blank of the same width.
+    const check = isState
+      ? h("span", { class: "eqxe-check eqxe-no-check" })
+      : h("input", { class: "eqxe-check", type: "checkbox" });
     const badge = h("span", { class: "eqxe-badge" });
+    const mode = this.tree.modal.has(i)
+      ? {
+          pill: h("span", { class: "eqxe-mode", text: "eval", title: MODE_TEXT }),
+          menu: h("button", {
+            class: "eqxe-mode-menu",
+            text: "⋯",
+            title: "inference mode…",
+            "aria-label": `inference mode of ${path[i] || "(root)"}`,
+            "aria-haspopup": "true",
+            "aria-expanded": "false",
+          }),
+        }
+      : null;
     const rule =
       kind[i] === "array"
         ? {
@@ -481,36 +539,47 @@ class ExplorerView {
         h("span", { class: "eqxe-namecell" }, twisty, check, h("span", { class: "eqxe-name", text: label })),
       h("span", { class: "eqxe-cls", text: staticText ? `${cls}(${staticText})` : cls }),
       h("span", { class: "eqxe-summary", text: summary }),
-      h("span", { class: "eqxe-params", text: table.params[i] ? fmtInt(table.params[i]) : "" }),
+      h("span", { class: "eqxe-params", text: params ? fmtInt(params) : "" }),
         this.sharded ? h("span", { class: "eqxe-sharding", text: sharding }) : null,
-        h("span", { class: "eqxe-rulecell" }, rule && rule.pill, rule && rule.menu),
+        h(
+          "span",
+          { class: "eqxe-rulecell" },
+          rule && rule.pill,
+          rule && rule.menu,
+          mode && mode.pill,
+          mode && mode.menu,
+        ),
         badge,
       ].filter(Boolean),
     );
-    row.title = [path[i] || "(root)", cls, summary, sharding && `sharding: ${sharding}`]
+    const what = isState && "model state (eqx.nn.State): its layer updates it, the optimizer does not";
+    row.title = [path[i] || "(root)", cls, summary, sharding && `sharding: ${sharding}`, what]
       .filter(Boolean)
       .join("\n");
-    row._eqxe = { twisty, check, badge, container, rule };
+    row._eqxe = { twisty, check, badge, container, rule, mode };
     return row;
   }
 
   paintRow(i) {
     const row = this.rows.get(i);
-    const { twisty, check, badge, container, rule } = row._eqxe;
+    const { twisty, check, badge, container, rule, mode } = row._eqxe;
     const names = this.options.states;
-    const state = this.states ? names[this.states[i]] : "loading";
+    const isState = this.tree.kind[i] === "state";
+    const state = isState ? "state" : this.states ? names[this.states[i]] : "loading";
     row.dataset.state = state;
-    check.checked = state === "trainable";
-    check.indeterminate = state === "mixed";
-    check.disabled = state === "static" || state === "loading";
-    check.title =
-      state === "static"
-        ? "not trainable: no float array here"
-        : state === "mixed"
-          ? "mixed: click to make all trainable"
-          : state === "trainable"
-            ? "trainable: click to freeze"
-            : "frozen: click to unfreeze";
+    if (!isState) {
+      check.checked = state === "trainable";
+      check.indeterminate = state === "mixed";
+      check.disabled = state === "static" || state === "loading";
+      check.title =
+        state === "static"
+          ? "not trainable: no float array here"
+          : state === "mixed"
+            ? "mixed: click to make all trainable"
+            : state === "trainable"
+              ? "trainable: click to freeze"
+              : "frozen: click to unfreeze";
+    }
     if (container) {
       const open = !!this.expanded[i];
       twisty.textContent = open ? "▾" : "▸";
@@ -519,6 +588,12 @@ class ExplorerView {
     row.classList.toggle("eqxe-match", this.matches.has(i));
     this.paintBadge(i, badge);
     if (rule) this.paintRule(i, row, rule, state);
+    if (mode) {
+      const on = !!this.modes[i];
+      if (on) row.dataset.mode = "eval";
+      else delete row.dataset.mode;
+      mode.pill.hidden = !on;
+    }
   }
 
   paintRule(i, row, { pill, menu }, state) {
@@ -544,7 +619,7 @@ class ExplorerView {
     // Counts of constrained leaves under each container, recomputed when the rules change.
     if (!this.insideCache) {
       this.insideCache = new Map();
-      const parent = this.tree.table.parent;
+      const parent = this.tree.parent;
       for (const k of Object.keys(this.rules)) {
         for (let p = parent[Number(k)]; p >= 0; p = parent[p]) {
           this.insideCache.set(p, (this.insideCache.get(p) || 0) + 1);
@@ -565,17 +640,65 @@ class ExplorerView {
     for (const k of new Set([...Object.keys(old), ...Object.keys(this.rules)])) {
       if (this.rows.has(Number(k))) this.paintRow(Number(k));
     }
-    if (this.rulePop) this.paintRulePop();
+    if (this.pop) this.paintPop();
   }
 
-  // -- the rule picker: a panel under the row whose menu button was clicked ----------------
-  openRulePop(i) {
-    this.closeRulePop(false);
+  onModes() {
+    const old = this.modes;
+    this.modes = this.model.get("_modes");
+    for (const k of new Set([...Object.keys(old), ...Object.keys(this.modes)])) {
+      if (this.rows.has(Number(k))) this.paintRow(Number(k));
+    }
+    if (this.pop) this.paintPop();
+  }
+
+  // -- row menus: a panel right under the row whose menu button was clicked ----------------
+  // kind "rule": an array's update rule; kind "mode": a module's inference mode.
+  openPop(i, kind) {
+    this.closePop(false);
+    const { el, picks } = kind === "rule" ? this.rulePicker(i) : this.modePicker(i);
+    el.style.setProperty("--depth", this.tree.depth[i]);
+    el.addEventListener("keydown", (e) => {
+      if (e.key === "Escape") {
+        e.stopPropagation();
+        this.closePop(true);
+      }
+    });
+    const row = this.rows.get(i);
+    row._eqxe[kind].menu.setAttribute("aria-expanded", "true");
+    row.after(el);
+    el.scrollIntoView({ block: "nearest" });
+    this.pop = { node: i, kind, el, picks };
+    this.paintPop();
+    (picks.find((b) => b.getAttribute("aria-pressed") === "true") || picks[0]).focus();
+  }
+
+  // Send a menu's choice; the panel closes once Python accepts it (an error stays in the banner).
+  choose(i, kind, msg) {
+    this.send(msg, (ok) => {
+      if (ok && this.pop && this.pop.node === i && this.pop.kind === kind) this.closePop(true);
+    });
+  }
+
+  popPanel(i, kind, title, ...content) {
     const path = this.tree.path[i];
-    const pick = (rule) =>
-      this.send({ type: "constrain", path, rule }, (ok) => {
-        if (ok && this.rulePop && this.rulePop.node === i) this.closeRulePop(true);
-      });
+    return h(
+      "div",
+      {
+        class: `eqxe-pop eqxe-${kind}-pop`,
+        role: "group",
+        "aria-label": `${title} of ${path || "(root)"}`,
+        "data-path": path,
+      },
+      h("span", { class: "eqxe-pop-title", text: title }),
+      ...content,
+      h("button", { class: `eqxe-pop-close eqxe-${kind}-close`, text: "×", title: "close", onclick: () => this.closePop(true) }),
+    );
+  }
+
+  rulePicker(i) {
+    const path = this.tree.path[i];
+    const pick = (rule) => this.choose(i, "rule", { type: "constrain", path, rule });
     const picks = ["none", ...this.options.rules.filter((r) => r !== "interval")].map((r) =>
       h("button", { class: "eqxe-rule-pick", "data-rule": r, text: r, title: RULE_TEXT[r], onclick: () => pick(r) }),
     );
@@ -598,54 +721,61 @@ class ExplorerView {
         if (Number.isFinite(a) && Number.isFinite(b)) pick(["interval", a, b]);
       },
     });
-    picks.push(interval);
-    const el = h(
-      "div",
-      {
-        class: "eqxe-rule-pop",
-        role: "group",
-        "aria-label": `update rule of ${path || "(root)"}`,
-        "data-path": path,
-      },
-      h("span", { class: "eqxe-rule-title", text: "update rule" }),
-      ...picks.slice(0, -1),
+    const el = this.popPanel(
+      i,
+      "rule",
+      "update rule",
+      ...picks,
       h("span", { class: "eqxe-rule-interval" }, interval, " [", lo, ", ", hi, "]"),
-      h("button", { class: "eqxe-rule-close", text: "×", title: "close", onclick: () => this.closeRulePop(true) }),
     );
-    el.style.setProperty("--depth", this.tree.depth[i]);
     el.addEventListener("keydown", (e) => {
-      if (e.key === "Escape") {
-        e.stopPropagation();
-        this.closeRulePop(true);
-      } else if (e.key === "Enter" && (e.target === lo || e.target === hi)) {
-        interval.click();
-      }
+      if (e.key === "Enter" && (e.target === lo || e.target === hi)) interval.click();
     });
-    const row = this.rows.get(i);
-    row._eqxe.rule.menu.setAttribute("aria-expanded", "true");
-    row.after(el);
-    el.scrollIntoView({ block: "nearest" });
-    this.rulePop = { node: i, el, picks };
-    this.paintRulePop();
-    (picks.find((b) => b.getAttribute("aria-pressed") === "true") || picks[0]).focus();
+    return { el, picks: [...picks, interval] };
   }
 
-  paintRulePop() {
-    const { node, picks } = this.rulePop;
-    const name = this.rules[node] ? this.rules[node][0] : "none";
-    for (const b of picks) b.setAttribute("aria-pressed", String(b.dataset.rule === name));
+  modePicker(i) {
+    const path = this.tree.path[i];
+    const picks = [
+      [true, "on (eval)", MODE_TEXT],
+      [false, "off (training)", "training mode: the layer as the model has it in training"],
+    ].map(([on, text, title]) =>
+      h("button", {
+        class: "eqxe-mode-pick",
+        "data-on": String(on),
+        text,
+        title,
+        onclick: () => this.choose(i, "mode", { type: "inference", path, on }),
+      }),
+    );
+    return { el: this.popPanel(i, "mode", "inference mode", ...picks), picks };
   }
 
-  closeRulePop(refocus) {
-    if (!this.rulePop) return;
-    const { node, el } = this.rulePop;
-    this.rulePop = null;
+  paintPop() {
+    const { node, kind, picks } = this.pop;
+    const current =
+      kind === "rule" ? (this.rules[node] ? this.rules[node][0] : "none") : String(!!this.modes[node]);
+    for (const b of picks) {
+      const value = kind === "rule" ? b.dataset.rule : b.dataset.on;
+      b.setAttribute("aria-pressed", String(value === current));
+    }
+  }
+
+  closePop(refocus) {
+    if (!this.pop) return;
+    const { node, kind, el } = this.pop;
+    this.pop = null;
     el.remove();
     const row = this.rows.get(node);
     if (row) {
-      row._eqxe.rule.menu.setAttribute("aria-expanded", "false");
-      if (refocus && row.isConnected) row._eqxe.rule.menu.focus();
+      const menu = row._eqxe[kind].menu;
+      menu.setAttribute("aria-expanded", "false");
+      if (refocus && row.isConnected) menu.focus();
     }
+  }
+
+  statusText(i, status) {
+    return (this.tree.kind[i] === "state" ? STATE_STATUS_TEXT : STATUS_TEXT)[status];
   }
 
   paintBadge(i, badge) {
@@ -658,7 +788,7 @@ class ExplorerView {
       status = names[this.status[leaf]];
       const norms = [0, 1, 2].map((r) => this.norms[r * this.tree.leaves + leaf]);
       const note = this.leafDetails[leaf] ? `\n${this.leafDetails[leaf]}` : "";
-      title = `${status}: ${STATUS_TEXT[status]}\n${fmtNorms(norms)}${note}`;
+      title = `${status}: ${this.statusText(i, status)}\n${fmtNorms(norms)}${note}`;
     } else if (leaf < 0 && this.worst[i] !== NO_STATUS && this.worst[i] >= ALARM) {
       status = Object.keys(SEVERITY).find((k) => SEVERITY[k] === this.worst[i]);
       title = `contains ${status} leaves: expand to see which`;
@@ -676,9 +806,10 @@ class ExplorerView {
     const row = e.target.closest(".eqxe-row");
     if (!row || !this.treeEl.contains(row)) return;
     const i = Number(row.dataset.node);
-    if (e.target.classList.contains("eqxe-rule-menu")) {
-      if (this.rulePop && this.rulePop.node === i) this.closeRulePop(true);
-      else this.openRulePop(i);
+    const menu = ["rule", "mode"].find((k) => e.target.classList.contains(`eqxe-${k}-menu`));
+    if (menu) {
+      if (this.pop && this.pop.node === i && this.pop.kind === menu) this.closePop(true);
+      else this.openPop(i, menu);
     } else if (e.target.classList.contains("eqxe-twisty") && this.isContainer(i)) {
       this.expanded[i] = this.expanded[i] ? 0 : 1;
       this.renderRows();
@@ -686,7 +817,7 @@ class ExplorerView {
       // Python decides: keep the box as it is until the state delta arrives.
       e.preventDefault();
       const state = row.dataset.state;
-      if (state === "static" || state === "loading") return;
+      if (state === "static" || state === "loading" || state === "state") return;
       this.send({ type: "toggle", path: this.tree.path[i], frozen: state === "trainable" });
     } else {
       this.send({ type: "select", path: this.tree.path[i] });
@@ -723,7 +854,7 @@ class ExplorerView {
       const more = msg.count > msg.nodes.length ? ` (first ${msg.nodes.length} shown)` : "";
       this.matchInfo.textContent = `${fmtInt(msg.count)} node(s) match, ${fmtInt(msg.leaves)} leaves${more}`;
       for (const i of msg.nodes.slice(0, MATCH_EXPAND)) {
-        for (let p = this.tree.table.parent[i]; p >= 0; p = this.tree.table.parent[p]) this.expanded[p] = 1;
+        for (let p = this.tree.parent[i]; p >= 0; p = this.tree.parent[p]) this.expanded[p] = 1;
       }
     }
     this.renderRows();
@@ -780,26 +911,29 @@ class ExplorerView {
       max: String(this.options.max_steps),
       value: "10",
     });
-    const run = (n) => {
-      if (this.busy) return;
-      this.setBusy(true);
-      this.send({ type: "step", n }, () => this.setBusy(false));
-    };
-    this.stepButtons = [
-      h("button", { class: "eqxe-step", text: "Step", onclick: () => run(1) }),
-      h("button", {
-        class: "eqxe-run",
-        text: "Run N",
-        onclick: () => {
-          const n = Math.round(Number(this.nInput.value));
-          if (n >= 1 && n <= this.options.max_steps) run(n);
-          else this.nInput.classList.add("eqxe-invalid");
-        },
-      }),
-      h("button", { class: "eqxe-reset", text: "Reset", onclick: () => this.send({ type: "reset" }) }),
-    ];
+    // While steps run, Python refuses another Step or a Reset with a message in the banner.
+    const run = (n) => this.send({ type: "step", n });
+    const step = h("button", { class: "eqxe-step", text: "Step", onclick: () => run(1) });
+    const runN = h("button", {
+      class: "eqxe-run",
+      text: "Run N",
+      onclick: () => {
+        const n = Math.round(Number(this.nInput.value));
+        if (n >= 1 && n <= this.options.max_steps) run(n);
+        else this.nInput.classList.add("eqxe-invalid");
+      },
+    });
+    this.stopButton = h("button", {
+      class: "eqxe-stop",
+      text: "Stop",
+      title: "end the run after the current chunk of steps; the report covers the steps done",
+      onclick: () => this.send({ type: "stop" }),
+    });
+    const reset = h("button", { class: "eqxe-reset", text: "Reset", onclick: () => this.send({ type: "reset" }) });
     this.nInput.addEventListener("input", () => this.nInput.classList.remove("eqxe-invalid"));
+    this.progressEl = h("span", { class: "eqxe-progress", role: "status" });
     this.stepInfo = h("span", { class: "eqxe-step-info" });
+    this.notesEl = h("ul", { class: "eqxe-notes" });
     this.lossEl = h("div", { class: "eqxe-loss-box" });
     const legend = h(
       "div",
@@ -816,21 +950,55 @@ class ExplorerView {
         { class: "eqxe-toolbar" },
         h("span", { class: "eqxe-title", text: "Steps" }),
         this.methodSelect,
-        this.stepButtons[0],
+        step,
         this.nInput,
-        this.stepButtons[1],
-        this.stepButtons[2],
-        this.stepInfo,
+        runN,
+        this.stopButton,
+        reset,
       ),
+      h("div", { class: "eqxe-step-status" }, this.progressEl, this.stepInfo),
+      this.notesEl,
+      h("div", { class: "eqxe-layout", text: LAYOUT_TEXT[this.options.layout] }),
       this.lossEl,
       legend,
     );
   }
 
-  setBusy(busy) {
-    this.busy = busy;
-    for (const b of this.stepButtons) b.disabled = busy;
-    this.root.classList.toggle("eqxe-busy", busy);
+  // The `progress` trait: the running call, ticking its elapsed time here; {} when idle.
+  paintProgress() {
+    if (!this.progressEl) return;
+    const p = this.model.get("progress");
+    const running = !!p.phase;
+    this.root.classList.toggle("eqxe-busy", running);
+    this.stopButton.hidden = !running || p.blocking;
+    this.stopButton.disabled = !!p.stopping;
+    this.progressEl.hidden = !running;
+    this.stepInfo.hidden = running;
+    clearInterval(this.ticker);
+    if (!running) return;
+    this.progressEl.title = p.blocking
+      ? "started from Python (w.step): interrupt the kernel to stop it"
+      : this.stopButton.title;
+    const tick = () => (this.progressEl.textContent = progressText(p));
+    tick();
+    this.ticker = setInterval(tick, 100);
+  }
+
+  // The last call's summary and the report's notes.
+  paintRun(run, notes) {
+    let text = "";
+    if (run.total) {
+      const steps = `${fmtInt(run.steps)} step${run.steps === 1 ? "" : "s"}`;
+      text =
+        run.steps < run.total
+          ? `${run.stopped ? "stopped after" : "ran"} ${fmtInt(run.steps)} of ${fmtInt(run.total)} steps`
+          : steps;
+      text += ` · ${fmtSeconds(run.seconds)}`;
+      if (run.compiles) text += ` · compiled ${run.compiles === 1 ? "once" : `${run.compiles}×`}`;
+    }
+    this.stepInfo.textContent = text;
+    this.notesEl.replaceChildren(...notes.map((note) => h("li", { text: note })));
+    this.notesEl.hidden = !notes.length;
   }
 
   paintLoss() {
@@ -872,7 +1040,7 @@ class ExplorerView {
       const last = losses[losses.length - 1];
       const bad = losses.length - finite.length;
       caption.textContent =
-        `${losses.length} step${losses.length === 1 ? "" : "s"} · loss ${last === null ? "not finite" : last.toPrecision(4)}` +
+        `${fmtInt(losses.length)} step${losses.length === 1 ? "" : "s"} · loss ${last === null ? "not finite" : last.toPrecision(4)}` +
         (finite.length ? ` · range ${lo.toPrecision(3)}–${hi.toPrecision(3)}` : "") +
         (bad ? ` · ${bad} non-finite` : "");
     }
@@ -894,10 +1062,13 @@ class ExplorerView {
       ["class", d.cls],
       ["value", d.summary],
       ["state", d.state],
+      "owner" in d ? ["layer", d.owner || "(root)"] : null,
       d.params ? ["params", fmtInt(d.params)] : null,
       d.sharding ? ["sharding", d.sharding] : null,
       ...Object.entries(d.static || {}).map(([k, v]) => [`${k} (static)`, v]),
-      d.status ? ["last step", `${d.status}: ${STATUS_TEXT[d.status]}`] : null,
+      d.status
+        ? ["last step", `${d.status}: ${(d.kind === "state" ? STATE_STATUS_TEXT : STATUS_TEXT)[d.status]}`]
+        : null,
       d.note ? ["note", d.note] : null,
       d.norms ? ["norms", fmtNorms(d.norms.map((v) => v ?? NaN))] : null,
     ].filter(Boolean);
