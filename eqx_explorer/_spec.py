@@ -391,7 +391,7 @@ class FilterSpec:
                 raise ExplorerError(
                     f"`{tree.paths[tree.leaf_node[i]]}` is {leaves[i]!r} in this model, not a "
                     "bool, so the spec cannot set its inference mode; build the model with a "
-                    "bool there (e.g. `inference=False`) or clear it: spec.inference(..., on=...)"
+                    "bool there (e.g. `inference=False`), or a spec for it: FilterSpec(model)"
                 )
 
     def apply_inference(self, model: Any) -> Any:
