@@ -1,0 +1,224 @@
+"""Live steps in a real browser (JupyterLab): progress, Stop, the model's state, inference mode.
+
+Each test writes its own small notebook into the server's root, runs it, and drives the widget
+as a user would. Every wait is on a condition; the timings a user feels (compilation shown,
+a toggle answered while steps run, Stop to report) go to test-artifacts/steps-timings.json.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import nbformat
+import pytest
+
+from .conftest import ACTION_MS, ARTIFACTS, open_and_run_all, shot
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+SETUP = """\
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+import eqx_explorer as ex
+from eqx_explorer._examples import TinyTransformer, example_batch, mse_loss
+
+warnings.filterwarnings("ignore", message="When `eqx.nn.BatchNorm")"""
+
+# A model whose first step compiles for a few seconds on 2 cores.
+SLOW = """\
+slow = ex.Explorer(
+    TinyTransformer(jax.random.key(0), dim=32, depth=3),
+    loss_fn=mse_loss,
+    batch=example_batch(n=8),
+    optimizer=optax.adam(1e-3),
+)
+slow"""
+
+STATEFUL = """\
+class Net(eqx.Module):
+    lin: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+    drop: eqx.nn.Dropout
+    head: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        self.lin = eqx.nn.Linear(2, 4, key=k1)
+        self.bn = eqx.nn.BatchNorm(4, "batch")
+        self.drop = eqx.nn.Dropout(0.0)
+        self.head = eqx.nn.Linear(4, 1, key=k2)
+
+    def __call__(self, x, state):
+        h, state = self.bn(self.lin(x), state)
+        return self.head(self.drop(h))[0], state
+
+
+def loss_fn(model, state, batch):
+    x, y = batch
+    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    out, state = batched(x, state)
+    return jnp.mean((out - y) ** 2), state
+
+
+model, state = eqx.nn.make_with_state(Net)(jax.random.key(0))
+batch = (jnp.linspace(-1, 1, 16).reshape(8, 2), jnp.linspace(0, 1, 8))
+bn = ex.Explorer(model, loss_fn=loss_fn, batch=batch, state=state)
+bn"""
+
+ROOT = "document.querySelector('.eqxe-root')"
+PROGRESS = f"{ROOT}.querySelector('.eqxe-progress')"
+STATE_PATHS = ["bn.ema_first_time_index", "bn.ema_state_index[0]", "bn.ema_state_index[1]"]
+
+
+def notebook(server, name: str, *cells: str) -> str:
+    """Write a notebook of `cells` into the server's root; its URL in JupyterLab."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    path = server.root / "steps" / f"{name}.ipynb"
+    path.parent.mkdir(exist_ok=True)
+    nbformat.write(nb, path)
+    # its own workspace: the default one would reopen the other tests' notebooks
+    return server.page_url(f"lab/workspaces/{name}/tree/steps/{name}.ipynb")
+
+
+def row(path: str) -> str:
+    return f'.eqxe-row[data-path="{path}"]'
+
+
+def wait_js(page, condition: str, timeout: float = ACTION_MS) -> float:
+    """Wait for a JS condition (an expression); the seconds it took."""
+    t0 = time.monotonic()
+    page.wait_for_function(f"() => {condition}", timeout=timeout, polling=50)
+    return time.monotonic() - t0
+
+
+def record(timings: dict) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "steps-timings.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**old, **timings}, indent=1))
+    print(timings)
+
+
+def test_progress_stop_and_a_toggle_while_steps_run(page, jupyter_server):
+    open_and_run_all(page, notebook(jupyter_server, "progress", SETUP, SLOW))
+    w = page.locator(".eqxe-root").first
+    assert "masked layout" in w.locator(".eqxe-layout").inner_text()
+    # Every text the progress line shows, in order.
+    page.evaluate(
+        f"""() => {{
+          const el = {PROGRESS};
+          window.eqxeTexts = [];
+          const seen = () => {{
+            const t = el.hidden ? '' : el.textContent;
+            if (t && window.eqxeTexts[window.eqxeTexts.length - 1] !== t) window.eqxeTexts.push(t);
+          }};
+          new MutationObserver(seen).observe(el, {{
+            childList: true, characterData: true, subtree: true, attributes: true }});
+        }}"""
+    )
+    w.locator(".eqxe-n").fill("10000")
+    w.locator(".eqxe-run").click()
+    shown = wait_js(page, f"/^compiling… /.test({PROGRESS}.textContent)")
+    assert w.locator(".eqxe-stop").is_visible() and "eqxe-busy" in w.get_attribute("class")
+    shot(page, "steps-0-compiling")
+    compiling = wait_js(page, f"/^step [\\d,]+ \\/ 10,000 · loss /.test({PROGRESS}.textContent)")
+    first = w.locator(".eqxe-progress").inner_text()
+    wait_js(page, f"{PROGRESS}.textContent.split(' · ')[0] !== {json.dumps(first.split(' · ')[0])}")
+    shot(page, "steps-1-running")
+
+    # The kernel answers the page while steps run: a toggle comes back at once.
+    w.locator(f"{row('head')} .eqxe-check").click()
+    toggle = wait_js(page, f"{ROOT}.querySelector('{row('head')}').dataset.state === 'frozen'")
+    # A second Step is refused with a message; the run goes on.
+    w.locator(".eqxe-step").click()
+    refused = wait_js(
+        page, f"/steps are running/.test({ROOT}.querySelector('.eqxe-banner-text').textContent)"
+    )
+    assert w.locator(".eqxe-progress").is_visible()
+    shot(page, "steps-2-refused")
+
+    w.locator(".eqxe-stop").click()
+    stop = wait_js(
+        page, f"/^stopped after/.test({ROOT}.querySelector('.eqxe-step-info').textContent)"
+    )
+    info = w.locator(".eqxe-step-info").inner_text()
+    done = int(info.split()[2].replace(",", ""))
+    assert 0 < done < 10_000 and "of 10,000 steps" in info
+    assert w.locator(".eqxe-progress").is_hidden() and w.locator(".eqxe-stop").is_hidden()
+    assert "eqxe-busy" not in w.get_attribute("class")
+    assert w.locator(".eqxe-loss-caption").inner_text().startswith(f"{done:,} steps")
+    # The report covers the steps that ran, taken before the toggle: its badges are stale.
+    assert w.locator(f"{row('head.weight')} .eqxe-badge").get_attribute("data-status") == "updated"
+    assert "eqxe-stale" in (w.get_attribute("class") or "")
+    texts = page.evaluate("() => window.eqxeTexts")
+    assert texts[0].startswith(("starting", "compiling"))
+    steps = [t for t in texts if t.startswith("step ")]
+    assert len(steps) >= 2 and any("stopping…" in t for t in texts)
+    shot(page, "steps-3-stopped")
+    record(
+        {
+            "compiling_shown_s": round(shown, 3),
+            "compiling_until_first_progress_s": round(compiling, 3),
+            "toggle_while_running_s": round(toggle, 3),
+            "second_step_refused_s": round(refused, 3),
+            "stop_to_report_s": round(stop, 3),
+            "steps_before_stop": done,
+            "progress_texts": len(texts),
+        }
+    )
+
+
+def test_state_rows_and_inference_mode(page, jupyter_server):
+    open_and_run_all(page, notebook(jupyter_server, "state", SETUP, STATEFUL))
+    w = page.locator(".eqxe-root").first
+    states = w.locator(".eqxe-row[data-kind=state]")
+    assert states.evaluate_all("rs => rs.map((r) => r.dataset.path)") == STATE_PATHS
+    assert states.evaluate_all("rs => rs.map((r) => r.dataset.state)") == ["state"] * 3
+    assert states.first.locator("input").count() == 0  # no checkbox: not a parameter
+    classes = w.locator(".eqxe-tree .eqxe-cls").all_inner_texts()
+    assert not any(c.startswith(("StateIndex", "_Sentinel")) for c in classes)
+
+    def state_badges():
+        return [
+            w.locator(f"{row(p)} .eqxe-badge").get_attribute("data-status") for p in STATE_PATHS
+        ]
+
+    w.locator(".eqxe-step").click()
+    wait_js(page, f"{ROOT}.querySelector('{row(STATE_PATHS[1])} .eqxe-badge').dataset.status")
+    assert state_badges() == ["updated"] * 3
+    shot(page, "state-1-updated")
+
+    # Frozen is not enough: the statistics still move. Inference mode from the row menu.
+    w.locator(f"{row('bn')} .eqxe-check").click()
+    wait_js(page, f"{ROOT}.querySelector('{row('bn')}').dataset.state === 'frozen'")
+    w.locator(f"{row('bn')} .eqxe-mode-menu").click()
+    w.locator(".eqxe-mode-pop .eqxe-mode-pick[data-on=true]").click()
+    wait_js(page, f"{ROOT}.querySelector('{row('bn')}').dataset.mode === 'eval'")
+    assert w.locator(f"{row('bn')} .eqxe-mode").inner_text() == "eval"
+    assert w.locator(".eqxe-mode-pop").count() == 0  # closed once Python accepted
+    w.locator(".eqxe-step").click()
+    wait_js(
+        page,
+        f"{ROOT}.querySelector('{row(STATE_PATHS[1])} .eqxe-badge').dataset.status === 'unchanged'",
+    )
+    assert state_badges() == ["unchanged"] * 3
+    w.locator(f"{row(STATE_PATHS[1])} .eqxe-name").click()
+    wait_js(
+        page,
+        f"{ROOT}.querySelector('.eqxe-detail .eqxe-title')?.textContent === '{STATE_PATHS[1]}'",
+    )
+    facts = w.locator(".eqxe-detail dl").inner_text()
+    assert "layer\nbn" in facts and "unchanged" in facts
+    shot(page, "state-2-inference")
