@@ -711,6 +711,7 @@ def test_page_step_runs_in_a_worker_and_the_kernel_keeps_answering(gated, small)
     assert runner.kw["layout"] == "structural"
     wait_for(lambda: w.progress.get("phase") == "compiling")
     assert w.progress["total"] == 3 and w.progress["blocking"] is False
+    assert w.get_state()["progress"] == w.progress  # a view displayed now shows it too
     runner.gate.release()
     wait_for(lambda: w.progress.get("done") == 1)
     assert w.progress["phase"] == "running" and w.progress["loss"] == 1.0
@@ -927,8 +928,16 @@ def test_step_reports_state_statuses_and_inference_keeps_them(stateful):
     assert norms[2, nl + 1] == pytest.approx(report.state_leaves[1].delta_norm, rel=1e-5)
     d = w.detail  # the selected state row follows the report
     assert d["status"] == "updated" and d["norms"][2] > 0 and "update_html" in d
-    # Frozen and in inference mode (from the row menu): the statistics stay.
+    # Frozen is not enough: the statistics move, and the report's notes (listed in the step
+    # pane) say how to keep them.
     w._handle_message({"type": "toggle", "path": "bn", "frozen": True})
+    sent.clear()
+    report = w.step(1)
+    # ema_first_time_index stays False after the first step; the running statistics move.
+    assert [leaf.status for leaf in report.state_leaves] == ["unchanged", "updated", "updated"]
+    ((msg, _),) = sent.of_type("report")
+    assert any("frozen layer `bn`" in n and "inference mode" in n for n in msg["notes"])
+    # In inference mode (from the row menu) they stay.
     w._handle_message({"type": "inference", "path": "bn", "on": True, "id": 3})
     assert w.error == "" and w._modes == {str(tree.find("bn")): True}
     report = w.step(2)
@@ -945,6 +954,7 @@ def test_inference_message_and_python_method_set_the_spec(stateful):
     w._handle_message({"type": "inference", "path": "bn", "on": True, "id": 1})
     assert w.spec == FilterSpec(w.spec.model).inference("bn")
     assert w._modes == {str(bn): True} and w.code == to_code(w.spec, "tree_at")
+    assert "m.bn.inference" in w.code  # the exported code sets it too
     assert sent.of_type("ack") == [({"type": "ack", "id": 1, "ok": True}, None)]
     assert sent.of_type("states") == []  # a mode changes no freeze state
     assert w.inference("drop") is w.spec and w._modes == {str(bn): True, str(drop): True}

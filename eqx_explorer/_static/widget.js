@@ -114,7 +114,7 @@ function fmtBytes(x) {
   return `${i ? x.toFixed(x < 10 ? 2 : 1) : x} ${units[i]}`;
 }
 
-const fmtSeconds = (s) => `${s < 10 ? s.toFixed(1) : Math.round(s)} s`;
+const fmtSeconds = (s) => `${s < 1 ? s.toFixed(2) : s < 10 ? s.toFixed(1) : Math.round(s)} s`;
 
 function progressText(p) {
   const elapsed = fmtSeconds(Math.max(0, (Date.now() - p.started) / 1000));

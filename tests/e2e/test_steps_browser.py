@@ -13,7 +13,7 @@ import time
 import nbformat
 import pytest
 
-from .conftest import ACTION_MS, ARTIFACTS, open_and_run_all, shot
+from .conftest import ACTION_MS, ARTIFACTS, PANEL, open_and_run_all, shot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -167,6 +167,17 @@ def test_progress_stop_and_a_toggle_while_steps_run(page, jupyter_server):
     steps = [t for t in texts if t.startswith("step ")]
     assert len(steps) >= 2 and any("stopping…" in t for t in texts)
     shot(page, "steps-3-stopped")
+
+    # w.step(n) from Python blocks the kernel and shows the same progress (no Stop: the page
+    # cannot reach a busy kernel; interrupting it can).
+    page.evaluate(
+        f"""() => ({PANEL})().sessionContext.session.kernel.requestExecute(
+              {{ code: 'report = slow.step(3000)' }})"""
+    )
+    wait_js(page, f"/^step [\\d,]+ \\/ 3,000/.test({PROGRESS}.textContent)")
+    assert w.locator(".eqxe-stop").is_hidden()
+    assert "interrupt the kernel" in w.locator(".eqxe-progress").get_attribute("title")
+    wait_js(page, f"/^3,000 steps/.test({ROOT}.querySelector('.eqxe-step-info').textContent)")
     record(
         {
             "compiling_shown_s": round(shown, 3),
@@ -200,9 +211,15 @@ def test_state_rows_and_inference_mode(page, jupyter_server):
     assert state_badges() == ["updated"] * 3
     shot(page, "state-1-updated")
 
-    # Frozen is not enough: the statistics still move. Inference mode from the row menu.
+    # Frozen is not enough: the statistics still move, and the step pane's notes say so.
     w.locator(f"{row('bn')} .eqxe-check").click()
     wait_js(page, f"{ROOT}.querySelector('{row('bn')}').dataset.state === 'frozen'")
+    w.locator(".eqxe-step").click()
+    wait_js(page, f"/frozen layer `bn`/.test({ROOT}.querySelector('.eqxe-notes').textContent)")
+    assert state_badges()[1:] == ["updated"] * 2
+    assert "inference mode" in w.locator(".eqxe-notes").inner_text()
+    shot(page, "state-2-frozen-note")
+    # Inference mode from the row menu.
     w.locator(f"{row('bn')} .eqxe-mode-menu").click()
     w.locator(".eqxe-mode-pop .eqxe-mode-pick[data-on=true]").click()
     wait_js(page, f"{ROOT}.querySelector('{row('bn')}').dataset.mode === 'eval'")
@@ -221,4 +238,5 @@ def test_state_rows_and_inference_mode(page, jupyter_server):
     )
     facts = w.locator(".eqxe-detail dl").inner_text()
     assert "layer\nbn" in facts and "unchanged" in facts
-    shot(page, "state-2-inference")
+    w.locator(".eqxe-detail").scroll_into_view_if_needed()
+    shot(page, "state-3-inference")
