@@ -10,6 +10,7 @@ from hypothesis import given, settings
 
 from eqx_explorer import ExplorerError, ModelTree
 from eqx_explorer._examples import example_model
+from eqx_explorer._tree import array_summary
 from tests.strategies import models
 
 KEY = jax.random.key(0)
@@ -187,3 +188,10 @@ def test_negative_indices_count_from_the_end():
         tree.find("blocks[-4]")
     # A dict's negative int key is a key, not an index.
     assert ModelTree({-1: jnp.ones(1)}).find("[-1]") == 1
+
+
+def test_array_summary_is_the_rows_text():
+    tree = ModelTree(example_model())
+    node = tree.find("blocks[0].mlp.layers[0].weight")
+    assert array_summary(tree.objects[node]) == tree.summary(node) == "float32[32, 16]"
+    assert array_summary(jnp.array(True)) == "bool[]"  # e.g. a BatchNorm state flag
