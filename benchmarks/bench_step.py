@@ -1,16 +1,21 @@
 """StepRunner vs a hand-written `eqx.filter_jit` training loop (same model, spec, optimizer).
 
-Rows (`main()` returns them for `run_all.py`; run as a script to print them):
+Rows (`main()` returns them for `run_all.py`; run as a script to print them), all on an MLP
+with ~4.2M parameters, half frozen, Adam, on the default masked layout:
 
-1. Many steps of an MLP with ~4.2M parameters, half frozen, Adam: median over repeats of
-   (runner time / hand-written loop time). Target <= 1.15: the in-jit audit and the
-   rollback checks cost little next to the step itself.
-2. The same with one `runner.step(1)` call per step (the widget's pattern): every call pays
-   for its audit (one jitted pass over the trainable arrays and their gradients), so this
-   row is informational; the target applies to row 1.
-3. Optimizer-state bytes under `"partition"` vs 2x trainable bytes (Adam's mu and nu):
-   the state covers only trainable leaves (+4 bytes for Adam's step count).
-4. Second visit to a spec (no recompile) vs its first step (trace + compile).
+1. Toggle then `step(1)` vs a warm `step(1)`: the spec is data, so no recompile (<= 3).
+2. Method switch then `step(1)` vs a warm `step(1)` (<= 3).
+3. A new runner's first `step(1)` (trace + compile + one step) vs the hand-written loop's
+   first call (<= 1.3).
+4. `step(30)` on the masked program vs the loop: the price of one program for every spec
+   (frozen leaves' gradients are computed, then masked). Informational.
+5. `step(30)` once the specialised program (masks compiled in, compiled in the background)
+   has swapped in, vs the loop (<= 1.05).
+6. 30 x `step(1)` vs the loop (<= 1.15), on the specialised program.
+7. Seconds until the specialised program is ready (background compile) vs the masked
+   program's first compile: the wait before long runs reach the hand-written speed.
+8. Optimizer-state bytes of the masked layout vs 2x all float bytes (Adam's mu and nu over
+   every float leaf; the structural layout holds 2x the trainable bytes only).
 """
 
 from __future__ import annotations
@@ -77,77 +82,107 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
+def _row(name: str, ours: float, base: float, target: str, ratio: float | None = None) -> dict:
+    return {
+        "benchmark": name,
+        "ours": ours,
+        "baseline": base,
+        "ratio": ours / base if ratio is None else ratio,
+        "target": target,
+    }
+
+
+def _paired(ours_fn, base_fn, repeats: int = REPEATS) -> tuple[float, float, float]:
+    """Medians of ours, the baseline and their ratio, interleaved so noise hits both alike."""
+    t_ours, t_base, ratios = [], [], []
+    for _ in range(repeats):
+        t_ours.append(_timed(ours_fn))
+        t_base.append(_timed(base_fn))
+        ratios.append(t_ours[-1] / t_base[-1])
+    return statistics.median(t_ours), statistics.median(t_base), statistics.median(ratios)
+
+
 def main() -> list[dict]:
     import jax
 
     from eqx_explorer._steps import StepRunner
 
     model, spec, batch, optimizer, loss_fn = _setup()
-    runner = StepRunner(model, spec, loss_fn, batch, optimizer=optimizer)
-    baseline = _hand_written(model, spec, batch, optimizer, loss_fn)
-    runner.step(2)  # compile and warm up both
-    baseline(2)
-
-    def ours_many(n: int):
-        report = runner.step(n)
-        assert report.ok, report.error
-
-    def ours_single(n: int):
-        for _ in range(n):
-            runner.step(1)
-
     rows = []
-    for name, ours_fn, target in (
-        (
-            f"StepRunner.step({STEPS}) vs filter_jit loop, 4.2M-param MLP, half frozen",
-            ours_many,
-            "<= 1.15",
-        ),
-        (f"{STEPS} x StepRunner.step(1) vs filter_jit loop, same model", ours_single, "info"),
-    ):
-        ratios, t_ours, t_base = [], [], []
-        for _ in range(REPEATS):  # interleaved, so machine noise hits both sides alike
-            t_ours.append(_timed(ours_fn, STEPS))
-            t_base.append(_timed(baseline, STEPS))
-            ratios.append(t_ours[-1] / t_base[-1])
-        rows.append(
-            {
-                "benchmark": name,
-                "ours": statistics.median(t_ours),
-                "baseline": statistics.median(t_base),
-                "ratio": statistics.median(ratios),
-                "target": target,
-            }
-        )
 
-    opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(runner.opt_state))
-    adam_bytes = 2 * spec.counts["trainable_bytes"]
+    # First calls, compilation included: a fresh runner vs a fresh hand-written loop.
+    baseline = _hand_written(model, spec, batch, optimizer, loss_fn)
+    runner = StepRunner(model, spec, loss_fn, batch, optimizer=optimizer)
+    first_base = _timed(baseline, 1)
+    first_ours = _timed(runner.step, 1)
     rows.append(
-        {
-            "benchmark": "optimizer-state bytes under partition vs 2x trainable bytes",
-            "ours": opt_bytes,
-            "baseline": adam_bytes,
-            "ratio": opt_bytes / adam_bytes,
-            "target": "1 (+4 B count)",
-        }
+        _row(
+            "first step(1) (compile incl.) vs the loop's first call",
+            first_ours,
+            first_base,
+            "<= 1.3",
+        )
     )
 
+    warm = lambda: runner.step(1)  # noqa: E731
+    for _ in range(3):
+        warm()
     other = spec.unfreeze("layers[1]")
-    runner.set_spec(other)
-    first = _timed(runner.step, 1)
-    runner.set_spec(spec)
-    runner.set_spec(other)
+    specs = [other, spec]
+
+    def toggle_then_step():
+        runner.set_spec(specs[0])
+        specs.reverse()
+        runner.step(1)
+
     compiles = runner.compile_count
-    second = _timed(runner.step, 1)
-    assert runner.compile_count == compiles, "revisiting a spec recompiled"
+    t, w, r = _paired(toggle_then_step, warm)
+    rows.append(_row("toggle then step(1) vs a warm step(1)", t, w, "<= 3", r))
+    methods = ["stop_gradient", "partition"]
+
+    def switch_then_step():
+        runner.set_spec(spec, method=methods[0])
+        methods.reverse()
+        runner.step(1)
+
+    t, w, r = _paired(switch_then_step, warm)
+    rows.append(_row("method switch then step(1) vs a warm step(1)", t, w, "<= 3", r))
+    runner.set_spec(spec, method="partition")
+    assert runner.compile_count == compiles, "a toggle or a method switch recompiled"
+
+    masked = StepRunner(model, spec, loss_fn, batch, optimizer=optimizer, specialise=False)
+    masked.step(2)
+    baseline(2)
+    t, b, r = _paired(lambda: masked.step(STEPS), lambda: baseline(STEPS))
+    rows.append(_row(f"step({STEPS}) masked program vs the loop", t, b, "info", r))
+
+    start = time.perf_counter()
+    runner.step(STEPS)  # long enough to start the specialised compile in the background
+    runner._specialising.join()
+    ready = time.perf_counter() - start
+    t, b, r = _paired(lambda: runner.step(STEPS), lambda: baseline(STEPS))
+    assert runner.program == "specialised"
+    rows.append(_row(f"step({STEPS}) specialised program vs the loop", t, b, "<= 1.05", r))
+
+    def singles():
+        for _ in range(STEPS):
+            runner.step(1)
+
+    t, b, r = _paired(singles, lambda: baseline(STEPS))
+    rows.append(_row(f"{STEPS} x step(1) vs the loop ({STEPS} steps)", t, b, "<= 1.15", r))
     rows.append(
-        {
-            "benchmark": "second visit to a spec (no recompile) vs its first compile",
-            "ours": second,
-            "baseline": first,
-            "ratio": second / first,
-            "target": "<< 1",
-        }
+        _row("specialised program ready (s) vs the first compile", ready, first_ours, "info")
+    )
+
+    opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(runner.opt_state))
+    adam_bytes = 2 * (spec.counts["trainable_bytes"] + spec.counts["frozen_bytes"])
+    rows.append(
+        _row(
+            "optimizer-state bytes (masked) vs 2x all float bytes",
+            opt_bytes,
+            adam_bytes,
+            "1 (+4 B)",
+        )
     )
     return rows
 

@@ -208,15 +208,28 @@ def _make_program(on_trace: Callable[[bool], None]) -> Callable:
                 )
             return loss.astype(jnp.float32), new_s
 
+        # With baked masks, leaves that are never written (or whose gradient is never
+        # seen) are known unchanged (zero): the audit skips them instead of scanning them.
+        every = range(k)
+        touched = [j for j in every if st.masks is None or m[_TOUCH][j]]
+        seen = [j for j in every if st.masks is None or m[_GRAD][j] or m[_SEEN][j]]
+
+        def spread(values, index, fill):
+            if len(index) == k:
+                return values
+            full = jnp.full(k, fill, values.dtype)
+            return full.at[np.asarray(index, np.int32)].set(values) if index else full
+
         def grad_stats(grads):
-            gsq = stack([sumsq(g) for g in grads], jnp.float32)
+            sub = [grads[j] for j in seen]
+            gsq = stack([sumsq(g) for g in sub], jnp.float32)
             # A non-finite sum of squares is a NaN/inf element or an overflow: check which.
             finite = jax.lax.cond(
                 jnp.all(jnp.isfinite(gsq)),
-                lambda: jnp.ones(k, bool),
-                lambda: stack([jnp.all(jnp.isfinite(g)) for g in grads], bool),
+                lambda: jnp.ones(len(sub), bool),
+                lambda: stack([jnp.all(jnp.isfinite(g)) for g in sub], bool),
             )
-            return gsq, finite
+            return spread(gsq, seen, 0.0), spread(finite, seen, True)
 
         def body(carry):
             i, _, p, o, s, losses, gsq, g_finite, usq = carry
@@ -250,7 +263,9 @@ def _make_program(on_trace: Callable[[bool], None]) -> Callable:
                     p_new, o_new = _pin((p_new, o_new), st.pins)
                 moved_sq = jax.lax.cond(
                     last,
-                    lambda: stack([sumsq(y - x) for x, y in zip(old, new)], jnp.float32),
+                    lambda: spread(
+                        stack([sumsq(new[j] - old[j]) for j in touched], jnp.float32), touched, 0.0
+                    ),
                     lambda: usq,
                 )
                 return p_new, o_new, new_s, moved_sq
@@ -275,17 +290,20 @@ def _make_program(on_trace: Callable[[bool], None]) -> Callable:
         if st.pins is not None:  # the loop's outputs too: propagation may pick others
             p, o = _pin((p, o), st.pins)
 
-        begin, end = jtu.tree_leaves(start), jtu.tree_leaves(p)
+        begin = [jtu.tree_leaves(start)[j] for j in touched]
+        end = [jtu.tree_leaves(p)[j] for j in touched]
         changed, d = compare(begin, end)
         # No element that was finite at the start is NaN/inf at the end (a frozen leaf that
         # already holds an inf is not blamed).
         finite = jax.lax.cond(
             jnp.all(jnp.isfinite(d)),
-            lambda: jnp.ones(k, bool),
+            lambda: jnp.ones(len(touched), bool),
             lambda: stack(
                 [~jnp.any(jnp.isfinite(a) & ~jnp.isfinite(b)) for a, b in zip(begin, end)], bool
             ),
         )
+        changed, finite = spread(changed, touched, False), spread(finite, touched, True)
+        d = spread(d, touched, 0.0)
         rows = [changed, jnp.sqrt(d), jnp.sqrt(usq), finite, jnp.sqrt(gsq), g_finite]
         audit = jnp.stack([r.astype(jnp.float32) for r in rows])
         s_changed, s_d = compare(_arrays(state0), _arrays(s))
