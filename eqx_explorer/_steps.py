@@ -53,11 +53,13 @@ returns strong types, which would otherwise retrace.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import inspect
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -920,9 +922,6 @@ class StepRunner:
                 progress(StepProgress(phase, done, n, loss, time.perf_counter() - t0))
 
         self._local.on_trace = lambda: tell("compiling", 0, None)
-        if self._kind == MASKED and self.specialise:
-            if self._steps_on_layout + n >= SPECIALISE_AFTER:
-                self._specialise(layout)
 
         current, losses, last, moved = begin, [], None, None
         failure, broken, stopped, swapped = None, None, False, None
@@ -965,6 +964,10 @@ class StepRunner:
                 else STRUCTURAL
             )
             tell("running", len(losses), losses[-1] if losses else None)
+            # After the first chunk, so the background compile never slows the first answer.
+            if self._kind == MASKED and self.specialise and failure is None:
+                if self._steps_on_layout + n >= SPECIALISE_AFTER:
+                    self._specialise(layout)
 
         self._steps_on_layout += len(losses)
         params, self._opt_state, self._state = current
@@ -1122,6 +1125,7 @@ class StepRunner:
             target=work, name="eqx_explorer-specialise", daemon=True
         )
         self._specialising.start()
+        _BACKGROUND.add(self._specialising)
 
     # -- the report -------------------------------------------------------------------------
     def _message(
@@ -1234,6 +1238,11 @@ class StepRunner:
             f'spec.inference("{owner}") (the row menu\'s "inference mode" in the widget)'
             for owner, paths in moved.items()
         ]
+
+
+# XLA aborts the process if it exits while a compilation runs in another thread.
+_BACKGROUND: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+atexit.register(lambda: [t.join() for t in list(_BACKGROUND)])
 
 
 class _Release:
