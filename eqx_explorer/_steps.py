@@ -106,7 +106,6 @@ _CHANGED, _DELTA, _UPDATE, _FINITE, _GRAD_NORM, _GRAD_FINITE = range(6)
 
 CHUNK_SECONDS = 0.25  # a chunk's wall time when someone watches (`progress`)
 QUIET_CHUNK_SECONDS = 2.0  # without `progress`: fewer audits, `stop()` still answers
-MAX_CHUNK = 4096  # steps per program call (the size of its loss buffer)
 SPECIALISE_AFTER = 16  # steps on one (spec, method) before a specialised program pays
 
 
@@ -167,24 +166,30 @@ class _Static(NamedTuple):
     pins: tuple | None  # output shardings of (params, opt_state) for sharded models
 
 
-def _make_program(on_trace: Callable[[bool], None]) -> Callable:
-    """A fresh `filter_jit` program; its cache belongs to one runner.
+def _make_program(on_trace: Callable[[], None]) -> Callable:
+    """A fresh `filter_jit` step; its cache belongs to one runner.
 
-    `program(start, params, rest, opt_state, state, state0, batch, masks, n, *, st)` runs up
-    to `n` steps (at most `MAX_CHUNK`) from `params`/`opt_state`/`state`, stopping after the
-    first step whose loss is not finite (that step is not committed), and audits the result
-    against the call's `start` parameters and `state0`. It returns the new arrays, the
-    losses, the number of steps attempted, whether the last one was finite, the audit
-    matrix (`_CHANGED`...) and the state audit (changed, delta norm).
+    `program(params, rest, opt_state, state, batch, masks, want_grads, *, st)` runs one step
+    and returns the new arrays and the loss, like a hand-written step (a call of `n` steps
+    dispatches it `n` times back to back), plus each optimized leaf's gradient sum of squares
+    and finite flag when `want_grads` (the last step of a call; else zeros, at the cost of a
+    `lax.cond`). The masks (`_method_masks`) are data, one uint8 code per leaf, unless `st`
+    bakes them in.
     """
 
-    def program(start, params, rest, opt_state, state, state0, batch, masks, n, *, st):
-        on_trace(st.masks is not None)  # runs only when JAX traces: counts compilations
-        m = st.masks if st.masks is not None else masks
+    def program(params, rest, opt_state, state, batch, masks, want_grads, *, st):
+        on_trace()  # runs only when JAX traces: counts compilations
         treedef = jtu.tree_structure(params)
         k = treedef.num_leaves
+        if st.masks is not None:
+            m = st.masks
+        else:  # one uint8 code per leaf, bit r = row r (a mask array sliced per leaf
+            # makes XLA's compilation several times slower)
+            m = [[(c & (1 << r)) != 0 for c in masks] for r in range(5)]
+        # With baked masks, a gradient never seen is known zero: its norm is not computed.
+        seen = [j for j in range(k) if st.masks is None or m[_GRAD][j] or m[_SEEN][j]]
 
-        def objective(p, s):
+        def objective(p):
             if st.masks is not None:  # not differentiated at all, as in a partition
                 leaves = [
                     x if m[_GRAD][j] or m[_SEEN][j] else jax.lax.stop_gradient(x)
@@ -193,126 +198,108 @@ def _make_program(on_trace: Callable[[bool], None]) -> Callable:
                 p = jtu.tree_unflatten(treedef, leaves)
             model = eqx.combine(p, rest)
             if st.stateful:
-                out = st.loss_fn(model, s, batch)
+                out = st.loss_fn(model, state, batch)
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise _StepFailure(
                         "with `state=`, loss_fn(model, state, batch) must return "
                         f"(loss, new_state); it returned {type(out).__name__}."
                     )
-                loss, new_s = out
+                loss, new_state = out
             else:
-                loss, new_s = st.loss_fn(model, batch), s
+                loss, new_state = st.loss_fn(model, batch), state
             if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
                 raise _StepFailure(
                     "loss_fn must return a float scalar; it returned "
                     f"{jnp.result_type(loss)}{list(jnp.shape(loss))}. Reduce it, e.g. "
                     "`jnp.mean(...)` over the batch."
                 )
-            return loss.astype(jnp.float32), new_s
+            return loss.astype(jnp.float32), new_state
 
-        # With baked masks, leaves that are never written (or whose gradient is never
-        # seen) are known unchanged (zero): the audit skips them instead of scanning them.
-        every = range(k)
-        touched = [j for j in every if st.masks is None or m[_TOUCH][j]]
-        seen = [j for j in every if st.masks is None or m[_GRAD][j] or m[_SEEN][j]]
+        (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        old, g = jtu.tree_leaves(params), jtu.tree_leaves(grads)
+        fed = [
+            _zero_unless(m[_GRAD][j], g[j] if r is None else r.grad(x, g[j]))
+            for j, (x, r) in enumerate(zip(old, st.rules))
+        ]
+        updates, new_opt = st.optimizer.update(jtu.tree_unflatten(treedef, fed), opt_state, params)
+        new = []
+        for j, (x, u, r) in enumerate(zip(old, jtu.tree_leaves(updates), st.rules)):
+            u = _zero_unless(m[_UPD][j], u)
+            moved = (x + u).astype(x.dtype)
+            if r is not None:  # update rules apply to the leaves that train
+                moved = _select(m[_GRAD][j], r.apply(x, u).astype(x.dtype), moved)
+            new.append(_select(m[_TOUCH][j], moved, x))
+        slots = [
+            y if c < 0 else _select(m[_SLOT][c], y, x)
+            for x, y, c in zip(jtu.tree_leaves(opt_state), jtu.tree_leaves(new_opt), st.slot_cols)
+        ]
+        new_params = jtu.tree_unflatten(treedef, new)
+        new_opt = jtu.tree_unflatten(jtu.tree_structure(new_opt), slots)
+        if st.pins is not None:  # sharded inputs: outputs keep exactly the inputs' shardings
+            new_params, new_opt = _pin((new_params, new_opt), st.pins)
 
-        def spread(values, index, fill):
-            if len(index) == k:
-                return values
-            full = jnp.full(k, fill, values.dtype)
-            return full.at[np.asarray(index, np.int32)].set(values) if index else full
-
-        def grad_stats(grads):
-            sub = [grads[j] for j in seen]
-            gsq = stack([sumsq(g) for g in sub], jnp.float32)
+        def grad_stats():
+            gs = [g[j] for j in seen]
+            gsq = stack([sumsq(x) for x in gs], jnp.float32)
             # A non-finite sum of squares is a NaN/inf element or an overflow: check which.
             finite = jax.lax.cond(
                 jnp.all(jnp.isfinite(gsq)),
-                lambda: jnp.ones(len(sub), bool),
-                lambda: stack([jnp.all(jnp.isfinite(g)) for g in sub], bool),
+                lambda: jnp.ones(len(gs), bool),
+                lambda: stack([jnp.all(jnp.isfinite(x)) for x in gs], bool),
             )
-            return spread(gsq, seen, 0.0), spread(finite, seen, True)
+            if len(seen) == k:
+                return gsq, finite
+            index = np.asarray(seen, np.int32)
+            return (
+                jnp.zeros(k, jnp.float32).at[index].set(gsq),
+                jnp.ones(k, bool).at[index].set(finite),
+            )
 
-        def body(carry):
-            i, _, p, o, s, losses, gsq, g_finite, usq = carry
-            (loss, new_s), grads = jax.value_and_grad(objective, has_aux=True)(p, s)
-            ok = jnp.isfinite(loss)
-            last = (i == n - 1) | ~ok
-            g = jtu.tree_leaves(grads)
-            gsq, g_finite = jax.lax.cond(last, lambda: grad_stats(g), lambda: (gsq, g_finite))
-
-            def commit():
-                old = jtu.tree_leaves(p)
-                fed = [
-                    _zero_unless(m[_GRAD][j], g[j] if r is None else r.grad(x, g[j]))
-                    for j, (x, r) in enumerate(zip(old, st.rules))
-                ]
-                updates, o_new = st.optimizer.update(jtu.tree_unflatten(treedef, fed), o, p)
-                new = []
-                for j, (x, u, r) in enumerate(zip(old, jtu.tree_leaves(updates), st.rules)):
-                    u = _zero_unless(m[_UPD][j], u)
-                    moved = (x + u).astype(x.dtype)
-                    if r is not None:  # update rules apply to the leaves that train
-                        moved = _select(m[_GRAD][j], r.apply(x, u).astype(x.dtype), moved)
-                    new.append(_select(m[_TOUCH][j], moved, x))
-                slots = [
-                    y if c < 0 else _select(m[_SLOT][c], y, x)
-                    for x, y, c in zip(jtu.tree_leaves(o), jtu.tree_leaves(o_new), st.slot_cols)
-                ]
-                p_new = jtu.tree_unflatten(treedef, new)
-                o_new = jtu.tree_unflatten(jtu.tree_structure(o_new), slots)
-                if st.pins is not None:  # sharded inputs: outputs keep the inputs' shardings
-                    p_new, o_new = _pin((p_new, o_new), st.pins)
-                moved_sq = jax.lax.cond(
-                    last,
-                    lambda: spread(
-                        stack([sumsq(new[j] - old[j]) for j in touched], jnp.float32), touched, 0.0
-                    ),
-                    lambda: usq,
-                )
-                return p_new, o_new, new_s, moved_sq
-
-            p, o, s, usq = jax.lax.cond(ok, commit, lambda: (p, o, s, usq))
-            return i + 1, ok, p, o, s, losses.at[i].set(loss), gsq, g_finite, usq
-
-        init = (
-            jnp.int32(0),
-            jnp.bool_(True),
-            params,
-            opt_state,
-            state,
-            jnp.zeros(MAX_CHUNK, jnp.float32),
-            jnp.full(k, jnp.nan, jnp.float32),
-            jnp.ones(k, bool),
-            jnp.zeros(k, jnp.float32),
+        stats = jax.lax.cond(
+            want_grads, grad_stats, lambda: (jnp.zeros(k, jnp.float32), jnp.ones(k, bool))
         )
-        i, ok, p, o, s, losses, gsq, g_finite, usq = jax.lax.while_loop(
-            lambda c: (c[0] < n) & c[1], body, init
-        )
-        if st.pins is not None:  # the loop's outputs too: propagation may pick others
-            p, o = _pin((p, o), st.pins)
-
-        begin = [jtu.tree_leaves(start)[j] for j in touched]
-        end = [jtu.tree_leaves(p)[j] for j in touched]
-        changed, d = compare(begin, end)
-        # No element that was finite at the start is NaN/inf at the end (a frozen leaf that
-        # already holds an inf is not blamed).
-        finite = jax.lax.cond(
-            jnp.all(jnp.isfinite(d)),
-            lambda: jnp.ones(len(touched), bool),
-            lambda: stack(
-                [~jnp.any(jnp.isfinite(a) & ~jnp.isfinite(b)) for a, b in zip(begin, end)], bool
-            ),
-        )
-        changed, finite = spread(changed, touched, False), spread(finite, touched, True)
-        d = spread(d, touched, 0.0)
-        rows = [changed, jnp.sqrt(d), jnp.sqrt(usq), finite, jnp.sqrt(gsq), g_finite]
-        audit = jnp.stack([r.astype(jnp.float32) for r in rows])
-        s_changed, s_d = compare(_arrays(state0), _arrays(s))
-        state_audit = jnp.stack([s_changed.astype(jnp.float32), jnp.sqrt(s_d)])
-        return p, o, s, losses, i, ok, audit, state_audit
+        p_out, o_out = jtu.tree_leaves(new_params), jtu.tree_leaves(new_opt)
+        if st.masks is not None:  # baked: leaves known unchanged are no outputs (a copy each)
+            p_out = [x if m[_TOUCH][j] else None for j, x in enumerate(p_out)]
+            o_out = [y if c < 0 or m[_SLOT][c] else None for y, c in zip(o_out, st.slot_cols)]
+        return p_out, o_out, new_state, loss, *stats
 
     return eqx.filter_jit(program)
+
+
+@jax.jit
+def _audit_call(begin: list, before: list, end: list, state0: list, state: list, first: Any):
+    """What a call did to the leaves it optimized, and to the model's state.
+
+    Rows `_CHANGED`, `_DELTA`, `_UPDATE`, `_FINITE` over the given leaves: bit-level changed
+    flag and delta norm of `end` vs the call's `begin`; update norm of the last step (`end`
+    vs `before`, its inputs; with `first`, `before` is `begin` and one pass serves both);
+    finite flag (no element that was finite at the start is NaN/inf at the end, so a frozen
+    leaf that already holds an inf is not blamed). Then the state's changed flags and delta
+    norms. A program of its own: compiled once per runner, beside the step, not inside it.
+    """
+    ref = [jnp.where(first, b, a) for a, b in zip(begin, before)]
+    changed, d = compare(ref, end)
+    usq = jax.lax.cond(
+        first, lambda: d, lambda: stack([sumsq(y - x) for x, y in zip(before, end)], jnp.float32)
+    )
+    finite = jax.lax.cond(
+        jnp.all(jnp.isfinite(d)),
+        lambda: jnp.ones(len(end), bool),
+        lambda: stack(
+            [~jnp.any(jnp.isfinite(a) & ~jnp.isfinite(b)) for a, b in zip(begin, end)], bool
+        ),
+    )
+    rows = [changed, jnp.sqrt(d), jnp.sqrt(usq), finite]
+    s_changed, s_d = compare(state0, state)
+    return (
+        jnp.stack([r.astype(jnp.float32) for r in rows]).reshape(4, len(end)),
+        jnp.stack([s_changed.astype(jnp.float32), jnp.sqrt(s_d)]).reshape(2, len(state)),
+    )
+
+
+def _subset(leaves: list, index: np.ndarray | None) -> list:
+    return leaves if index is None else [leaves[j] for j in index]
 
 
 def _arrays(tree: Any) -> list:
@@ -320,12 +307,11 @@ def _arrays(tree: Any) -> list:
 
 
 class _Chunk(NamedTuple):
-    """One program call, on the host: what it committed and what it saw."""
+    """Steps dispatched back to back, on the host: where they ended and what they saw."""
 
-    arrays: tuple  # (params, opt_state, state) after its last committed step
-    losses: list  # losses of the committed steps
-    failed_loss: float | None  # the non-finite loss that stopped it, if any
-    audit: np.ndarray
+    arrays: tuple  # (params, opt_state, state) after the last step
+    losses: list
+    audit: np.ndarray  # `_CHANGED`... of the call up to the last step
     state_audit: np.ndarray
 
 
@@ -606,6 +592,7 @@ class StepRunner:
         # masks -> "compiling" | seconds it took | _Unbuilt (why it could not be built)
         self._special: dict[bytes, Any] = {}
         self._specialising: threading.Thread | None = None
+        self._code_arrays: dict[int, jax.Array] = {}
         self._step_seconds: dict[bool, float] = {}  # specialised? -> seconds per step
         self._init_fn = None
         self._leaves = list(self._initial_leaves)
@@ -618,6 +605,7 @@ class StepRunner:
         self._notes: list[str] = []
         self._fresh: set[int] = set()
         self._steps_on_layout = 0
+        self._background(self._warm_audit, "audit")
         self.program = None  # which program ran the last chunk: "masked", "specialised", ...
 
     # -- public state -------------------------------------------------------------------
@@ -903,7 +891,7 @@ class StepRunner:
                 self._stop.clear()
                 self._local.on_trace = None
 
-    def _on_trace(self, _baked: bool) -> None:
+    def _on_trace(self) -> None:
         hook = getattr(self._local, "on_trace", None)
         if getattr(self._local, "background", False):
             self._counter[1] += 1
@@ -923,7 +911,7 @@ class StepRunner:
 
         self._local.on_trace = lambda: tell("compiling", 0, None)
 
-        current, losses, last, moved = begin, [], None, None
+        current, losses, moved, attempt = begin, [], None, None
         failure, broken, stopped, swapped = None, None, False, None
         while len(losses) < n:
             if losses and self._stop.is_set():
@@ -935,25 +923,20 @@ class StepRunner:
             size = self._chunk_size(n - len(losses), baked is not None, progress is not None)
             traces, tc = self._counter[0], time.perf_counter()
             try:
-                chunk = self._run(layout, baked, begin, current, size)
+                chunk = self._run(layout, baked, begin, current, size, first=not losses)
             except _Traced as e:  # the program could not be built: nothing ran
                 failure = ("exception", _explain(e.__cause__))
                 break
             except _Ran:  # an error at run time (e.g. eqx.error_if): find the step
                 chunk = None
-            if chunk is not None and chunk.audit[_FINITE].all():
-                if self._counter[0] == traces and len(chunk.losses) == size:
+            if chunk is not None and np.isfinite(chunk.losses).all() and chunk.audit[_FINITE].all():
+                if self._counter[0] == traces:
                     self._step_seconds[baked is not None] = (time.perf_counter() - tc) / size
-                # A chunk that committed nothing hands back copies: keep the very objects.
-                current = chunk.arrays if chunk.losses else current
+                current, moved = chunk.arrays, chunk
                 losses += chunk.losses
-                last, moved = chunk, (chunk if chunk.losses else moved)
-                if chunk.failed_loss is not None:
-                    failure = ("loss", len(losses) + 1, chunk.failed_loss)
-                    break
-            else:  # NaN/inf parameters or a run-time error somewhere in this chunk
-                current, steps, last, moved, broken, failure = self._replay(
-                    layout, baked, begin, current, size, last, moved
+            else:  # a non-finite loss, NaN/inf parameters or a run-time error in this chunk
+                current, steps, moved, attempt, broken, failure = self._replay(
+                    layout, baked, begin, current, size, moved, first=not losses
                 )
                 losses += steps
                 if failure is not None:
@@ -965,7 +948,7 @@ class StepRunner:
             )
             tell("running", len(losses), losses[-1] if losses else None)
             # After the first chunk, so the background compile never slows the first answer.
-            if self._kind == MASKED and self.specialise and failure is None:
+            if self._kind == MASKED and self.specialise:
                 if self._steps_on_layout + n >= SPECIALISE_AFTER:
                     self._specialise(layout)
 
@@ -989,15 +972,16 @@ class StepRunner:
                 "or the exported code) could not be built; steps stay on the masked one: "
                 + unbuilt.why
             )
+        audit = self._call_audit(layout, moved, attempt)
         report = StepReport(
-            self._leaf_reports(layout, last, moved, broken),
+            self._leaf_reports(layout, audit, broken),
             loss=losses,
-            error=self._message(layout, failure, last, broken),
+            error=self._message(layout, failure, audit, broken),
             method=layout.method,
             steps=len(losses),
             notes=self._notes,
             compiles=self._counter[0] - compiles,
-            state_leaves=self._state_reports(last),
+            state_leaves=self._state_reports(moved),
             stopped=stopped,
         )
         report.notes.extend(self._state_notes(layout, report))
@@ -1007,13 +991,21 @@ class StepRunner:
     def _chunk_size(self, remaining: int, baked: bool, watched: bool) -> int:
         seconds = self._step_seconds.get(baked) or self._step_seconds.get(not baked)
         if seconds is None:  # never timed: one step first, unless nobody watches
-            return 1 if watched and remaining > 1 else min(remaining, MAX_CHUNK)
+            return 1 if watched and remaining > 1 else remaining
         budget = CHUNK_SECONDS if watched else QUIET_CHUNK_SECONDS
-        return int(max(1, min(remaining, MAX_CHUNK, budget // max(seconds, 1e-6))))
+        return int(max(1, min(remaining, budget // max(seconds, 1e-6))))
 
     def _run(
-        self, layout: _Layout, baked: tuple | None, begin: tuple, arrays: tuple, n: int
+        self,
+        layout: _Layout,
+        baked: tuple | None,
+        begin: tuple,
+        arrays: tuple,
+        n: int,
+        first: bool,
     ) -> _Chunk:
+        """`n` steps dispatched back to back, like a hand-written loop, then the audit of the
+        call so far (`first`: `arrays` are the call's start). One wait, at the end."""
         params, opt_state, state = arrays
         st = _Static(
             self.loss_fn,
@@ -1024,35 +1016,63 @@ class StepRunner:
             self._slot_cols,
             _pins((params, opt_state)) if self._sharded else None,
         )
-        masks = None if baked is not None else jnp.asarray(layout.masks)
-        try:
-            out = self._program(
-                begin[0],
-                params,
-                self._rest(layout),
-                opt_state,
-                state,
-                begin[2],
-                self.batch,
-                masks,
-                np.asarray(n, np.int32),
-                st=st,
+        masks = None if baked is not None else self._codes(layout)
+        p_def, o_def = jtu.tree_structure(params), jtu.tree_structure(opt_state)
+        p_leaves, o_leaves = jtu.tree_leaves(params), jtu.tree_leaves(opt_state)
+        rest, losses, before = self._rest(layout), [], p_leaves
+        for k in range(n):
+            before = p_leaves
+            try:
+                p_out, o_out, state, loss, gsq, g_finite = self._program(
+                    jtu.tree_unflatten(p_def, p_leaves),
+                    rest,
+                    jtu.tree_unflatten(o_def, o_leaves),
+                    state,
+                    self.batch,
+                    masks,
+                    np.bool_(k == n - 1),
+                    st=st,
+                )
+            except Exception as e:
+                if k:  # the program was built: this is the run failing
+                    raise _Ran() from e
+                raise _Traced() from e
+            # `None`: a leaf the baked program knows unchanged; the very same array stays.
+            p_leaves = [x if y is None else y for x, y in zip(p_leaves, p_out)]
+            o_leaves = [x if y is None else y for x, y in zip(o_leaves, o_out)]
+            losses.append(loss)
+        params, opt_state = jtu.tree_unflatten(p_def, p_leaves), jtu.tree_unflatten(o_def, o_leaves)
+        # Leaves a baked program never writes are the very same arrays: nothing to compare.
+        index = np.flatnonzero(layout.masks[_TOUCH]) if baked is not None else None
+        try:  # the one wait of the chunk
+            audit, state_audit = _audit_call(
+                _subset(jtu.tree_leaves(begin[0]), index),
+                _subset(before, index),
+                _subset(p_leaves, index),
+                _arrays(begin[2]),
+                _arrays(state),
+                np.bool_(first and n == 1),
+            )
+            losses, gsq, g_finite, audit, state_audit = jax.device_get(
+                (losses, gsq, g_finite, audit, state_audit)
             )
         except Exception as e:
-            raise _Traced() from e
-        p, o, s, losses, i, ok, audit, state_audit = out
-        try:  # the one wait of the chunk
-            losses, i, ok, audit, state_audit = jax.device_get((losses, i, ok, audit, state_audit))
-        except Exception as e:
             raise _Ran() from e
-        committed = int(i) if ok else int(i) - 1
+        full = np.zeros((6, len(layout.diff_index)), np.float32)
+        full[_FINITE] = 1
+        full[:4, slice(None) if index is None else index] = audit
+        full[_GRAD_NORM], full[_GRAD_FINITE] = np.sqrt(gsq), g_finite
         return _Chunk(
-            (p, o, s),
-            [float(x) for x in losses[:committed]],
-            None if ok else float(losses[committed]),
-            np.asarray(audit),
-            np.asarray(state_audit),
+            (params, opt_state, state), [float(x) for x in losses], full, np.asarray(state_audit)
         )
+
+    def _codes(self, layout: _Layout) -> list:
+        """The masks as one uint8 code per optimized leaf (bit r = row r), on the device;
+        at most 32 distinct codes exist, each placed once."""
+        codes = (layout.masks * (1 << np.arange(5))[:, None]).sum(0)
+        for c in set(codes.tolist()) - set(self._code_arrays):
+            self._code_arrays[c] = jnp.uint8(c)
+        return [self._code_arrays[c] for c in codes.tolist()]
 
     def _replay(
         self,
@@ -1061,34 +1081,46 @@ class StepRunner:
         begin: tuple,
         current: tuple,
         n: int,
-        last: Any,
         moved: Any,
+        first: bool,
     ) -> tuple:
         """Re-run up to `n` steps from `current` one at a time, each checked.
 
-        The slow path, taken only after a chunk saw NaN/inf parameters or raised at run
-        time; steps are deterministic, so it stops at the step that broke and keeps
-        everything before it. Returns (arrays, losses, last chunk, last chunk that committed a
-        step, broken, failure).
+        The slow path, taken only after a chunk saw trouble; steps are deterministic, so it
+        stops at the step that broke and keeps everything before it. Returns (arrays, losses,
+        last committed step, the failed step, broken, failure).
         """
-        losses, broken, failure = [], None, None
+        losses, broken, failure, attempt = [], None, None, None
         for _ in range(n):
             try:
-                chunk = self._run(layout, baked, begin, current, 1)
+                chunk = self._run(layout, baked, begin, current, 1, first=first and not losses)
             except (_Traced, _Ran) as e:
                 failure = ("exception", _explain(e.__cause__))
                 break
-            if not chunk.audit[_FINITE].all():
-                failure, broken = ("update", len(losses) + 1), chunk.audit[_FINITE]
-                last = chunk
+            if not np.isfinite(chunk.losses[0]):
+                failure, attempt = ("loss", len(losses) + 1, chunk.losses[0]), chunk
                 break
-            last = chunk
-            if chunk.failed_loss is not None:
-                failure = ("loss", len(losses) + 1, chunk.failed_loss)
+            if not chunk.audit[_FINITE].all():
+                failure, attempt = ("update", len(losses) + 1), chunk
+                broken = chunk.audit[_FINITE]
                 break
             current, moved = chunk.arrays, chunk
             losses += chunk.losses
-        return current, losses, last, moved, broken, failure
+        return current, losses, moved, attempt, broken, failure
+
+    def _call_audit(self, layout: _Layout, moved: Any, attempt: Any) -> np.ndarray | None:
+        """The call's audit: what the committed steps did (`moved`, the last committed
+        chunk) and the gradients of the last step attempted (`attempt`, if it failed)."""
+        if moved is None and attempt is None:
+            return None  # no step ran
+        if moved is None:
+            audit = np.zeros((6, len(layout.diff_index)), np.float32)
+            audit[_FINITE] = 1
+        else:
+            audit = moved.audit.copy()
+        if attempt is not None:
+            audit[[_GRAD_NORM, _GRAD_FINITE]] = attempt.audit[[_GRAD_NORM, _GRAD_FINITE]]
+        return audit
 
     # -- specialised programs ---------------------------------------------------------------
     def _special_key(self, layout: _Layout) -> bytes:
@@ -1103,6 +1135,29 @@ class StepRunner:
             return tuple(tuple(bool(b) for b in row) for row in layout.masks)
         return None
 
+    def _background(self, work: Callable[[], None], what: str) -> threading.Thread:
+        """Run `work` in a daemon thread marked as background (its traces are not
+        `compile_count`'s); the process waits for it at exit (XLA aborts otherwise)."""
+
+        def run() -> None:
+            self._local.background = True
+            work()
+
+        thread = threading.Thread(target=run, name=f"eqx_explorer-{what}", daemon=True)
+        thread.start()
+        _BACKGROUND.add(thread)
+        return thread
+
+    def _warm_audit(self) -> None:
+        # The audit is a program of its own: compiling it now, beside the step's compilation
+        # (XLA releases the GIL), takes it off the first step's wall time on 2+ cores.
+        leaves = jtu.tree_leaves(self._params(self._layout))
+        state = _arrays(self._state)
+        try:
+            _audit_call(leaves, leaves, leaves, state, state, np.bool_(True))
+        except Exception:  # noqa: BLE001 - the first step will report any real problem
+            pass
+
     def _specialise(self, layout: _Layout) -> None:
         key = self._special_key(layout)
         if key in self._special:
@@ -1112,24 +1167,19 @@ class StepRunner:
         arrays = (self._params(layout), self._opt_state, self._state)
 
         def work() -> None:
-            self._local.background = True
             start = time.perf_counter()
-            try:  # zero steps: compiles the program and runs only its audit
-                self._run(layout, baked, arrays, arrays, 0)
+            try:  # one step, thrown away: compiles the program
+                self._run(layout, baked, arrays, arrays, 1, first=True)
             except Exception as e:  # e.g. a custom JVP rule that fails on None tangents
                 self._special[key] = _Unbuilt(_explain(e.__cause__ or e))
                 return
             self._special[key] = time.perf_counter() - start
 
-        self._specialising = threading.Thread(
-            target=work, name="eqx_explorer-specialise", daemon=True
-        )
-        self._specialising.start()
-        _BACKGROUND.add(self._specialising)
+        self._specialising = self._background(work, "specialise")
 
     # -- the report -------------------------------------------------------------------------
     def _message(
-        self, layout: _Layout, failure: tuple | None, last: Any, broken: Any
+        self, layout: _Layout, failure: tuple | None, audit: Any, broken: Any
     ) -> str | None:
         if failure is None:
             return None
@@ -1137,7 +1187,7 @@ class StepRunner:
         if kind == "exception":
             return info[0]
         paths, diff_index = self._paths, layout.diff_index
-        bad = [paths[i] for i, f in zip(diff_index, last.audit[_GRAD_FINITE]) if not f]
+        bad = [paths[i] for i, f in zip(diff_index, audit[_GRAD_FINITE]) if not f]
         grads = f"; non-finite gradients at: {', '.join(bad)}" if bad else ""
         if kind == "loss":
             step, loss = info
@@ -1154,14 +1204,8 @@ class StepRunner:
             "or lower the learning rate."
         )
 
-    def _leaf_reports(
-        self, layout: _Layout, last: Any, moved: Any, broken: Any
-    ) -> list[LeafReport]:
+    def _leaf_reports(self, layout: _Layout, audit: Any, broken: Any) -> list[LeafReport]:
         column = {int(i): j for j, i in enumerate(layout.diff_index)}
-        audit = None if last is None else last.audit
-        if audit is not None and moved is not None and moved is not last:
-            audit = audit.copy()  # the last chunk committed nothing: the update is earlier
-            audit[_UPDATE] = moved.audit[_UPDATE]
         masks = layout.masks
         reports = []
         for i, path in enumerate(self._paths):
@@ -1208,11 +1252,11 @@ class StepRunner:
             )
         return reports
 
-    def _state_reports(self, last: Any) -> list[LeafReport]:
+    def _state_reports(self, moved: Any) -> list[LeafReport]:
         reports = []
         for j, entry in enumerate(self._state_names):
-            changed = last is not None and bool(last.state_audit[0, j])
-            delta = None if last is None else float(last.state_audit[1, j])
+            changed = moved is not None and bool(moved.state_audit[0, j])
+            delta = None if moved is None else float(moved.state_audit[1, j])
             reports.append(
                 LeafReport(
                     entry.path,
