@@ -22,30 +22,31 @@ Methods:
 
 What is compiled, and when (the `layout`):
 
-- `"masked"` (default): one program per runner. The spec and the method enter it as data,
-  per-leaf masks (which gradients reach the optimizer, which updates apply, which leaves
-  move, which optimizer slots advance), and `n` steps run as one `lax.while_loop` with a
-  dynamic trip count. So a click, a method switch or another `n` never recompiles;
-  `compile_count` stays at 1. The price: every float leaf is differentiated (a frozen
-  leaf's gradient is computed, then masked) and the optimizer state spans every float
-  leaf. For long runs the runner therefore compiles, in a background thread, the same
-  program with the current masks baked in (XLA then drops the frozen leaves' gradients)
-  and swaps it in between chunks once ready (`specialise=True`, after
-  `SPECIALISE_AFTER` steps on one spec); `report.notes` says when it did.
+- `"masked"` (default): one step program per runner. The spec and the method enter it as
+  data, per-leaf masks (which gradients reach the optimizer, which updates apply, which
+  leaves move, which optimizer slots advance), and `n` is how often the host dispatches
+  it. So a click, a method switch or another `n` never recompiles; `compile_count` stays
+  at 1. The price: every float leaf is differentiated (a frozen leaf's gradient is
+  computed, then masked), the optimizer state spans every float leaf, and every array is
+  an output of each step. For long runs the runner therefore compiles, in a background
+  thread, the same program with the current masks baked in (XLA then drops the frozen
+  leaves' gradients, and unchanged leaves are no outputs) and swaps it in between chunks
+  once ready (`specialise=True`, after `SPECIALISE_AFTER` steps on one spec);
+  `report.notes` says when it did.
 - `"structural"`: the spec is the structure of the program's arguments, as in a
   hand-written loop: `"partition"` passes only trainable leaves, so the optimizer state
   covers only them (for models whose frozen leaves' optimizer state would not fit in
   memory), and frozen leaves are not differentiated at all (a custom JVP rule then sees
   `None` tangents, as the exported code will). Each new (spec, method) compiles once.
 
-Either way a call runs in chunks of about `CHUNK_SECONDS` (the `progress` callback reports
-after each, `stop()` ends the call between two), each chunk stops at the first non-finite
-loss, and the audit of the call (bit-level changed flags, norms, finite flags, for the
-parameters and the model's state) runs in the same program: one small matrix comes back.
+Either way a call dispatches its steps back to back, like a hand-written loop, in chunks of
+about `CHUNK_SECONDS` (the `progress` callback reports after each, `stop()` ends the call
+between two). After each chunk one wait brings back its losses and the audit of the call so
+far (bit-level changed flags, norms, finite flags, for the parameters and the model's state),
+computed on device by a small program of its own, compiled beside the first step.
 
 A failure (an exception, a non-scalar or non-finite loss, NaN/inf parameters) keeps the last
-good step: a chunk that made NaN/inf parameters or raised at run time is replayed one checked
-step at a time (no recompilation: `n` is data). Nothing is mutated in place or donated, so
+good step: a chunk that saw one is replayed one checked step at a time, with the same program. Nothing is mutated in place or donated, so
 rolling back is keeping references and the user's arrays stay valid. Weakly typed leaves
 (`jnp.full(shape, 0.05)`) are made strongly typed once, at construction: an optax update
 returns strong types, which would otherwise retrace.
