@@ -46,8 +46,9 @@ far (bit-level changed flags, norms, finite flags, for the parameters and the mo
 computed on device by a small program of its own, compiled beside the first step.
 
 A failure (an exception, a non-scalar or non-finite loss, NaN/inf parameters) keeps the last
-good step: a chunk that saw one is replayed one checked step at a time, with the same program. Nothing is mutated in place or donated, so
-rolling back is keeping references and the user's arrays stay valid. Weakly typed leaves
+good step: a chunk that saw one is replayed one checked step at a time, with the same
+program. Nothing is mutated in place or donated, so rolling back is keeping references and
+the user's arrays stay valid. Weakly typed leaves
 (`jnp.full(shape, 0.05)`) are made strongly typed once, at construction: an optax update
 returns strong types, which would otherwise retrace.
 """
