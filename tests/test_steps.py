@@ -372,7 +372,7 @@ def bn_loss(model, state, x):
     return jnp.mean(out**2), state
 
 
-def test_batchnorm_state():
+def test_batchnorm_state_is_audited_and_inference_mode_keeps_it():
     model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (6, 3))
     spec = FilterSpec(model).freeze("bn")
@@ -382,18 +382,6 @@ def test_batchnorm_state():
     assert set(report.by_status("frozen")) == {"bn.weight", "bn.bias"}
     assert report.statuses()["bn.axis_name"] == "kept"
     assert not leaves_equal(runner.state, state)  # running statistics moved
-    with pytest.raises(ExplorerError, match=r"loss_fn\(model, state, batch\)"):
-        StepRunner(model, spec, mse, x, state=state)
-    with pytest.raises(ExplorerError, match="make_with_state"):
-        StepRunner(model, spec, bn_loss, x)
-
-
-def test_batchnorm_state_is_audited_and_inference_mode_keeps_it():
-    model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (6, 3))
-    spec = FilterSpec(model).freeze("bn")
-    runner = StepRunner(model, spec, bn_loss, x, state=state)
-    report = runner.step(2)
     names = [leaf.path for leaf in report.state_leaves]
     assert names == ["bn.ema_first_time_index", "bn.ema_state_index[0]", "bn.ema_state_index[1]"]
     assert {leaf.status for leaf in report.state_leaves} == {"updated"}
@@ -410,6 +398,10 @@ def test_batchnorm_state_is_audited_and_inference_mode_keeps_it():
     moved = {leaf.path: leaf.status for leaf in runner.step().state_leaves}
     assert moved["bn.ema_state_index[0]"] == moved["bn.ema_state_index[1]"] == "updated"
     assert moved["bn.ema_first_time_index"] == "unchanged"  # False since the first step
+    with pytest.raises(ExplorerError, match=r"loss_fn\(model, state, batch\)"):
+        StepRunner(model, spec, mse, x, state=state)
+    with pytest.raises(ExplorerError, match="make_with_state"):
+        StepRunner(model, spec, bn_loss, x)
 
 
 class Tied(eqx.Module):
