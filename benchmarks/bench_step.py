@@ -9,11 +9,11 @@ with ~4.2M parameters, half frozen, Adam, on the default masked layout:
    first call (<= 1.3).
 4. `step(30)` on the masked program vs the loop: the price of one program for every spec
    (frozen leaves' gradients are computed, then masked). Informational.
-5. `step(30)` once the specialised program (masks compiled in, compiled in the background)
-   has swapped in, vs the loop (<= 1.05).
+5. `step(30)` on the program specialised to the spec (masks compiled in; the first answer
+   builds it), vs the loop (<= 1.05).
 6. 30 x `step(1)` vs the loop (<= 1.15), on the specialised program.
-7. Seconds until the specialised program is ready (background compile) vs the masked
-   program's first compile: the wait before long runs reach the hand-written speed.
+7. Seconds until the masked program (built in the background after the first answer) is
+   ready, vs the first answer: until then a click waits for it instead of recompiling.
 8. Optimizer-state bytes of the masked layout vs 2x all float bytes (Adam's mu and nu over
    every float leaf; the structural layout holds 2x the trainable bytes only).
 """
@@ -124,6 +124,11 @@ def main() -> list[dict]:
         )
     )
 
+    # The first answer ran on a program specialised to `spec`; the masked one, for every
+    # other spec and method, builds in the background right after it.
+    start = time.perf_counter()
+    runner.wait_ready()
+    ready = time.perf_counter() - start
     warm = lambda: runner.step(1)  # noqa: E731
     for _ in range(3):
         warm()
@@ -156,10 +161,7 @@ def main() -> list[dict]:
     t, b, r = _paired(lambda: masked.step(STEPS), lambda: baseline(STEPS))
     rows.append(_row(f"step({STEPS}) masked program vs the loop", t, b, "info", r))
 
-    start = time.perf_counter()
-    runner.step(STEPS)  # long enough to start the specialised compile in the background
-    runner._specialising.join()
-    ready = time.perf_counter() - start
+    runner.step(STEPS)
     t, b, r = _paired(lambda: runner.step(STEPS), lambda: baseline(STEPS))
     assert runner.program == "specialised"
     rows.append(_row(f"step({STEPS}) specialised program vs the loop", t, b, "<= 1.05", r))
@@ -171,7 +173,7 @@ def main() -> list[dict]:
     t, b, r = _paired(singles, lambda: baseline(STEPS))
     rows.append(_row(f"{STEPS} x step(1) vs the loop ({STEPS} steps)", t, b, "<= 1.15", r))
     rows.append(
-        _row("specialised program ready (s) vs the first compile", ready, first_ours, "info")
+        _row("masked program ready after the first answer (s) vs it", ready, first_ours, "info")
     )
 
     opt_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(runner.opt_state))

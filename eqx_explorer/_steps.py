@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import inspect
 import threading
 import time
@@ -171,15 +172,14 @@ class _Static(NamedTuple):
 def _make_program(on_trace: Callable[[], None]) -> Callable:
     """A fresh `filter_jit` step; its cache belongs to one runner.
 
-    `program(params, rest, opt_state, state, batch, masks, want_grads, *, st)` runs one step
-    and returns the new arrays and the loss, like a hand-written step (a call of `n` steps
-    dispatches it `n` times back to back), plus each optimized leaf's gradient sum of squares
-    and finite flag when `want_grads` (the last step of a call; else zeros, at the cost of a
-    `lax.cond`). The masks (`_method_masks`) are data, one uint8 code per leaf, unless `st`
-    bakes them in.
+    `program(params, rest, opt_state, state, batch, masks, *, st)` runs one step and returns
+    the new arrays, the loss and the gradients, like a hand-written step (a call of `n` steps
+    dispatches it `n` times back to back). The masks (`_method_masks`) are data, one uint8
+    code per leaf, unless `st` bakes them in; then the leaves they keep unchanged (and the
+    gradients they never use) are `None` outputs, and the caller keeps its own arrays.
     """
 
-    def program(params, rest, opt_state, state, batch, masks, want_grads, *, st):
+    def program(params, rest, opt_state, state, batch, masks, *, st):
         on_trace()  # runs only when JAX traces: counts compilations
         treedef = jtu.tree_structure(params)
         k = treedef.num_leaves
@@ -188,8 +188,8 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
         else:  # one uint8 code per leaf, bit r = row r (a mask array sliced per leaf
             # makes XLA's compilation several times slower)
             m = [[(c & (1 << r)) != 0 for c in masks] for r in range(5)]
-        # With baked masks, a gradient never seen is known zero: its norm is not computed.
-        seen = [j for j in range(k) if st.masks is None or m[_GRAD][j] or m[_SEEN][j]]
+        # With baked masks, a gradient never seen is known zero: it is no output.
+        seen = {j for j in range(k) if st.masks is None or m[_GRAD][j] or m[_SEEN][j]}
 
         def objective(p):
             if st.masks is not None:  # not differentiated at all, as in a partition
@@ -240,45 +240,31 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
         if st.pins is not None:  # sharded inputs: outputs keep exactly the inputs' shardings
             new_params, new_opt = _pin((new_params, new_opt), st.pins)
 
-        def grad_stats():
-            gs = [g[j] for j in seen]
-            gsq = stack([sumsq(x) for x in gs], jnp.float32)
-            # A non-finite sum of squares is a NaN/inf element or an overflow: check which.
-            finite = jax.lax.cond(
-                jnp.all(jnp.isfinite(gsq)),
-                lambda: jnp.ones(len(gs), bool),
-                lambda: stack([jnp.all(jnp.isfinite(x)) for x in gs], bool),
-            )
-            if len(seen) == k:
-                return gsq, finite
-            index = np.asarray(seen, np.int32)
-            return (
-                jnp.zeros(k, jnp.float32).at[index].set(gsq),
-                jnp.ones(k, bool).at[index].set(finite),
-            )
-
-        stats = jax.lax.cond(
-            want_grads, grad_stats, lambda: (jnp.zeros(k, jnp.float32), jnp.ones(k, bool))
-        )
         p_out, o_out = jtu.tree_leaves(new_params), jtu.tree_leaves(new_opt)
         if st.masks is not None:  # baked: leaves known unchanged are no outputs (a copy each)
             p_out = [x if m[_TOUCH][j] else None for j, x in enumerate(p_out)]
             o_out = [y if c < 0 or m[_SLOT][c] else None for y, c in zip(o_out, st.slot_cols)]
-        return p_out, o_out, new_state, loss, *stats
+        # The gradients are returned, not reduced here: hundreds of small reductions would
+        # make this program take a third longer to compile; the audit reduces the last ones.
+        g_out = [x if j in seen else None for j, x in enumerate(g)]
+        return p_out, o_out, new_state, loss, g_out
 
     return eqx.filter_jit(program)
 
 
 @jax.jit
-def _audit_call(begin: list, before: list, end: list, state0: list, state: list, first: Any):
+def _audit_call(
+    begin: list, before: list, end: list, grads: list, state0: list, state: list, first: Any
+):
     """What a call did to the leaves it optimized, and to the model's state.
 
     Rows `_CHANGED`, `_DELTA`, `_UPDATE`, `_FINITE` over the given leaves: bit-level changed
     flag and delta norm of `end` vs the call's `begin`; update norm of the last step (`end`
     vs `before`, its inputs; with `first`, `before` is `begin` and one pass serves both);
     finite flag (no element that was finite at the start is NaN/inf at the end, so a frozen
-    leaf that already holds an inf is not blamed). Then the state's changed flags and delta
-    norms. A program of its own: compiled once per runner, beside the step, not inside it.
+    leaf that already holds an inf is not blamed). Then `_GRAD_NORM` and `_GRAD_FINITE` of
+    `grads` (the last step's), and the state's changed flags and delta norms. A program of its
+    own: compiled once per runner, beside the step, not inside it.
     """
     ref = [jnp.where(first, b, a) for a, b in zip(begin, before)]
     changed, d = compare(ref, end)
@@ -292,12 +278,65 @@ def _audit_call(begin: list, before: list, end: list, state0: list, state: list,
             [~jnp.any(jnp.isfinite(a) & ~jnp.isfinite(b)) for a, b in zip(begin, end)], bool
         ),
     )
-    rows = [changed, jnp.sqrt(d), jnp.sqrt(usq), finite]
+    gsq = stack([sumsq(g) for g in grads], jnp.float32)
+    # A non-finite sum of squares is a NaN/inf element or an overflow: check which.
+    g_finite = jax.lax.cond(
+        jnp.all(jnp.isfinite(gsq)),
+        lambda: jnp.ones(len(grads), bool),
+        lambda: stack([jnp.all(jnp.isfinite(g)) for g in grads], bool),
+    )
     s_changed, s_d = compare(state0, state)
     return (
-        jnp.stack([r.astype(jnp.float32) for r in rows]).reshape(4, len(end)),
+        jnp.stack(
+            [r.astype(jnp.float32) for r in (changed, jnp.sqrt(d), jnp.sqrt(usq), finite)]
+        ).reshape(4, len(end)),
+        jnp.stack([jnp.sqrt(gsq), g_finite.astype(jnp.float32)]).reshape(2, len(grads)),
         jnp.stack([s_changed.astype(jnp.float32), jnp.sqrt(s_d)]).reshape(2, len(state)),
     )
+
+
+def _host_audit(
+    begin: list, before: list, end: list, grads: list, state0: list, state: list, first: Any
+):
+    """`_audit_call` computed by NumPy, for calls that come before its program is built.
+
+    On the CPU backend the arrays already live in host memory, so this costs a few passes
+    over them and no compilation: a runner's first answer need not wait for the audit's.
+    """
+
+    def host(x: Any) -> np.ndarray:
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x = jax.random.key_data(x)
+        return np.ascontiguousarray(np.asarray(x))
+
+    def sq(x: np.ndarray) -> float:
+        y = np.abs(x)
+        y = y.astype(np.float32) if y.dtype.itemsize < 4 else y
+        return float(np.sum(y * y))
+
+    def diff(a: np.ndarray, b: np.ndarray) -> tuple[bool, float]:
+        d = sq(b - a) if np.issubdtype(a.dtype, np.inexact) else float("nan")
+        # Bit-level, as `differs`: NaN == NaN here, -0.0 != 0.0.
+        return bool(d > 0) or not np.array_equal(a.view(np.uint8), b.view(np.uint8)), d
+
+    with np.errstate(all="ignore"):  # NaN/inf are findings here, not warnings
+        return _host_rows(host, sq, diff, begin, before, end, grads, state0, state, first)
+
+
+def _host_rows(host, sq, diff, begin, before, end, grads, state0, state, first):
+    b0, b1, b2 = ([host(x) for x in xs] for xs in (begin, before, end))
+    rows = np.zeros((4, len(b2)), np.float32)
+    for j, (a, p, e) in enumerate(zip(b0, b1, b2)):
+        changed, d = diff(p if first else a, e)
+        u = d if first else sq(e - p)
+        rows[:, j] = changed, np.sqrt(d), np.sqrt(u), not np.any(np.isfinite(a) & ~np.isfinite(e))
+    g = [host(x) for x in grads]
+    grad_rows = np.array(
+        [[np.sqrt(sq(x)) for x in g], [bool(np.all(np.isfinite(x))) for x in g]], np.float32
+    ).reshape(2, len(g))
+    pairs = [diff(host(a), host(b)) for a, b in zip(state0, state)]
+    state_rows = np.array([[c for c, _ in pairs], [np.sqrt(d) for _, d in pairs]], np.float32)
+    return rows, grad_rows, state_rows.reshape(2, len(pairs))
 
 
 def _subset(leaves: list, index: np.ndarray | None) -> list:
@@ -607,7 +646,15 @@ class StepRunner:
         self._notes: list[str] = []
         self._fresh: set[int] = set()
         self._steps_on_layout = 0
-        self._background(self._warm_audit, "audit")
+        self._answered = False  # no step has run yet
+        # The masked program: not started, built in the background (`_masked_ready` not
+        # set yet), or used in the foreground, where it builds on its first call.
+        self._masked_started = self._kind == STRUCTURAL or not self.specialise
+        self._masked_ready = threading.Event()
+        if self._masked_started:
+            self._masked_ready.set()
+        self._audits: dict[tuple, threading.Event] = {}  # leaves -> audit program built
+        self._announced: set[bytes] = set()
         self.program = None  # which program ran the last chunk: "masked", "specialised", ...
 
     # -- public state -------------------------------------------------------------------
@@ -657,6 +704,15 @@ class StepRunner:
     def busy(self) -> bool:
         """True while a `step` call runs (in any thread)."""
         return self._lock.locked()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the masked program, which serves every spec and method, is built.
+
+        After a runner's first answer (on a program specialised to its spec) it builds in
+        the background; a `step` on another spec before then waits for it, with progress.
+        Returns False on a timeout.
+        """
+        return self._masked_ready.wait(timeout) if self._masked_started else True
 
     def stop(self) -> None:
         """Ask a running `step` call to end after its current chunk (thread-safe).
@@ -737,11 +793,27 @@ class StepRunner:
         if (old.method == OPTAX_MASK) != (new.method == OPTAX_MASK):
             # In a user's loop the state's structure changes (optax.partition wraps it).
             self._opt_state = fresh_state
-            self._notes.append(
-                f"optimizer state rebuilt from scratch: its structure changed "
-                f"({old.method} -> {new.method})"
-            )
-            self._started(new_owned)
+            # Say what the user's loop would: it had state to lose (`old_has`) and a new
+            # one to start (`new_has`); Adam's count is shared, momentum is per leaf.
+            shared = any(c < 0 for c in self._slot_cols)
+            slots = any(c >= 0 for c in self._slot_cols)
+            old_has = shared or (slots and old_owned.any())
+            new_has = shared or (slots and new_owned.any())
+            if old_has and new_has:
+                self._notes.append(
+                    f"optimizer state rebuilt from scratch: its structure changed "
+                    f"({old.method} -> {new.method})"
+                )
+                self._started(new_owned)
+                return
+            dropped = np.flatnonzero(old_owned & ~new_owned)
+            if old_has and len(dropped):
+                self._notes.append(
+                    "optimizer state dropped for newly frozen leaves: "
+                    + ", ".join(self._paths[i] for i in dropped)
+                )
+            if new_has:
+                self._started(new_owned & ~old_owned)
             return
         fresh = new_owned & ~old_owned
         dropped = old_owned & ~new_owned
@@ -789,7 +861,8 @@ class StepRunner:
                 started += 1
         self._opt_state = jtu.tree_unflatten(treedef, leaves)
         old_owned, new_owned = self._owned(old), self._owned(new)
-        if carried == 0 and started and old_by_path:
+        regroup = (old.method == OPTAX_MASK) != (new.method == OPTAX_MASK)
+        if regroup and carried == 0 and started and old_by_path:
             self._notes.append(
                 "optimizer state rebuilt from scratch: its structure changed "
                 f"({old.method} -> {new.method})"
@@ -919,7 +992,7 @@ class StepRunner:
             if losses and self._stop.is_set():
                 stopped = True
                 break
-            baked = self._baked(layout)
+            baked = self._pick(layout, functools.partial(tell, "compiling", len(losses), None))
             if baked is not None and swapped is None and self._kind == MASKED:
                 swapped = len(losses)
             size = self._chunk_size(n - len(losses), baked is not None, progress is not None)
@@ -927,15 +1000,23 @@ class StepRunner:
             try:
                 chunk = self._run(layout, baked, begin, current, size, first=not losses)
             except _Traced as e:  # the program could not be built: nothing ran
+                if baked is not None and self._kind == MASKED:  # the masked one may build
+                    self._special[self._special_key(layout)] = _Unbuilt(_explain(e.__cause__))
+                    swapped = None
+                    continue
                 failure = ("exception", _explain(e.__cause__))
                 break
             except _Ran:  # an error at run time (e.g. eqx.error_if): find the step
                 chunk = None
+            key = self._special_key(layout)
+            if baked is not None and not isinstance(self._special.get(key), float):
+                self._special[key] = time.perf_counter() - tc  # built here, for a first answer
             if chunk is not None and np.isfinite(chunk.losses).all() and chunk.audit[_FINITE].all():
                 if self._counter[0] == traces:
                     self._step_seconds[baked is not None] = (time.perf_counter() - tc) / size
                 current, moved = chunk.arrays, chunk
                 losses += chunk.losses
+                self._answered = True
             else:  # a non-finite loss, NaN/inf parameters or a run-time error in this chunk
                 current, steps, moved, attempt, broken, failure = self._replay(
                     layout, baked, begin, current, size, moved, first=not losses
@@ -959,12 +1040,13 @@ class StepRunner:
         for i, x, touched in zip(layout.diff_index, jtu.tree_leaves(params), layout.masks[_TOUCH]):
             if touched:  # an untouched leaf comes back bit-identical: keep the very object
                 self._leaves[i] = x
-        if swapped is not None:
-            seconds = self._special.get(self._special_key(layout))
+        key = self._special_key(layout)
+        if swapped is not None and losses and key not in self._announced:
+            self._announced.add(key)
             self._notes.append(
-                f"steps {swapped + 1}-{len(losses)} ran on the specialised program (masks "
-                f"compiled in, frozen leaves not differentiated; compiled in the background in "
-                f"{seconds:.1f} s)"
+                f"steps {swapped + 1}-{len(losses)} ran on the program specialised to this spec "
+                f"(masks compiled in, frozen leaves not differentiated; compiled in "
+                f"{self._special[key]:.1f} s)"
             )
         unbuilt = self._special.get(self._special_key(layout))
         if isinstance(unbuilt, _Unbuilt) and not unbuilt.told:
@@ -988,6 +1070,11 @@ class StepRunner:
         )
         report.notes.extend(self._state_notes(layout, report))
         self._notes, self._fresh = [], set()
+        if self._answered and not self._masked_started:
+            # After the first answer, not beside it: tracing holds the GIL and XLA uses
+            # every core, so a parallel build would slow the first answer down.
+            self._masked_started = True
+            self._background(self._warm_masked, "masked")
         return report
 
     def _chunk_size(self, remaining: int, baked: bool, watched: bool) -> int:
@@ -1021,18 +1108,17 @@ class StepRunner:
         masks = None if baked is not None else self._codes(layout)
         p_def, o_def = jtu.tree_structure(params), jtu.tree_structure(opt_state)
         p_leaves, o_leaves = jtu.tree_leaves(params), jtu.tree_leaves(opt_state)
-        rest, losses, before = self._rest(layout), [], p_leaves
+        rest, losses, before, grads = self._rest(layout), [], p_leaves, []
         for k in range(n):
             before = p_leaves
             try:
-                p_out, o_out, state, loss, gsq, g_finite = self._program(
+                p_out, o_out, state, loss, grads = self._program(
                     jtu.tree_unflatten(p_def, p_leaves),
                     rest,
                     jtu.tree_unflatten(o_def, o_leaves),
                     state,
                     self.batch,
                     masks,
-                    np.bool_(k == n - 1),
                     st=st,
                 )
             except Exception as e:
@@ -1044,26 +1130,29 @@ class StepRunner:
             o_leaves = [x if y is None else y for x, y in zip(o_leaves, o_out)]
             losses.append(loss)
         params, opt_state = jtu.tree_unflatten(p_def, p_leaves), jtu.tree_unflatten(o_def, o_leaves)
-        # Leaves a baked program never writes are the very same arrays: nothing to compare.
+        # Leaves a baked program never writes are the very same arrays: nothing to compare;
+        # gradients it never uses are zero: nothing to reduce.
         index = np.flatnonzero(layout.masks[_TOUCH]) if baked is not None else None
+        seen = [j for j, g in enumerate(grads) if g is not None]
         try:  # the one wait of the chunk
-            audit, state_audit = _audit_call(
+            audit, grad_rows, state_audit = self._auditor(index, seen)(
                 _subset(jtu.tree_leaves(begin[0]), index),
                 _subset(before, index),
                 _subset(p_leaves, index),
+                [grads[j] for j in seen],
                 _arrays(begin[2]),
                 _arrays(state),
                 np.bool_(first and n == 1),
             )
-            losses, gsq, g_finite, audit, state_audit = jax.device_get(
-                (losses, gsq, g_finite, audit, state_audit)
+            losses, audit, grad_rows, state_audit = jax.device_get(
+                (losses, audit, grad_rows, state_audit)
             )
         except Exception as e:
             raise _Ran() from e
         full = np.zeros((6, len(layout.diff_index)), np.float32)
-        full[_FINITE] = 1
+        full[_FINITE] = full[_GRAD_FINITE] = 1
         full[:4, slice(None) if index is None else index] = audit
-        full[_GRAD_NORM], full[_GRAD_FINITE] = np.sqrt(gsq), g_finite
+        full[_GRAD_NORM:, seen] = grad_rows
         return _Chunk(
             (params, opt_state, state), [float(x) for x in losses], full, np.asarray(state_audit)
         )
@@ -1128,14 +1217,29 @@ class StepRunner:
     def _special_key(self, layout: _Layout) -> bytes:
         return layout.masks.tobytes()
 
-    def _baked(self, layout: _Layout) -> tuple | None:
-        """The masks to bake into the program: always in the structural layout; in the
-        masked layout once the background compilation of this spec is ready."""
-        if self._kind == STRUCTURAL or isinstance(
-            self._special.get(self._special_key(layout)), float
-        ):
-            return tuple(tuple(bool(b) for b in row) for row in layout.masks)
-        return None
+    def _pick(self, layout: _Layout, waiting: Callable[[], None]) -> tuple | None:
+        """The masks to bake into the next chunk's program, or None for the masked one.
+
+        Structural layout: always baked. Masked layout: a program specialised to this spec
+        once one is built; else the masked program. The first answer of a runner compiles
+        this spec's specialised program (as fast to build as a hand-written step); the
+        masked one then builds in the background for the clicks that follow, and a spec
+        without its own program waits for it (`waiting` reports that).
+        """
+        baked = tuple(tuple(bool(b) for b in row) for row in layout.masks)
+        if self._kind == STRUCTURAL:
+            return baked
+        entry = self._special.get(self._special_key(layout))
+        if isinstance(entry, float):
+            return baked
+        if self._masked_started and not self._masked_ready.is_set():
+            waiting()  # the masked program is being built in the background
+            self._masked_ready.wait()
+        if self._masked_started or self._answered or isinstance(entry, _Unbuilt):
+            self._masked_started = True  # built here, on its first call, if not built yet
+            self._masked_ready.set()
+            return None
+        return baked
 
     def _background(self, work: Callable[[], None], what: str) -> threading.Thread:
         """Run `work` in a daemon thread marked as background (its traces are not
@@ -1150,15 +1254,40 @@ class StepRunner:
         _BACKGROUND.add(thread)
         return thread
 
-    def _warm_audit(self) -> None:
-        # The audit is a program of its own: compiling it now, beside the step's compilation
-        # (XLA releases the GIL), takes it off the first step's wall time on 2+ cores.
-        leaves = jtu.tree_leaves(self._params(self._layout))
+    def _auditor(self, index: np.ndarray | None, seen: list) -> Callable:
+        """`_audit_call` once built for these leaves; until then (on CPU) `_host_audit`,
+        while it builds in the background. Each set of leaves is its own program."""
+        key = (b"all" if index is None else index.tobytes(), tuple(seen))
+        ready = self._audits.get(key)
+        if ready is None:
+            ready = self._audits[key] = threading.Event()
+            self._background(functools.partial(self._warm_audit, index, seen, ready), "audit")
+        if ready.is_set() or jax.default_backend() != "cpu":
+            return _audit_call
+        return _host_audit
+
+    def _warm_audit(self, index: np.ndarray | None, seen: list, ready: threading.Event) -> None:
+        # Compiling the audit program by running it once on the current arrays.
+        leaves = _subset(jtu.tree_leaves(self._params(self._layout)), index)
+        grads = [jtu.tree_leaves(self._params(self._layout))[j] for j in seen]
         state = _arrays(self._state)
         try:
-            _audit_call(leaves, leaves, leaves, state, state, np.bool_(True))
-        except Exception:  # noqa: BLE001 - the first step will report any real problem
+            _audit_call(leaves, leaves, leaves, grads, state, state, np.bool_(True))
+        except Exception:  # noqa: BLE001 - the foreground will report any real problem
             pass
+        finally:
+            ready.set()
+
+    def _warm_masked(self) -> None:
+        # Builds the masked program (and the audit) by running one step, thrown away.
+        layout = self._layout
+        arrays = (self._params(layout), self._opt_state, self._state)
+        try:
+            self._run(layout, None, arrays, arrays, 1, first=True)
+        except Exception:  # noqa: BLE001 - a step in the foreground will report it
+            pass
+        finally:
+            self._masked_ready.set()
 
     def _specialise(self, layout: _Layout) -> None:
         key = self._special_key(layout)
@@ -1288,7 +1417,14 @@ class StepRunner:
 
 # XLA aborts the process if it exits while a compilation runs in another thread.
 _BACKGROUND: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-atexit.register(lambda: [t.join() for t in list(_BACKGROUND)])
+
+
+@atexit.register
+def _join_background() -> None:
+    # A background build may start another one (the masked program, then its audit).
+    while alive := [t for t in list(_BACKGROUND) if t.is_alive()]:
+        for thread in alive:
+            thread.join()
 
 
 class _Release:
