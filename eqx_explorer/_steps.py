@@ -22,17 +22,19 @@ Methods:
 
 What is compiled, and when (the `layout`):
 
-- `"masked"` (default): one step program per runner. The spec and the method enter it as
-  data, per-leaf masks (which gradients reach the optimizer, which updates apply, which
-  leaves move, which optimizer slots advance), and `n` is how often the host dispatches
-  it. So a click, a method switch or another `n` never recompiles; `compile_count` stays
-  at 1. The price: every float leaf is differentiated (a frozen leaf's gradient is
-  computed, then masked), the optimizer state spans every float leaf, and every array is
-  an output of each step. For long runs the runner therefore compiles, in a background
-  thread, the same program with the current masks baked in (XLA then drops the frozen
-  leaves' gradients, and unchanged leaves are no outputs) and swaps it in between chunks
-  once ready (`specialise=True`, after `SPECIALISE_AFTER` steps on one spec);
-  `report.notes` says when it did.
+- `"masked"` (default): one step program serves every spec. The spec and the method enter
+  it as data, per-leaf masks (which gradients reach the optimizer, which updates apply,
+  which leaves move, which optimizer slots advance), and `n` is how often the host
+  dispatches it. So a click, a method switch or another `n` never recompiles;
+  `compile_count` stays at 1. The price: every float leaf is differentiated (a frozen
+  leaf's gradient is computed, then masked), the optimizer state spans every float leaf,
+  and every array is an output of each step. So the runner also uses the same program with
+  a spec's masks baked in (XLA drops the frozen leaves' gradients; unchanged leaves are no
+  outputs), which builds as fast as a hand-written step (`specialise=True`): the first
+  answer compiles it for the spec at hand, and the masked program then builds in the
+  background (`wait_ready()`; a click before then waits for it, with progress); a spec that
+  runs `SPECIALISE_AFTER` steps gets its own, built in the background and swapped in
+  between chunks. `report.notes` says when a specialised program ran.
 - `"structural"`: the spec is the structure of the program's arguments, as in a
   hand-written loop: `"partition"` passes only trainable leaves, so the optimizer state
   covers only them (for models whose frozen leaves' optimizer state would not fit in
@@ -43,7 +45,8 @@ Either way a call dispatches its steps back to back, like a hand-written loop, i
 about `CHUNK_SECONDS` (the `progress` callback reports after each, `stop()` ends the call
 between two). After each chunk one wait brings back its losses and the audit of the call so
 far (bit-level changed flags, norms, finite flags, for the parameters and the model's state),
-computed on device by a small program of its own, compiled beside the first step.
+computed on device by a small program of its own; until that program is built (in the
+background) NumPy computes the same on the host, where CPU arrays already are.
 
 A failure (an exception, a non-scalar or non-finite loss, NaN/inf parameters) keeps the last
 good step: a chunk that saw one is replayed one checked step at a time, with the same
