@@ -1411,8 +1411,9 @@ class StepRunner:
             ):
                 moved.setdefault(entry.owner, []).append(entry.path)
         return [
-            f"frozen layer `{owner}` still changed its state ({', '.join(paths)}): its running "
-            f"statistics move with every step unless it runs in inference mode, e.g. "
+            f"frozen layer `{owner}` still changed its state ({', '.join(paths)}): its state "
+            f"(BatchNorm's running statistics, SpectralNorm's power-iteration vectors) moves with "
+            f"every step unless the layer runs in inference mode, e.g. "
             f'spec.inference("{owner}") (the row menu\'s "inference mode" in the widget)'
             for owner, paths in moved.items()
         ]
