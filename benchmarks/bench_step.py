@@ -27,7 +27,7 @@ WIDTH = 1024
 DEPTH = 3  # hidden layers: 4 Linear layers of WIDTH x WIDTH, ~4.2M parameters
 BATCH = 64
 STEPS = 30
-REPEATS = 7
+REPEATS = 11
 
 
 def _setup():

@@ -269,11 +269,16 @@ def _audit_call(
     `grads` (the last step's), and the state's changed flags and delta norms. A program of its
     own: compiled once per runner, beside the step, not inside it.
     """
-    ref = [jnp.where(first, b, a) for a, b in zip(begin, before)]
-    changed, d = compare(ref, end)
-    usq = jax.lax.cond(
-        first, lambda: d, lambda: stack([sumsq(y - x) for x, y in zip(before, end)], jnp.float32)
+    # A call's first step compares with its own inputs: one comparison serves both rows.
+    changed, d, usq = jax.lax.cond(
+        first,
+        lambda: (*compare(before, end), jnp.zeros(len(end), jnp.float32)),
+        lambda: (
+            *compare(begin, end),
+            stack([sumsq(y - x) for x, y in zip(before, end)], jnp.float32),
+        ),
     )
+    usq = jnp.where(first, d, usq)
     finite = jax.lax.cond(
         jnp.all(jnp.isfinite(d)),
         lambda: jnp.ones(len(end), bool),
