@@ -85,3 +85,40 @@ def mse_loss(model, batch) -> jax.Array:
     tokens, targets = batch
     preds = jax.vmap(model)(tokens)
     return jnp.mean((preds - targets) ** 2)
+
+
+class StatefulNet(eqx.Module):
+    """A small stateful model (BatchNorm) for `eqx.nn.make_with_state` demos and tests.
+
+    ```python
+    model, state = eqx.nn.make_with_state(StatefulNet)(jax.random.key(0))
+    loss, state = stateful_loss(model, state, stateful_batch())
+    ```
+    """
+
+    lin: eqx.nn.Linear
+    bn: eqx.nn.BatchNorm
+    drop: eqx.nn.Dropout
+    head: eqx.nn.Linear
+
+    def __init__(self, key: jax.Array):
+        k1, k2 = jax.random.split(key)
+        self.lin = eqx.nn.Linear(2, 4, key=k1)
+        self.bn = eqx.nn.BatchNorm(4, "batch", mode="ema")
+        self.drop = eqx.nn.Dropout(0.0)
+        self.head = eqx.nn.Linear(4, 1, key=k2)
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State) -> tuple[jax.Array, eqx.nn.State]:
+        h, state = self.bn(self.lin(x), state)
+        return self.head(self.drop(h))[0], state
+
+
+def stateful_batch(n: int = 8) -> tuple[jax.Array, jax.Array]:
+    return jnp.linspace(-1, 1, 2 * n).reshape(n, 2), jnp.linspace(0, 1, n)
+
+
+def stateful_loss(model, state, batch) -> tuple[jax.Array, eqx.nn.State]:
+    x, y = batch
+    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    out, state = batched(x, state)
+    return jnp.mean((out - y) ** 2), state

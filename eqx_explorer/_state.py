@@ -42,7 +42,9 @@ def _indices(model: Any) -> list[tuple[tuple, Any]]:
 
 def has_state(model: Any) -> bool:
     """Whether `model` holds `eqx.nn.StateIndex` markers (it needs an `eqx.nn.State`)."""
-    return bool(_indices(model))
+    # No key paths: this runs on every export, and a 50,000-leaf model has many.
+    is_index = lambda x: isinstance(x, eqx.nn.StateIndex)  # noqa: E731
+    return any(is_index(x) for x in jtu.tree_leaves(model, is_leaf=is_index))
 
 
 def state_entries(model: Any, state: Any) -> list[StateEntry]:

@@ -20,7 +20,7 @@ from eqx_explorer import ExplorerError, FilterSpec, summary
 from eqx_explorer._audit import LeafReport, StepReport
 from eqx_explorer._codegen import STYLES, to_code
 from eqx_explorer._constraints import RULE_NAMES
-from eqx_explorer._examples import example_model
+from eqx_explorer._examples import StatefulNet, example_model, stateful_loss
 from eqx_explorer._steps import StepProgress
 from eqx_explorer._widget import KINDS, METHODS, NO_STATUS, STATES, STATUSES, Explorer
 from tests.strategies import models, random_edits
@@ -846,35 +846,10 @@ def test_a_failing_worker_reports_in_the_banner_and_frees_the_runner(gated, monk
 
 
 # -- the model's state and inference mode ------------------------------------------------------
-class BNNet(eqx.Module):
-    lin: eqx.nn.Linear
-    bn: eqx.nn.BatchNorm
-    drop: eqx.nn.Dropout
-    head: eqx.nn.Linear
-
-    def __init__(self, key):
-        k1, k2 = jax.random.split(key)
-        self.lin = eqx.nn.Linear(2, 4, key=k1)
-        self.bn = eqx.nn.BatchNorm(4, "batch", mode="ema")
-        self.drop = eqx.nn.Dropout(0.0)
-        self.head = eqx.nn.Linear(4, 1, key=k2)
-
-    def __call__(self, x, state):
-        h, state = self.bn(self.lin(x), state)
-        return self.head(self.drop(h))[0], state
-
-
-def bn_loss(model, state, batch):
-    x, y = batch
-    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-    out, state = batched(x, state)
-    return jnp.mean((out - y) ** 2), state
-
-
 @pytest.fixture
 def stateful():
-    model, state = eqx.nn.make_with_state(BNNet)(jax.random.key(0))
-    return Explorer(model, loss_fn=bn_loss, batch=SMALL_BATCH, state=state)
+    model, state = eqx.nn.make_with_state(StatefulNet)(jax.random.key(0))
+    return Explorer(model, loss_fn=stateful_loss, batch=SMALL_BATCH, state=state)
 
 
 def state_paths(table):

@@ -41,34 +41,10 @@ slow = ex.Explorer(
 slow"""
 
 STATEFUL = """\
-class Net(eqx.Module):
-    lin: eqx.nn.Linear
-    bn: eqx.nn.BatchNorm
-    drop: eqx.nn.Dropout
-    head: eqx.nn.Linear
+from eqx_explorer._examples import StatefulNet, stateful_batch, stateful_loss
 
-    def __init__(self, key):
-        k1, k2 = jax.random.split(key)
-        self.lin = eqx.nn.Linear(2, 4, key=k1)
-        self.bn = eqx.nn.BatchNorm(4, "batch")
-        self.drop = eqx.nn.Dropout(0.0)
-        self.head = eqx.nn.Linear(4, 1, key=k2)
-
-    def __call__(self, x, state):
-        h, state = self.bn(self.lin(x), state)
-        return self.head(self.drop(h))[0], state
-
-
-def loss_fn(model, state, batch):
-    x, y = batch
-    batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
-    out, state = batched(x, state)
-    return jnp.mean((out - y) ** 2), state
-
-
-model, state = eqx.nn.make_with_state(Net)(jax.random.key(0))
-batch = (jnp.linspace(-1, 1, 16).reshape(8, 2), jnp.linspace(0, 1, 8))
-bn = ex.Explorer(model, loss_fn=loss_fn, batch=batch, state=state)
+model, state = eqx.nn.make_with_state(StatefulNet)(jax.random.key(0))
+bn = ex.Explorer(model, loss_fn=stateful_loss, batch=stateful_batch(), state=state)
 bn"""
 
 ROOT = "document.querySelector('.eqxe-root')"
