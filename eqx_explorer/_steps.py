@@ -160,16 +160,35 @@ def _zero_unless(flag: Any, x: jax.Array) -> jax.Array:
     return _select(flag, x, jnp.zeros_like(x))
 
 
-class _Static(NamedTuple):
-    """Everything the program is specialised on (hashable; a change recompiles)."""
+class _Static:
+    """Everything the program is specialised on; a change recompiles.
 
-    loss_fn: Callable
-    optimizer: Any
-    stateful: bool
-    rules: tuple  # one `Rule` or None per optimized leaf
-    masks: tuple | None  # baked-in masks, or None: the masks are an argument
-    slot_cols: tuple  # optimizer-state leaf -> optimized leaf it belongs to (-1: shared)
-    pins: tuple | None  # output shardings of (params, opt_state) for sharded models
+    One opaque, hashable object (its hash computed once), not a pytree: `filter_jit` would
+    otherwise hash each of its thousands of parts (one rule, five masks, several optimizer
+    slots per leaf) on every dispatch.
+    """
+
+    __slots__ = ("loss_fn", "optimizer", "stateful", "rules", "masks", "slot_cols", "pins")
+    __slots__ += ("_key", "_hash")
+
+    def __init__(self, loss_fn, optimizer, stateful, rules, masks, slot_cols, pins):
+        self.loss_fn: Callable = loss_fn
+        self.optimizer: Any = optimizer
+        self.stateful: bool = stateful
+        self.rules: tuple = rules  # one `Rule` or None per optimized leaf
+        self.masks: tuple | None = masks  # baked-in masks, or None: an argument
+        self.slot_cols: tuple = slot_cols  # optimizer-state leaf -> its leaf (-1: shared)
+        self.pins: tuple | None = pins  # output shardings of (params, opt_state), if sharded
+        self._key = (loss_fn, optimizer, stateful, rules, masks, slot_cols, pins)
+        self._hash = hash(self._key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (
+            isinstance(other, _Static) and self._hash == other._hash and self._key == other._key
+        )
 
 
 def _make_program(on_trace: Callable[[], None]) -> Callable:
@@ -345,6 +364,12 @@ def _host_rows(host, sq, diff, begin, before, end, grads, state0, state, first):
     pairs = [diff(host(a), host(b)) for a, b in zip(state0, state)]
     state_rows = np.array([[c for c, _ in pairs], [np.sqrt(d) for _, d in pairs]], np.float32)
     return rows, grad_rows, state_rows.reshape(2, len(pairs))
+
+
+def _some(paths: list[str], most: int = 10) -> str:
+    """`paths` joined, the first `most` of them (a message stays readable on big models)."""
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ", ".join(paths[:most]) + more
 
 
 def _subset(leaves: list, index: np.ndarray | None) -> list:
@@ -818,7 +843,7 @@ class StepRunner:
             if old_has and len(dropped):
                 self._notes.append(
                     "optimizer state dropped for newly frozen leaves: "
-                    + ", ".join(self._paths[i] for i in dropped)
+                    + _some([self._paths[i] for i in dropped])
                 )
             if new_has:
                 self._started(new_owned & ~old_owned)
@@ -840,7 +865,7 @@ class StepRunner:
         if dropped.any():
             self._notes.append(
                 "optimizer state dropped for newly frozen leaves: "
-                + ", ".join(self._paths[i] for i in np.flatnonzero(dropped))
+                + _some([self._paths[i] for i in np.flatnonzero(dropped)])
             )
         self._started(fresh)
 
@@ -883,7 +908,7 @@ class StepRunner:
         if carried < len(old_by_path) and len(dropped):
             self._notes.append(
                 "optimizer state dropped for newly frozen leaves: "
-                + ", ".join(self._paths[i] for i in dropped)
+                + _some([self._paths[i] for i in dropped])
             )
         if started:
             self._started(new_owned & ~old_owned)
@@ -901,7 +926,7 @@ class StepRunner:
         if len(index):
             self._fresh |= set(index.tolist())
             self._notes.append(
-                "optimizer state started fresh for: " + ", ".join(self._paths[i] for i in index)
+                "optimizer state started fresh for: " + _some([self._paths[i] for i in index])
             )
 
     def set_spec(self, spec: FilterSpec, method: str | None = None) -> None:
@@ -1327,14 +1352,14 @@ class StepRunner:
             return info[0]
         paths, diff_index = self._paths, layout.diff_index
         bad = [paths[i] for i, f in zip(diff_index, audit[_GRAD_FINITE]) if not f]
-        grads = f"; non-finite gradients at: {', '.join(bad)}" if bad else ""
+        grads = f"; non-finite gradients at: {_some(bad)}" if bad else ""
         if kind == "loss":
             step, loss = info
             what = f"non-finite loss ({loss}){grads}"
         else:
             step = info[0]
             broken_paths = [paths[i] for i, f in zip(diff_index, broken) if not f]
-            what = f"the update made NaN/inf values in: {', '.join(broken_paths)}{grads}"
+            what = f"the update made NaN/inf values in: {_some(broken_paths)}{grads}"
             if not bad:
                 what += " (the gradients were finite: check the optimizer, e.g. its learning rate)"
         return (
