@@ -16,6 +16,7 @@ from ._errors import ExplorerError as ExplorerError
 from ._paths import format_path as format_path
 from ._paths import parse_path as parse_path
 from ._spec import FilterSpec as FilterSpec
+from ._steps import StepProgress as StepProgress
 from ._steps import StepRunner as StepRunner
 from ._summary import summary as summary
 from ._tree import ModelTree as ModelTree
