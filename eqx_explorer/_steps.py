@@ -665,7 +665,6 @@ class StepRunner:
         self._labelled: dict[bytes, Any] = {}  # mask -> optax.partition, reused on revisits
         # masks -> "compiling" | seconds it took | _Unbuilt (why it could not be built)
         self._special: dict[bytes, Any] = {}
-        self._specialising: threading.Thread | None = None
         self._code_arrays: dict[int, jax.Array] = {}
         self._step_seconds: dict[bool, float] = {}  # specialised? -> seconds per step
         self._init_fn = None
@@ -823,34 +822,18 @@ class StepRunner:
             return  # a stateless optimizer: nothing to carry
         old_owned, new_owned = self._owned(old), self._owned(new)
         fresh_state = self._fresh_opt_state(new)
+        shared = any(c < 0 for c in self._slot_cols)  # e.g. Adam's count
+        slots = any(c >= 0 for c in self._slot_cols)  # e.g. momentum, per leaf
         if (old.method == OPTAX_MASK) != (new.method == OPTAX_MASK):
-            # In a user's loop the state's structure changes (optax.partition wraps it).
+            # In a user's loop the state's structure changes (optax.partition wraps it):
+            # all of it starts again, whatever it had and whatever it will hold.
             self._opt_state = fresh_state
-            # Say what the user's loop would: it had state to lose (`old_has`) and a new
-            # one to start (`new_has`); Adam's count is shared, momentum is per leaf.
-            shared = any(c < 0 for c in self._slot_cols)
-            slots = any(c >= 0 for c in self._slot_cols)
-            old_has = shared or (slots and old_owned.any())
-            new_has = shared or (slots and new_owned.any())
-            if old_has and new_has:
-                self._notes.append(
-                    f"optimizer state rebuilt from scratch: its structure changed "
-                    f"({old.method} -> {new.method})"
-                )
-                self._started(new_owned)
-                return
-            dropped = np.flatnonzero(old_owned & ~new_owned)
-            if old_has and len(dropped):
-                self._notes.append(
-                    "optimizer state dropped for newly frozen leaves: "
-                    + _some([self._paths[i] for i in dropped])
-                )
-            if new_has:
-                self._started(new_owned & ~old_owned)
+            had = shared or (slots and old_owned.any())
+            has = shared or (slots and new_owned.any())
+            self._tell_carry(old, new, rebuilt=had and has, had=had, has=has)
             return
-        fresh = new_owned & ~old_owned
-        dropped = old_owned & ~new_owned
-        if not any(c >= 0 for c in self._slot_cols) or not (fresh.any() or dropped.any()):
+        fresh, dropped = new_owned & ~old_owned, old_owned & ~new_owned
+        if not slots or not (fresh.any() or dropped.any()):
             return
         # A dropped leaf's slots go back to their initial value too: a frozen leaf then
         # holds the state a partition would give it if it trained again.
@@ -862,12 +845,7 @@ class StepRunner:
             )
         ]
         self._opt_state = jtu.tree_unflatten(jtu.tree_structure(self._opt_state), leaves)
-        if dropped.any():
-            self._notes.append(
-                "optimizer state dropped for newly frozen leaves: "
-                + _some([self._paths[i] for i in np.flatnonzero(dropped)])
-            )
-        self._started(fresh)
+        self._tell_carry(old, new, rebuilt=False, had=True, has=True)
 
     def _carry_structural(self, old: _Layout, new: _Layout) -> None:
         """Structural layout: move `self._opt_state` to `new`'s structure, by key path."""
@@ -893,24 +871,35 @@ class StepRunner:
                 leaves.append(x)
                 started += 1
         self._opt_state = jtu.tree_unflatten(treedef, leaves)
-        old_owned, new_owned = self._owned(old), self._owned(new)
         regroup = (old.method == OPTAX_MASK) != (new.method == OPTAX_MASK)
-        if regroup and carried == 0 and started and old_by_path:
+        self._tell_carry(
+            old,
+            new,
+            rebuilt=regroup and carried == 0 and bool(started) and bool(old_by_path),
+            had=carried < len(old_by_path),
+            has=bool(started),
+        )
+
+    def _tell_carry(self, old: _Layout, new: _Layout, rebuilt: bool, had: bool, has: bool):
+        """The notes of a re-toggle, the same in both layouts: the state was `rebuilt` (its
+        structure changed), or slots were dropped (if some `had` to be) for newly frozen
+        leaves and started (if some `has` to be) for newly trained ones. Slots exist only
+        for optimizers with per-leaf state (not plain sgd)."""
+        old_owned, new_owned = self._owned(old), self._owned(new)
+        if rebuilt:
             self._notes.append(
                 "optimizer state rebuilt from scratch: its structure changed "
                 f"({old.method} -> {new.method})"
             )
             self._started(new_owned)
             return
-        # Slots are only started for newly optimized leaves (an optimizer without per-leaf
-        # state, e.g. plain sgd, starts none) and only dropped for leaves that left.
         dropped = np.flatnonzero(old_owned & ~new_owned)
-        if carried < len(old_by_path) and len(dropped):
+        if had and len(dropped):
             self._notes.append(
                 "optimizer state dropped for newly frozen leaves: "
                 + _some([self._paths[i] for i in dropped])
             )
-        if started:
+        if has:
             self._started(new_owned & ~old_owned)
 
     def _set_inference(self, spec: FilterSpec) -> None:
@@ -1339,7 +1328,7 @@ class StepRunner:
                 return
             self._special[key] = time.perf_counter() - start
 
-        self._specialising = self._background(work, "specialise")
+        self._background(work, "specialise")
 
     # -- the report -------------------------------------------------------------------------
     def _message(
