@@ -686,6 +686,15 @@ def wait_for(condition, timeout=30.0):
         time.sleep(0.005)
 
 
+def run_until(w, n, done):
+    """Start `n` steps from the page and let `done` of them through; returns the runner."""
+    w._handle_message({"type": "step", "n": n})
+    runner = w._runner
+    runner.gate.release(done)
+    wait_for(lambda: w.progress.get("done") == done)
+    return runner
+
+
 @pytest.fixture
 def gated(small, monkeypatch):
     import eqx_explorer._steps as steps
@@ -748,10 +757,7 @@ def test_page_step_runs_in_a_worker_and_the_kernel_keeps_answering(gated, small)
 
 def test_a_second_step_or_reset_while_steps_run_is_refused(gated):
     w = gated
-    w._handle_message({"type": "step", "n": 5})
-    runner = w._runner
-    runner.gate.release(2)
-    wait_for(lambda: w.progress.get("done") == 2)
+    runner = run_until(w, 5, done=2)
     sent = Sent(w)
     w._handle_message({"type": "step", "n": 1, "id": 9})
     assert "steps are running (2 / 5 done)" in w.error and "Stop" in w.error
@@ -768,10 +774,7 @@ def test_a_second_step_or_reset_while_steps_run_is_refused(gated):
 
 def test_stop_ends_the_run_and_keeps_the_steps_done(gated):
     w = gated
-    w._handle_message({"type": "step", "n": 100})
-    runner = w._runner
-    runner.gate.release(4)
-    wait_for(lambda: w.progress.get("done") == 4)
+    runner = run_until(w, 100, done=4)
     w._handle_message({"type": "stop"})
     assert w.progress["stopping"] is True and runner.stopped.is_set()
     sent = Sent(w)
