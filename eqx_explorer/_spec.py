@@ -2,11 +2,14 @@
 
 Polarity follows Equinox: `True` = trainable (the `filter_spec` of `eqx.partition`).
 `optax.freeze` uses the opposite (`True` = frozen); `to_code("optax")` writes labels instead.
+A spec also holds a learning-rate factor per leaf (`lr_factors`): 0 = frozen, 1 by default.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
 from typing import Any
 
 import equinox as eqx
@@ -16,7 +19,7 @@ import numpy as np
 from ._constraints import make_rule
 from ._errors import ExplorerError
 from ._select import Selection, select
-from ._tree import MODULE, ModelTree
+from ._tree import LIST, MODULE, TUPLE, ModelTree
 
 __all__ = ["FilterSpec"]
 
@@ -40,6 +43,23 @@ def _inference_leaves(tree: ModelTree) -> np.ndarray:
     return flags
 
 
+def _factor(value: Any, where: str, name: str, upper: float) -> float:
+    """`value` as a float in [0, upper], else an ExplorerError naming `where` it was passed."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ExplorerError(
+            f"{where}: the {name} must be a number, got a {type(value).__name__}; "
+            "pass a Python float, e.g. 0.1"
+        )
+    number = float(value)
+    if not (math.isfinite(number) and 0 <= number <= upper):
+        bounds = "a finite number >= 0" if math.isinf(upper) else f"a number in [0, {upper:g}]"
+        raise ExplorerError(
+            f"{where}: the {name} {number!r} is not {bounds}; 0 freezes, 1 is the full "
+            "learning rate, e.g. 0.1 trains at a tenth of it"
+        )
+    return number
+
+
 class FilterSpec:
     """Which leaves of `model` train: a value, never changed in place.
 
@@ -61,11 +81,18 @@ class FilterSpec:
     overrides, one bool per `inference` field the spec sets (leaf index -> value), read as
     `inference_overrides` (path -> value) and applied with `apply_inference(model)`.
 
+    Learning-rate groups: every trainable leaf has a factor (1 by default) that scales its
+    update, as `lr * factor` in a PyTorch parameter group; a frozen leaf has factor 0.
+    `scale_lr(target, factor)` sets factors and `layerwise_decay("blocks", 0.8)` decays them
+    down a list of layers; `lr_factors` reads them. A mask change keeps the factor of every
+    leaf that stays trainable: `freeze` sets 0, `unfreeze` and `set_mask` give the leaves they
+    turn on factor 1 (a frozen leaf remembers no factor) and leave trainable leaves' factors be.
+
     Edge cases: a stacked layer (`eqx.nn.MLP(..., scan=True)`) is one array leaf, so one bool
     freezes all its layers at once; `eqx.nn.Shared` ties arrays so only the source is a leaf.
     """
 
-    __slots__ = ("_model_tree", "_mask", "_cum", "constraints", "_inference")
+    __slots__ = ("_model_tree", "_mask", "_factors", "_cum", "constraints", "_inference")
 
     def __init__(
         self,
@@ -73,6 +100,7 @@ class FilterSpec:
         *,
         _tree: ModelTree | None = None,
         _mask=None,
+        _factors=None,
         _constraints=None,
         _inference=None,
     ):
@@ -80,6 +108,10 @@ class FilterSpec:
         mask = self._model_tree.inexact.copy() if _mask is None else _mask
         mask.setflags(write=False)
         self._mask = mask
+        # Float64 per leaf, > 0 exactly where `mask` is True (callers keep that invariant).
+        factors = mask.astype(np.float64) if _factors is None else _factors
+        factors.setflags(write=False)
+        self._factors = factors
         self._cum = None
         self.constraints = dict(_constraints or {})
         # Leaf index of an `inference` field -> the value the spec sets, in leaf order.
@@ -91,11 +123,17 @@ class FilterSpec:
         mask: np.ndarray | None = None,
         constraints: dict | None = None,
         inference: dict | None = None,
+        factors: np.ndarray | None = None,
     ) -> FilterSpec:
+        if factors is None and mask is not None:
+            # Leaves that stay trainable keep their factor, newly trainable ones get 1.
+            kept = np.where(self._factors > 0, self._factors, 1.0)
+            factors = np.where(mask, kept, 0.0)
         return FilterSpec(
             None,
             _tree=self._model_tree,
             _mask=self._mask if mask is None else mask,
+            _factors=self._factors if factors is None else factors,
             _constraints=self.constraints if constraints is None else constraints,
             _inference=self._inference if inference is None else inference,
         )
@@ -124,7 +162,7 @@ class FilterSpec:
         return spec._replace(np.asarray(flags, bool) & spec._model_tree.inexact)
 
     def for_model(self, model: Any) -> FilterSpec:
-        """This spec (mask, update rules, inference flags) over `model`, of the same structure.
+        """This spec (mask, factors, rules, inference flags) over `model`, of the same structure.
 
         Use it to apply a spec built on one model to another instance of the same
         architecture (e.g. freshly loaded weights); `self` is returned when `model` is the
@@ -135,7 +173,7 @@ class FilterSpec:
         return self._onto(FilterSpec(model))
 
     def _onto(self, base: FilterSpec) -> FilterSpec:
-        """This mask, these rules and inference flags over `base`'s model tree (same structure)."""
+        """This mask, factors, rules and inference flags over `base`'s tree (same structure)."""
         if base._model_tree.treedef != self._model_tree.treedef:
             raise ExplorerError(
                 "this spec was built for another model, with another structure; build it from this "
@@ -146,7 +184,9 @@ class FilterSpec:
         for path, rule in self.constraints.items():
             rule.check(path, tree.leaves[int(tree.lo[tree.find(path)])])
         self._check_inference_leaves(tree.leaves)
-        return other._replace(constraints=dict(self.constraints), inference=self._inference)
+        return other._replace(
+            constraints=dict(self.constraints), inference=self._inference, factors=self._factors
+        )
 
     @property
     def model_tree(self) -> ModelTree:
@@ -203,6 +243,108 @@ class FilterSpec:
             f"(e.g. `{tree.paths[node]}` is {what}). Only float/complex arrays can train; "
             "int/bool arrays, functions and Python values stay as they are. "
             f"{verb.capitalize()} a module or array that has float weights."
+        )
+
+    # -- learning-rate groups ------------------------------------------------------
+    @property
+    def lr_factors(self) -> np.ndarray:
+        """Read-only float64 array over leaves (as `mask`): each leaf's learning-rate factor.
+
+        0 where the leaf does not train, 1 by default where it does; trainable = factor > 0.
+        """
+        return self._factors
+
+    def scale_lr(self, target: Any, factor: float) -> FilterSpec:
+        """A new spec whose float arrays under `target` train at `factor` times the rate.
+
+        `target` takes every form `freeze` takes (a list of them too). `factor` 0 freezes
+        them (as `freeze`); a factor > 0 makes them trainable with that factor, their updates
+        scaled by it as in a PyTorch parameter group with `lr * factor`. Later calls override
+        earlier ones.
+
+        ```python
+        spec = FilterSpec(model).freeze("embed").scale_lr("blocks", 0.1)
+        spec.lr_factors          # 0 for embed's arrays, 0.1 for the blocks', 1 for the head's
+        ```
+        """
+        sel = self.select(target)
+        factor = _factor(factor, f"scale_lr({sel.label}, factor)", "factor", upper=math.inf)
+        if factor == 0:
+            return self.freeze(target)
+        tree = self._model_tree
+        hit = sel.mask & tree.inexact
+        if not hit.any():
+            raise ExplorerError(self._cannot_train_message(sel, "scale the learning rate of"))
+        mask = self._mask.copy()
+        mask[hit] = True
+        factors = self._factors.copy()
+        factors[hit] = factor
+        return self._replace(mask, factors=factors)
+
+    def layerwise_decay(self, target: Any, decay: float) -> FilterSpec:
+        """A new spec with factors decaying down a list of layers (layer-wise LR decay, LLRD).
+
+        `target` is one list or tuple node, e.g. `"blocks"` or an `eqx.nn.MLP`'s `"layers"`.
+        Its last child (the one closest to the head) gets factor 1, the one before `decay`,
+        then `decay ** 2`, ...: child `j` of `n` gets `decay ** (n - 1 - j)`, as in BERT and
+        ViT fine-tuning. Only trainable leaves get a factor: frozen ones stay frozen. The
+        factors are set, not multiplied; leaves outside `target` keep theirs.
+
+        ```python
+        spec = FilterSpec(model).freeze("embed").layerwise_decay("blocks", 0.5)
+        # 3 blocks: blocks[0] trains at 0.25, blocks[1] at 0.5, blocks[2] at 1
+        ```
+        """
+        tree = self._model_tree
+        node = self._sequence_node(target)
+        where = f"layerwise_decay(`{tree.paths[node]}`, decay)"
+        decay = _factor(decay, where, "decay", upper=1.0)
+        kids = tree.children[node]
+        if decay == 0 or decay ** (len(kids) - 1) == 0:
+            raise ExplorerError(
+                f"{where}: decay {decay!r} gives the first of its {len(kids)} layers factor 0 "
+                "(that is freezing); pass a decay in (0, 1], e.g. 0.8, and freeze layers with "
+                "spec.freeze(...)"
+            )
+        lo, hi = tree.lo[node], tree.hi[node]
+        if not self._mask[lo:hi].any():
+            raise ExplorerError(
+                f"{where}: nothing under `{tree.paths[node]}` trains, so no factor would be "
+                f"set; unfreeze it first, e.g. spec.unfreeze({tree.paths[node]!r})"
+            )
+        factors = self._factors.copy()
+        for j, kid in enumerate(kids):
+            part = slice(tree.lo[kid], tree.hi[kid])
+            factors[part] = np.where(self._mask[part], decay ** (len(kids) - 1 - j), 0.0)
+        return self._replace(factors=factors)
+
+    def _sequence_node(self, target: Any) -> int:
+        """The one list/tuple node `target` names (a path, or a `where` returning the node)."""
+        tree = self._model_tree
+        sel = self.select(target)
+        nodes = sel.nodes
+        picked = np.flatnonzero(sel.mask)
+        if not nodes and len(picked) and picked[-1] + 1 - picked[0] == len(picked):
+            # A `where` function names no node: take the highest list/tuple holding exactly
+            # the leaves it picked.
+            nodes = [
+                n
+                for n in range(len(tree))
+                if (tree.lo[n], tree.hi[n]) == (picked[0], picked[-1] + 1)
+                and tree.kind[n] in (LIST, TUPLE)
+            ][:1]
+        if len(nodes) == 1 and tree.kind[nodes[0]] in (LIST, TUPLE):
+            return nodes[0]
+        lists = [
+            f"`{tree.paths[n]}`"
+            for n in range(len(tree))
+            if tree.kind[n] in (LIST, TUPLE) and len(tree.children[n]) > 1
+        ]
+        found = ", ".join(lists[:8]) + (", ..." if len(lists) > 8 else "")
+        what = f"is a {tree.kind[nodes[0]]} node" if len(nodes) == 1 else "is not one node"
+        raise ExplorerError(
+            f"layerwise_decay needs one list or tuple of layers, but {sel.label} {what}. "
+            + (f"Lists in this model: {found}." if lists else "This model has no list of layers.")
         )
 
     def constrain(self, where: Any, rule: Any) -> FilterSpec:
@@ -298,6 +440,28 @@ class FilterSpec:
             )
         return self._replace(mask.copy())
 
+    def set_lr_factors(self, factors: Any) -> FilterSpec:
+        """A new spec from a float array over leaves: each leaf's factor, 0 = frozen.
+
+        The mask follows (trainable = factor > 0); only float/complex arrays can have a factor.
+        """
+        values = np.asarray(factors)
+        if values.shape != self._mask.shape or values.dtype.kind not in "iuf":
+            raise ExplorerError(
+                f"factors must be a real array of shape {self._mask.shape} (one per leaf, "
+                f"in jtu.tree_leaves order), got {values.dtype} of shape {values.shape}"
+            )
+        values = values.astype(np.float64)
+        bad = ~np.isfinite(values) | (values < 0)
+        if bad.any():
+            node = int(self._model_tree.leaf_node[int(np.flatnonzero(bad)[0])])
+            raise ExplorerError(
+                f"the factor of `{self._model_tree.paths[node]}` is "
+                f"{values[bad][0]!r}; factors are finite and >= 0 (0 freezes)"
+            )
+        self.set_mask(values > 0)  # raises, naming the leaf, if a non-float leaf got one
+        return self._replace(values > 0, factors=values)
+
     # -- reading ------------------------------------------------------------
     @property
     def tree(self) -> Any:
@@ -339,7 +503,11 @@ class FilterSpec:
 
     @property
     def counts(self) -> dict:
-        """Parameter and byte totals; tied (`eqx.nn.Shared`) arrays count once."""
+        """Parameter and byte totals; tied (`eqx.nn.Shared`) arrays count once.
+
+        `lr_groups` maps each learning-rate factor of trainable leaves (largest first) to
+        `{"params": ..., "leaves": ...}`: `{1.0: {...}}` for a spec without groups.
+        """
         tree = self._model_tree
         inexact = tree.inexact
         train = self._mask
@@ -353,6 +521,15 @@ class FilterSpec:
             "total_params": int(tree.size[inexact].sum()),
             "trainable_leaves": int(train.sum()),
             "frozen_leaves": int(frozen.sum()),
+            "lr_groups": self._lr_groups(),
+        }
+
+    def _lr_groups(self) -> dict[float, dict[str, int]]:
+        """Trainable leaves by factor, largest first: factor -> params and leaves."""
+        size, factors = self._model_tree.size[self._mask], self._factors[self._mask]
+        return {
+            float(f): {"params": int(size[factors == f].sum()), "leaves": int((factors == f).sum())}
+            for f in np.unique(factors)[::-1]
         }
 
     def frozen_paths(self) -> list[str]:
@@ -430,6 +607,7 @@ class FilterSpec:
         return (
             self._model_tree.treedef == other._model_tree.treedef
             and np.array_equal(self._mask, other._mask)
+            and np.array_equal(self._factors, other._factors)
             and self.constraints == other.constraints
             and self._inference == other._inference
         )
@@ -445,6 +623,9 @@ class FilterSpec:
             for n, mode in ((n_on, "inference"), (len(self._inference) - n_on, "training"))
             if n
         ]
+        groups = c["lr_groups"]
+        if set(groups) - {1.0}:
+            modes.insert(0, f"{len(groups)} learning-rate group{'s' * (len(groups) > 1)}")
         return (
             f"FilterSpec({self._model_tree.cls[0]}: {c['trainable_params']:,} trainable / "
             f"{c['total_params']:,} params ({100 * c['trainable_params'] / total:.1f}%), "
@@ -462,8 +643,9 @@ class FilterSpec:
     def to_json(self) -> str:
         """JSON with every float/complex leaf's path under `trainable` or `frozen`.
 
-        Update rules go under `constraints` and inference flags under `inference` (path ->
-        bool), each only when the spec has some.
+        Update rules go under `constraints`, inference flags under `inference` (path ->
+        bool) and learning-rate factors other than 1 under `lr_factors` (path -> factor), each
+        only when the spec has some; JSON without them loads with every factor 1.
         """
         doc = {
             "format": _FORMAT,
@@ -472,6 +654,12 @@ class FilterSpec:
             "trainable": self.trainable_paths(),
             "frozen": self.frozen_paths(),
         }
+        scaled = np.flatnonzero(self._mask & (self._factors != 1))
+        if len(scaled):
+            tree = self._model_tree
+            doc["lr_factors"] = {
+                tree.paths[tree.leaf_node[i]]: float(self._factors[i]) for i in scaled
+            }
         if self.constraints:
             doc["constraints"] = {p: r.to_json() for p, r in self.constraints.items()}
         if self._inference:
@@ -514,7 +702,26 @@ class FilterSpec:
             )
         mask = np.zeros(tree.num_leaves, bool)
         mask[[inexact_paths[p] for p in trainable]] = True
-        spec = spec._replace(mask)
+        factors = mask.astype(np.float64)
+        saved_factors = doc.get("lr_factors", {})
+        if not isinstance(saved_factors, dict):
+            raise ExplorerError(
+                "the saved `lr_factors` must map paths to numbers, as spec.to_json() writes it"
+            )
+        trainable_set = set(trainable)
+        for path, factor in saved_factors.items():
+            if path not in trainable_set:
+                raise ExplorerError(
+                    f"the saved `lr_factors` gives `{path}` a factor, but it is not under "
+                    "`trainable` in this JSON; list it there, or drop its factor"
+                )
+            where = f"the saved `lr_factors` of `{path}`"
+            factors[inexact_paths[path]] = _factor(factor, where, "factor", upper=math.inf)
+            if factors[inexact_paths[path]] == 0:
+                raise ExplorerError(
+                    f"{where} is 0 but the path is under `trainable`; move it to `frozen`"
+                )
+        spec = spec._replace(mask, factors=factors)
         for path, rule in doc.get("constraints", {}).items():
             spec = spec.constrain(path, tuple(rule) if isinstance(rule, list) else rule)
         inference = doc.get("inference", {})
