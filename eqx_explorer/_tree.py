@@ -16,8 +16,8 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._errors import ExplorerError
-from ._paths import format_key, format_path, parse_path
+from ._errors import ExplorerError, short_repr, shorten
+from ._paths import format_key, format_path, is_glob, parse_path
 
 __all__ = ["ModelTree", "Node", "array_summary"]
 
@@ -69,7 +69,7 @@ def _short_repr(x: Any, limit: int = 40) -> str:
         return text if "<lambda>" not in text else "lambda"
     if type(x).__name__ == "custom_jvp" and hasattr(x, "fun"):
         return getattr(x.fun, "__name__", "custom_jvp")
-    text = repr(x)
+    text = short_repr(x, 10 * limit)  # a leaf's own __repr__ may raise: the row still shows
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -135,7 +135,19 @@ class ModelTree:
 
     def __init__(self, model: Any):
         self.model = model
-        self.treedef = jtu.tree_structure(model)
+        try:
+            self.treedef = jtu.tree_structure(model)
+        except (TypeError, ValueError, RecursionError, SystemError) as e:
+            # Mixed dict key types cannot be sorted; a container holding itself recurses (and
+            # jaxlib reports that as a SystemError wrapping the RecursionError).
+            cause = e.__context__ if isinstance(e, SystemError) and e.__context__ else e
+            first_line = (str(cause).splitlines() or [""])[0]
+            raise ExplorerError(
+                f"JAX cannot flatten this {type(model).__name__} ({type(cause).__name__}: "
+                f"{shorten(first_line)}); a model must be a "
+                "pytree: each dict's keys of one sortable type (all str or all int), and no "
+                "container inside itself"
+            ) from None
         paths: list[str] = []
         keys: list[tuple] = []
         parent: list[int] = []
@@ -198,6 +210,7 @@ class ModelTree:
         self.leaves = leaves
         self.leaf_node = np.asarray(leaf_node, dtype=np.int64)
         self._index = {p: i for i, p in enumerate(paths)}
+        self._steps: dict[int, dict[str, int]] = {}  # node -> {child's key text: child}
         if len(self._index) != n:
             raise ExplorerError(
                 "two nodes of this pytree print the same path; give dict keys distinct "
@@ -252,6 +265,17 @@ class ModelTree:
         return self.kind[node] in (ARRAY, LEAF)
 
     def node(self, index: int) -> Node:
+        if isinstance(index, bool) or not isinstance(index, int | np.integer):
+            raise ExplorerError(
+                f"node(index) takes an int node index, got {type(index).__name__}; for a path "
+                "use tree.node(tree.find(path))"
+            )
+        if not 0 <= index < len(self.paths):
+            raise ExplorerError(
+                f"node index {index} is out of range: this tree has {len(self.paths)} nodes, "
+                f"numbered 0 to {len(self.paths) - 1}"
+            )
+        index = int(index)
         kind = self.kind[index]
         obj = self.objects[index]
         leaf = kind in (ARRAY, LEAF)
@@ -292,47 +316,56 @@ class ModelTree:
 
     # -- lookup -------------------------------------------------------------
     def find(self, path: str) -> int:
-        """Index of the node at `path` (leading dot optional); `ExplorerError` if none."""
+        """Index of the node at `path` (leading dot optional); `ExplorerError` if none.
+
+        Every path this tree prints is found (by its text, whatever its keys); other text is
+        parsed and walked down key by key, in time linear in its length.
+        """
         if isinstance(path, str) and path in self._index:
             return self._index[path]
-        keys = self._from_end(parse_path(path))
-        canonical = format_path(keys)
-        if canonical in self._index:
-            return self._index[canonical]
-        raise ExplorerError(self._unknown_path_message(keys, canonical))
+        keys = parse_path(path)
+        if is_glob(keys):
+            raise ExplorerError(
+                f"`{shorten(path)}` is a glob (`*` or `**`), not the path of one node: pass it "
+                "to freeze/unfreeze/select, which take globs, or name one node, e.g. "
+                f"`{self.paths[self.children[0][0]] if self.children[0] else ''}`"
+            )
+        node, depth, keys = self._walk(keys)
+        if depth == len(keys):
+            return node
+        raise ExplorerError(self._unknown_path_message(keys, node, depth))
 
-    def _from_end(self, keys: tuple) -> tuple:
-        """Negative indices into lists and tuples (`layers[-1]`) counted from the end."""
-        node, out = 0, []
-        for key in keys:
+    def _walk(self, keys: tuple) -> tuple[int, int, tuple]:
+        """The deepest node along `keys`, how many keys lead to it, and the keys with
+        negative indices into lists and tuples (`layers[-1]`) counted from the end."""
+        node, out = 0, list(keys)
+        for depth, key in enumerate(keys):
             index = key.key if isinstance(key, jtu.DictKey) else None
+            n_kids = len(self.children[node])
             if (
-                node is not None
-                and type(index) is int
-                and index < 0
+                type(index) is int
+                and -n_kids <= index < 0
                 and self.kind[node] in (LIST, TUPLE, NAMEDTUPLE)
-                and -len(self.children[node]) <= index
             ):
-                key = jtu.SequenceKey(len(self.children[node]) + index)
-            out.append(key)
-            node = None if node is None else self._index.get(format_path(tuple(out)))
-        return tuple(out)
+                key = out[depth] = jtu.SequenceKey(n_kids + index)
+            steps = self._steps.get(node)
+            if steps is None:
+                kids = self.children[node]
+                steps = self._steps[node] = {format_key(self.keys[c][-1]): c for c in kids}
+            child = steps.get(format_key(key))
+            if child is None:
+                return node, depth, tuple(out)
+            node = child
+        return node, len(keys), tuple(out)
 
-    def _unknown_path_message(self, keys: tuple, canonical: str) -> str:
-        # Walk down as far as the path exists, then suggest among that node's children.
-        node, depth = 0, 0
-        for depth in range(len(keys), 0, -1):
-            prefix = format_path(keys[:depth])
-            if prefix in self._index:
-                node = self._index[prefix]
-                break
-        else:
-            depth = 0
+    def _unknown_path_message(self, keys: tuple, node: int, depth: int) -> str:
+        # Suggest among the children of the deepest existing node, by the first missing key.
+        missing = format_path(keys[: depth + 1])
         names = [self.paths[c] for c in self.children[node]]
-        close = difflib.get_close_matches(canonical, names, n=3, cutoff=0.5) or names[:5]
+        close = difflib.get_close_matches(missing, names, n=3, cutoff=0.5) or names[:5]
         where = f"`{self.paths[node]}`" if depth else "the model root"
         hint = ", ".join(f"`{p}`" for p in close) if close else "(it has no children)"
         return (
-            f"no node at path `{canonical}` in this {self.cls[0]}: the longest existing prefix "
-            f"is {where}. Closest existing paths: {hint}."
+            f"no node at path `{shorten(format_path(keys))}` in this {self.cls[0]}: the longest "
+            f"existing prefix is {where}. Closest existing paths: {hint}."
         )
