@@ -9,10 +9,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import equinox as eqx
+import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._errors import ExplorerError
+from ._errors import ExplorerError, short_repr, shorten
 from ._paths import STAR, STARSTAR, format_key, is_glob, parse_path
 from ._tree import ModelTree
 
@@ -32,12 +34,12 @@ class Selection:
 
 def describe(target: Any) -> str:
     if isinstance(target, str):
-        return f"`{target}`"
+        return f"`{shorten(target)}`"
     if isinstance(target, type):
         return f"class {target.__name__}"
-    if callable(target):
-        return f"callable {getattr(target, '__qualname__', repr(target))}"
-    return repr(target)
+    if callable(target) and hasattr(target, "__qualname__"):
+        return f"callable {target.__qualname__}"
+    return short_repr(target)
 
 
 def _positional_arity(fn: Any) -> int | None:
@@ -122,20 +124,26 @@ def _where_mask(tree: ModelTree, where: Any) -> np.ndarray:
     except Exception as e:
         raise ExplorerError(
             f"the `where` function {describe(where)} failed on the model's structure "
-            f"({type(e).__name__}: {e}). A `where` must only pick sub-trees, e.g. "
-            "`lambda m: m.encoder` or `lambda m: (m.a, m.b[0])`; it cannot compute on arrays."
+            f"({type(e).__name__}: {shorten(str(e))}). A `where` must only pick sub-trees, "
+            "e.g. `lambda m: m.encoder` or `lambda m: (m.a, m.b[0])`; it cannot compute on "
+            "arrays. A filter on leaves takes two parameters: "
+            "`lambda path, leaf: eqx.is_array(leaf) and leaf.ndim == 2`."
         ) from None
+    if isinstance(picked, bool | np.bool_):
+        # A bool answer: a one-argument leaf filter such as `eqx.is_inexact_array`.
+        return _predicate_mask(tree, lambda _path, leaf: where(leaf), describe(where))
     found = jtu.tree_leaves(picked, is_leaf=lambda x: isinstance(x, _Marker))
     if picked is None or not found:
         raise ExplorerError(
             f"the `where` function {describe(where)} selects no leaves (it returned "
-            f"{picked!r}); a `None` field or an empty container cannot be frozen. Point it "
-            "at a module or an array, e.g. `lambda m: m.encoder`."
+            f"{short_repr(picked)}); a `None` field or an empty container cannot be frozen. "
+            "Point it at a module or an array, e.g. `lambda m: m.encoder`."
         )
     bad = [x for x in found if not isinstance(x, _Marker)]
     if bad:
         raise ExplorerError(
-            f"the `where` function {describe(where)} returned {bad[0]!r}, which is not part of "
+            f"the `where` function {describe(where)} returned {short_repr(bad[0])}, which is not "
+            "part of "
             "the model's pytree (a static field or a computed value?). Static fields "
             "(`eqx.field(static=True)`) cannot be trained or frozen."
         )
@@ -144,7 +152,16 @@ def _where_mask(tree: ModelTree, where: Any) -> np.ndarray:
     return mask
 
 
-def _predicate_mask(tree: ModelTree, predicate: Any) -> np.ndarray:
+def _is_bool(answer: Any) -> bool:
+    """A Python/NumPy bool or a scalar bool array (`jnp.all(leaf > 0)`)."""
+    if isinstance(answer, bool | np.bool_):
+        return True
+    arrays = jax.Array | np.ndarray
+    return isinstance(answer, arrays) and answer.shape == () and answer.dtype == bool
+
+
+def _predicate_mask(tree: ModelTree, predicate: Any, label: str | None = None) -> np.ndarray:
+    label = label or describe(predicate)
     mask = np.zeros(tree.num_leaves, bool)
     for i, (node, leaf) in enumerate(zip(tree.leaf_node, tree.leaves)):
         path = tree.paths[node]
@@ -152,10 +169,17 @@ def _predicate_mask(tree: ModelTree, predicate: Any) -> np.ndarray:
             answer = predicate(path, leaf)
         except Exception as e:
             raise ExplorerError(
-                f"the predicate {describe(predicate)} raised {type(e).__name__}: {e} at leaf "
+                f"the predicate {label} raised {type(e).__name__}: {shorten(str(e))} at leaf "
                 f"`{path}`. A predicate `(path, leaf) -> bool` is called on every leaf, "
                 "non-arrays included: guard with `eqx.is_array(leaf)`."
             ) from None
+        if not _is_bool(answer):
+            # Truthiness would read "no" as True and an array as an error or a guess.
+            raise ExplorerError(
+                f"the predicate {label} returned {short_repr(answer, 40)} "
+                f"({type(answer).__name__}) at leaf `{path}`; it must return True or False, "
+                "e.g. `lambda path, leaf: eqx.is_array(leaf) and leaf.ndim == 2`"
+            )
         mask[i] = bool(answer)
     return mask
 
@@ -171,8 +195,21 @@ def _class_nodes(tree: ModelTree, cls: type) -> list[int]:
     return nodes
 
 
+def _instance_nodes(tree: ModelTree, target: Any) -> list[int]:
+    """Nodes that are `target` itself (a sub-module or array of the model, by identity)."""
+    nodes, covered_to = [], -1
+    for i, obj in enumerate(tree.objects):
+        if obj is target and tree.lo[i] >= covered_to:
+            nodes.append(i)
+            covered_to = int(tree.hi[i])
+    return nodes
+
+
 def select(tree: ModelTree, target: Any) -> Selection:
-    """The leaves selected by `target`; raises `ExplorerError` when it selects nothing."""
+    """The leaves selected by `target`; raises `ExplorerError` when it selects nothing.
+
+    A module or array of the model itself (`model.layers[0]`) selects where it sits.
+    """
     if isinstance(target, list | tuple | set | frozenset) and not isinstance(target, str):
         if not target:
             raise ExplorerError("an empty list of targets selects nothing: name at least one")
@@ -180,18 +217,21 @@ def select(tree: ModelTree, target: Any) -> Selection:
         mask = np.logical_or.reduce([p.mask for p in parts])
         return Selection(mask, [n for p in parts for n in p.nodes], describe(list(target)))
     if isinstance(target, str):
+        node = tree.index_of(target)  # every printed path, whatever its keys
+        if node is not None:
+            return Selection(_mask_of_nodes(tree, [node]), [node], f"`{shorten(target)}`")
         keys = parse_path(target)
         if is_glob(keys):
             nodes = _glob_nodes(tree, keys)
             if not nodes:
                 raise ExplorerError(
-                    f"the glob `{target}` matches no node. `*` stands for exactly one key and "
-                    "`**` for any number, e.g. `blocks[*].attn` or `**.bias`; "
+                    f"the glob `{shorten(target)}` matches no node. `*` stands for exactly one "
+                    "key and `**` for any number, e.g. `blocks[*].attn` or `**.bias`; "
                     f"top-level names are: {', '.join(tree.paths[c] for c in tree.children[0][:8])}"
                 )
-            return Selection(_mask_of_nodes(tree, nodes), nodes, f"`{target}`")
+            return Selection(_mask_of_nodes(tree, nodes), nodes, f"`{shorten(target)}`")
         node = tree.find(target)
-        return Selection(_mask_of_nodes(tree, [node]), [node], f"`{tree.paths[node]}`")
+        return Selection(_mask_of_nodes(tree, [node]), [node], f"`{shorten(tree.paths[node])}`")
     if isinstance(target, type):
         nodes = _class_nodes(tree, target)
         if not nodes:
@@ -200,6 +240,15 @@ def select(tree: ModelTree, target: Any) -> Selection:
                 "contains, e.g. `eqx.nn.Linear`"
             )
         return Selection(_mask_of_nodes(tree, nodes), nodes, describe(target))
+    if isinstance(target, eqx.Module | jax.Array | np.ndarray):
+        nodes = _instance_nodes(tree, target)
+        if not nodes:
+            raise ExplorerError(
+                f"{type(target).__name__} {short_repr(target, 60)} is not part of this model "
+                '(a copy, or another model\'s); pass its path, e.g. `"layers[0]"`, or a '
+                "`where` function, e.g. `lambda m: m.layers[0]`"
+            )
+        return Selection(_mask_of_nodes(tree, nodes), nodes, f"`{tree.paths[nodes[0]]}`")
     if callable(target):
         arity = _positional_arity(target)
         if arity == 1:
@@ -211,6 +260,7 @@ def select(tree: ModelTree, target: Any) -> Selection:
             "parameter (`lambda m: m.encoder`) or a predicate with two (`lambda path, leaf: ...`)"
         )
     raise ExplorerError(
-        f"cannot select with {target!r} ({type(target).__name__}): use a path string, a glob, "
-        "a `where` function, a `(path, leaf)` predicate, a module class, or a list of these"
+        f"cannot select with {short_repr(target)} ({type(target).__name__}): use a path "
+        "string, a glob, a `where` function, a `(path, leaf)` predicate, a module class, "
+        "or a list of these"
     )

@@ -335,6 +335,10 @@ class ModelTree:
             return node
         raise ExplorerError(self._unknown_path_message(keys, node, depth))
 
+    def index_of(self, path: str) -> int | None:
+        """Index of the node this tree prints as `path` exactly, else `None` (no parsing)."""
+        return self._index.get(path)
+
     def _walk(self, keys: tuple) -> tuple[int, int, tuple]:
         """The deepest node along `keys`, how many keys lead to it, and the keys with
         negative indices into lists and tuples (`layers[-1]`) counted from the end."""
