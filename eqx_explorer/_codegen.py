@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax.tree_util as jtu
+import numpy as np
 
 from ._constraints import _retract
 from ._errors import ExplorerError
@@ -437,6 +438,91 @@ def _spec_block(plan: _Plan) -> list[str]:
     return _tree_at_block(plan)
 
 
+# -- learning-rate groups ---------------------------------------------------------------------
+def _has_groups(spec: FilterSpec) -> bool:
+    return bool((spec.lr_factors[spec.mask] != 1).any())
+
+
+def _factor_nodes(spec: FilterSpec) -> list[tuple[int, float]]:
+    """The highest sub-trees whose trainable leaves share one factor other than 1, pre-order."""
+    tree = spec.model_tree
+    factors = np.where(spec.mask, spec.lr_factors, np.nan)  # NaN: no factor to write
+    found = []
+    stack = [0]
+    while stack:
+        node = stack.pop()
+        part = factors[tree.lo[node] : tree.hi[node]]
+        part = part[~np.isnan(part)]
+        if not len(part):
+            continue  # nothing trains below: factor 0 from `filter_spec`
+        if part.min() == part.max():
+            if part[0] != 1:
+                found.append((node, float(part[0])))
+            continue
+        stack.extend(reversed(tree.children[node]))
+    return found
+
+
+_WITH_LR_FACTORS = '''
+
+def lr_factor(path, trainable):
+    prefixes = [jtu.keystr(path[:n]) for n in range(len(path) + 1)]
+    listed = [LR_FACTORS[p] for p in prefixes if p in LR_FACTORS]
+    # Listed sub-trees never nest; were they edited to, the deepest one would win.
+    return (listed[-1] if listed else 1.0) if trainable else 0.0
+
+
+lr_factors = jtu.tree_map_with_path(lr_factor, filter_spec)
+
+
+def with_lr_factors(optimizer):
+    """`optimizer`, then each leaf's update scaled by its factor: one optimizer state.
+
+    The step of PyTorch parameter groups at `lr * factor` for adam, adamw (its weight decay
+    scales with the rate too) and sgd with momentum; clipping by global norm inside
+    `optimizer` sees every parameter at once, as `clip_grad_norm_` does.
+    """
+    groups = jtu.tree_map(lambda f: f"lr*{f}" if f else "frozen", lr_factors)
+    scales = {f"lr*{f}": optax.scale(f) for f in set(jtu.tree_leaves(lr_factors)) if f}
+    return optax.chain(
+        optimizer,
+        optax.partition({**scales, "frozen": optax.set_to_zero()}, lambda _: groups),
+    )'''
+
+
+def _groups_block(plan: _Plan) -> list[str]:
+    """`LR_FACTORS` by key path, the `lr_factors` tree and `with_lr_factors(optimizer)`."""
+    tree = plan.tree
+    table = _Seq(
+        "{",
+        [
+            f"{_literal(jtu.keystr(tree.keys[n]))}: {_literal(f)}"
+            for n, f in _factor_nodes(plan.spec)
+        ],
+        "}",
+    )
+    return [
+        "",
+        "# Learning-rate groups: each trainable leaf's update is scaled by its factor, as in",
+        "# PyTorch parameter groups with `lr * factor`. Factors of sub-trees by `jtu.keystr` of",
+        "# their key paths; other trainable leaves have factor 1, frozen leaves 0.",
+        _statement(table, "LR_FACTORS = "),
+        _WITH_LR_FACTORS,
+    ]
+
+
+def _groups_note(spec: FilterSpec) -> list[str]:
+    """The warning on styles that write on/off only, for a spec with groups."""
+    groups = spec.counts["lr_groups"]
+    return [
+        f"# NOTE: this spec trains {len(groups)} learning-rate group(s) (factors "
+        f"{min(groups):.4g} to {max(groups):.4g}),",
+        '# which this style, on/off only, does not write: export with style "optax" or',
+        '# "train_step" to train them.',
+        "",
+    ]
+
+
 # -- styles -------------------------------------------------------------------------------------
 # Fixed parts of the emitted code, exactly as they appear in it.
 
@@ -455,9 +541,18 @@ def make_optimizer(inner):
     # momentum nor weight decay can move them. `optax.masked(inner, mask)` alone is not a
     # freeze: it passes masked-out leaves their raw gradient as the update.
     # `lambda _: labels`: optax calls a callable `labels`, and an Equinox module is one.
+'''
+
+_OPTAX_RETURN = """\
     return optax.multi_transform(
         {"trainable": inner, "frozen": optax.set_to_zero()}, lambda _: labels
-    )'''
+    )"""
+
+_OPTAX_RETURN_GROUPS = """\
+    frozen_apart = optax.multi_transform(
+        {"trainable": inner, "frozen": optax.set_to_zero()}, lambda _: labels
+    )
+    return with_lr_factors(frozen_apart)"""
 
 _STOP_GRADIENT = '''
 
@@ -476,20 +571,23 @@ def apply_freeze(model):
     """
 '''
 
+# `{groups}`: `_GROUPS` when the spec has learning-rate groups, else nothing.
 _INIT_OPT_STATE = """
 
 def init_opt_state(optimizer, model):
-    # Exactly the part that gets gradients, by the same filter_spec as the step. (Built
+{groups}    # Exactly the part that gets gradients, by the same filter_spec as the step. (Built
     # with `eqx.is_array`, int arrays would get state but no gradient: a structure error.)
     params, _ = eqx.partition(model, filter_spec)
     return optimizer.init(params)"""
+
+_GROUPS = "    optimizer = with_lr_factors(optimizer)  # the spec's learning-rate groups\n"
 
 # `{prepare}`: `_PREPARE` when the spec sets inference flags, else nothing.
 _MAKE_TRAIN_STEP = '''
 
 def make_train_step(loss_fn, optimizer):
     """`step(model, opt_state, batch) -> (model, opt_state, loss)` training `filter_spec`."""
-
+{groups}
     @eqx.filter_jit
     def _step(params, static, opt_state, batch):
         def loss_of(trainable):
@@ -521,7 +619,7 @@ def make_train_step(loss_fn, optimizer):
     Trains `filter_spec` with `loss_fn(model, state, batch) -> (loss, new_state)`, where
     `state` is the `eqx.nn.State` of `eqx.nn.make_with_state` (e.g. BatchNorm statistics).
     """
-
+{groups}
     @eqx.filter_jit
     def _step(params, static, state, opt_state, batch):
         def loss_of(trainable):
@@ -563,7 +661,9 @@ def _path(plan: _Plan) -> list[str]:
 
 
 def _optax(plan: _Plan) -> list[str]:
-    return [*_spec_block(plan), _OPTAX]
+    if _has_groups(plan.spec):
+        return [*_spec_block(plan), *_groups_block(plan), _OPTAX + _OPTAX_RETURN_GROUPS]
+    return [*_spec_block(plan), _OPTAX + _OPTAX_RETURN]
 
 
 def _apply_freeze_body(plan: _Plan) -> str:
@@ -588,7 +688,18 @@ def _train_step(plan: _Plan) -> list[str]:
     spec = plan.spec
     make = _MAKE_STATEFUL_TRAIN_STEP if has_state(spec.model) else _MAKE_TRAIN_STEP
     prepare = _PREPARE if spec.inference_overrides else ""
-    return [*_spec_block(plan), _INIT_OPT_STATE, make.format(prepare=prepare)]
+    if _has_groups(spec):
+        return [
+            *_spec_block(plan),
+            *_groups_block(plan),
+            _INIT_OPT_STATE.format(groups=_GROUPS),
+            make.format(prepare=prepare, groups=_GROUPS),
+        ]
+    return [
+        *_spec_block(plan),
+        _INIT_OPT_STATE.format(groups=""),
+        make.format(prepare=prepare, groups=""),
+    ]
 
 
 # -- custom update rules (seed 002) --------------------------------------------------------
@@ -725,4 +836,6 @@ def to_code(spec: FilterSpec, style: str = "tree_at") -> str:
         )
     plan = _plan(spec)
     parts = [*_RENDERERS[style](plan), *_inference_block(plan, by_path=style == "path")]
+    if style not in ("optax", "train_step") and _has_groups(spec):
+        parts = [*_groups_note(spec), *parts]
     return _with_header(plan, "\n".join(parts)) + "\n"
