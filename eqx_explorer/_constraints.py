@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 
-from ._errors import ExplorerError
+from ._errors import ExplorerError, short_repr
 from ._paths import format_path
 
 __all__ = ["Rule", "make_rule", "constrain_grads", "apply_updates", "violations"]
@@ -141,14 +141,34 @@ def make_rule(rule: Any) -> Rule:
     if isinstance(rule, str) and rule in _BUILTIN:
         return Rule(rule)
     if isinstance(rule, tuple | list) and len(rule) == 3 and rule[0] == "interval":
-        lo, hi = float(rule[1]), float(rule[2])
+        lo, hi = (_bound(b, name) for b, name in zip(rule[1:], ("lo", "hi")))
+        if not lo < hi:
+            raise ExplorerError(
+                f"the interval rule needs lo < hi, got ('interval', {lo:g}, {hi:g}); "
+                "e.g. ('interval', -1.0, 1.0)"
+            )
         return Rule("interval", lo=lo, hi=hi)
     if callable(rule):
         return Rule("custom", fn=rule)
     raise ExplorerError(
-        f"unknown update rule {rule!r}: use one of {', '.join(map(repr, _BUILTIN))}, "
+        f"unknown update rule {short_repr(rule)}: use one of {', '.join(map(repr, _BUILTIN))}, "
         "('interval', lo, hi), or a callable rule(param, update) -> new_param"
     )
+
+
+def _bound(value: Any, name: str) -> float:
+    """An interval bound as a finite float (a saved spec is strict JSON: no inf, no NaN)."""
+    ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+    try:
+        bound = float(value) if ok else float("nan")
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        bound = float("nan")
+    if not np.isfinite(bound):
+        raise ExplorerError(
+            f"the interval rule's {name} bound must be a finite real number, "
+            f"got {short_repr(value, 40)}; e.g. ('interval', 0.0, 1.0)"
+        )
+    return bound
 
 
 def _retract(x):
