@@ -9,6 +9,8 @@ from ._tree import CONTAINER_KINDS
 
 __all__ = ["summary", "counts_line"]
 
+_WIDTH = 100
+
 
 def counts_line(spec: FilterSpec) -> str:
     """PEFT-style one-liner: `trainable params: 1,234 || all params: 5,678 || trainable%: 21.73`."""
@@ -19,6 +21,25 @@ def counts_line(spec: FilterSpec) -> str:
         f"trainable params: {c['trainable_params']:,} || all params: {total:,} || "
         f"trainable%: {pct:.2f}"
     )
+
+
+def _factor_text(spec: FilterSpec, node: int) -> str:
+    """The learning-rate factor of the trainable leaves under `node`: `0.5`, `0.25–1`, or ``."""
+    tree = spec.model_tree
+    part = slice(tree.lo[node], tree.hi[node])
+    factors = spec.lr_factors[part][spec.mask[part]]
+    if not len(factors):
+        return ""
+    lo, hi = factors.min(), factors.max()
+    return f"{lo:.3g}" if lo == hi else f"{lo:.3g}–{hi:.3g}"
+
+
+def _group_lines(spec: FilterSpec) -> list[str]:
+    """One line per learning-rate group, largest factor first."""
+    return [
+        f"lr factor {f:.4g}: {g['params']:,} params in {g['leaves']} arrays"
+        for f, g in spec.counts["lr_groups"].items()
+    ]
 
 
 def _rows(spec: FilterSpec, max_rows: int) -> tuple[list[int], int]:
@@ -48,7 +69,9 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
     ```
 
     Large models (more than `max_rows` nodes) show only what is needed to read the spec:
-    sub-trees with one state are shown as one row.
+    sub-trees with one state are shown as one row. A spec with learning-rate groups (a
+    trainable factor other than 1) adds an `lr` column (the factor, or its range below a
+    node) and one line per group at the end.
     """
     if spec is None:
         spec = FilterSpec(model)
@@ -57,6 +80,7 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
     tree = spec.model_tree
     rows, hidden = _rows(spec, max_rows)
     sharded = any(tree.sharding(i) for i in rows)
+    grouped = bool((spec.lr_factors[spec.mask] != 1).any())
     table = []
     for i in rows:
         node = tree.node(i)
@@ -68,11 +92,17 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
         shape = node.summary if node.kind in ("array", "leaf", "none") else ""
         params = f"{node.size:,}" if node.size and node.trainable else ""
         row = [name, kind_text, shape, params, spec.node_state(i)]
+        if grouped:
+            row.append(_factor_text(spec, i))
         if sharded:
             row.append(node.sharding or "")
         table.append(row)
-    header = ["path", "class", "value", "params", "state"] + (["sharding"] if sharded else [])
+    header = ["path", "class", "value", "params", "state"]
+    header += (["lr"] if grouped else []) + (["sharding"] if sharded else [])
     widths = [min(max(len(r[j]) for r in table + [header]), 60) for j in range(len(header))]
+    # Lines fit in 100 characters: the class column (the longest texts) gives way first.
+    excess = sum(widths) + 2 * (len(widths) - 1) - _WIDTH
+    widths[1] = max(widths[1] - max(excess, 0), min(widths[1], 16))
 
     def fmt(row: list[str]) -> str:
         cells = []
@@ -92,4 +122,6 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
         f"frozen params: {c['frozen_params']:,} ({c['frozen_bytes']:,} bytes) || "
         f"trainable bytes: {c['trainable_bytes']:,} || non-trainable leaves: {c['static_leaves']}"
     )
+    if grouped:
+        lines += _group_lines(spec)
     return "\n".join(lines)
