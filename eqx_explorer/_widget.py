@@ -17,15 +17,22 @@ One anywidget model per explorer, not one widget per node. What goes over the wi
 - `progress` (trait): `{}` when no steps run; else the running call's `phase` ("starting",
   "compiling", "running"), `done` / `total` steps, the latest `loss`, `started` (epoch ms:
   the page ticks the elapsed time), `stopping`, and `blocking` (started from Python, which
-  the page cannot interrupt). A view displayed later shows it too.
-- custom messages from Python: `states` (the nodes whose state changed and their new codes,
-  two binary buffers), `report` (per-leaf status codes and norms as binary buffers, model
-  leaves then state arrays; runner notes; `run`: steps, total, stopped, seconds, compiles),
-  `snapshot` (all node states + the last report, in reply to `hello`, so a view
-  displayed later starts from the current state), `matches`, `ack`.
-- custom messages from the browser, all validated in `_handle_message`: `hello`, `toggle`,
-  `glob`, `match`, `select`, `constrain`, `inference`, `style`, `method`, `step`, `stop`,
-  `reset`, `dismiss`; each may carry an integer `id`, answered by an `ack`.
+  the page cannot interrupt).
+- per-node and per-leaf arrays as bytes traits (binary buffers on the wire, base64 in a saved
+  notebook's widget state), never JSON lists: `_state_codes` (uint8 per model node, into
+  `STATES`), `_leaf_status` (uint8 per leaf slot, into `STATUSES`, `NO_STATUS` before a
+  step; model leaves then state arrays) and `_leaf_norms` (little-endian float32, three rows
+  of slots: grad, update, change). A per-leaf column added later is one more such trait.
+- `_last_run` (trait): the last report's `notes`, per-slot `details` and `run` (steps,
+  total, stopped, seconds, compiles); `_stale`: the spec or method changed since its steps
+  started, so its badges are dimmed.
+
+Every piece of state is a trait, so a view displayed later, a reopened saved notebook and an
+nbconvert HTML export (no kernel) draw the current state. Custom messages carry events only:
+from the browser, all validated in `_handle_message`: `toggle`, `glob`, `match`, `select`,
+`constrain`, `inference`, `style`, `method`, `step`, `stop`, `reset`, `dismiss`, each with
+an optional integer `id` answered by an `ack`; from Python, `ack` and `matches` (the reply
+to `match`).
 
 Steps started from the page run in a worker thread, so the kernel keeps answering the page
 (a toggle while steps run reaches the runner at the next Step); `w.step(n)` from Python runs
@@ -91,7 +98,6 @@ def _is_rule(value: Any) -> bool:
 # Message type -> required fields and their checks (a tuple of allowed values, a type, or a
 # predicate). Every message may also carry an int `id`.
 _MESSAGES: dict[str, dict[str, Any]] = {
-    "hello": {},
     "toggle": {"path": str, "frozen": bool},
     "glob": {"pattern": str, "action": ("freeze", "unfreeze")},
     "match": {"pattern": str},
@@ -235,6 +241,11 @@ class Explorer(anywidget.AnyWidget):
     _constraints = t.Dict().tag(sync=True)
     _modes = t.Dict().tag(sync=True)
     progress = t.Dict().tag(sync=True)
+    _state_codes = t.Bytes(b"").tag(sync=True)
+    _leaf_status = t.Bytes(b"").tag(sync=True)
+    _leaf_norms = t.Bytes(b"").tag(sync=True)
+    _last_run = t.Dict().tag(sync=True)
+    _stale = t.Bool(False).tag(sync=True)
 
     def __init__(
         self,
@@ -314,6 +325,8 @@ class Explorer(anywidget.AnyWidget):
             counts=self._counts(method),
             _constraints=self._rule_map(spec),
             _modes=self._mode_map(spec),
+            _state_codes=self._codes.tobytes(),
+            **self._report_traits(),
         )
         self.on_msg(self._on_msg)
 
@@ -415,7 +428,9 @@ class Explorer(anywidget.AnyWidget):
             with self.hold_sync():
                 self.losses = []
                 self._refresh_detail()
-            self._send_report()
+                self.set_trait("_stale", False)
+                for name, value in self._report_traits().items():
+                    self.set_trait(name, value)
 
     def __repr__(self) -> str:
         from ._summary import summary
@@ -439,7 +454,9 @@ class Explorer(anywidget.AnyWidget):
 
     @t.observe("method")
     def _method_changed(self, change):
-        self.counts = self._counts(change["new"])
+        with self.hold_sync():
+            self.counts = self._counts(change["new"])
+            self._stale = self._is_stale()
 
     def _check_style(self, style: str) -> None:
         if style not in self._styles:
@@ -452,7 +469,6 @@ class Explorer(anywidget.AnyWidget):
         code = _export(spec, self.code_style)
         codes = spec.state_codes()
         with self._lock:
-            changed = np.flatnonzero(codes != self._codes).astype("<i4")
             self._spec = spec
             self._codes = codes
             with self.hold_sync():
@@ -460,10 +476,10 @@ class Explorer(anywidget.AnyWidget):
                 self.counts = self._counts(self.method)
                 self._constraints = self._rule_map(spec)
                 self._modes = self._mode_map(spec)
+                self._state_codes = codes.tobytes()
+                self._stale = self._is_stale()
                 if self._selected is not None and self._selected < len(codes):
                     self.detail = {**self.detail, "state": STATES[codes[self._selected]]}
-            if len(changed):
-                self.send({"type": "states"}, [changed.tobytes(), codes[changed].tobytes()])
 
     def _rule_map(self, spec: FilterSpec) -> dict:
         """The `_constraints` trait: `{node: [name, label]}` (`+ [lo, hi]` for an interval)."""
@@ -604,26 +620,26 @@ class Explorer(anywidget.AnyWidget):
             self.losses = self.losses + [_finite_or_none(x) for x in report.loss]
             self.error = report.error or ""
             self._refresh_detail()
-        self._send_report()
+            self._stale = self._is_stale()
+            for name, value in self._report_traits().items():
+                self.set_trait(name, value)
 
-    def _send_report(self) -> None:
-        self.send({"type": "report", **self._report_notes()}, self._report_buffers())
-
-    def _report_notes(self) -> dict:
+    def _report_traits(self) -> dict:
+        """The traits that show the last report: statuses and norms as bytes, and its notes."""
         notes = list(self._report.notes) if self._report is not None else []
-        # The spec or method changed since the report's steps started: its badges are stale.
-        stale = self._runner is not None and (
-            self._runner_spec is not self._spec or self._runner_method != self.method
-        )
         return {
-            "notes": notes,
-            "details": self._leaf_details,
-            "run": self._run_info,
-            "stale": stale,
+            "_leaf_status": self._status.tobytes(),
+            "_leaf_norms": self._norms.astype("<f4").tobytes(),
+            "_last_run": {"notes": notes, "details": self._leaf_details, "run": self._run_info},
         }
 
-    def _report_buffers(self) -> list[bytes]:
-        return [self._status.tobytes(), self._norms.astype("<f4").tobytes()]
+    def _is_stale(self) -> bool:
+        """The spec or method changed since the last report's steps started."""
+        return (
+            self._report is not None
+            and self._runner is not None
+            and (self._runner_spec is not self._spec or self._runner_method != self.method)
+        )
 
     # -- detail pane ----------------------------------------------------------------
     def _refresh_detail(self) -> None:
@@ -703,7 +719,7 @@ class Explorer(anywidget.AnyWidget):
     def _apply_message(self, msg: Any) -> None:
         kind, args = self._validate(msg)
         getattr(self, f"_on_{kind}")(**args)
-        if kind not in ("hello", "match", "step"):
+        if kind not in ("match", "step"):
             self.error = ""
 
     def _to_banner(self, action: Any, *args: Any) -> bool:
@@ -745,10 +761,6 @@ class Explorer(anywidget.AnyWidget):
                 raise ExplorerError(f"message {kind!r} has a bad {name!r}: {value!r:.100}")
             args[name] = value
         return kind, args
-
-    def _on_hello(self) -> None:
-        buffers = [self._codes.tobytes(), *self._report_buffers()]
-        self.send({"type": "snapshot", **self._report_notes()}, buffers)
 
     def _on_toggle(self, path: str, frozen: bool) -> None:
         if path in self._state_rows:

@@ -1,6 +1,6 @@
-"""The Explorer widget at Python level: front-end messages are simulated with `_handle_message`
-and Python -> browser messages are captured from `send` (the browser test lives with the
-notebooks)."""
+"""The Explorer widget at Python level: front-end messages are simulated with `_handle_message`,
+the state the page draws is read from the synced traits, and the events Python sends (acks,
+match replies) are captured from `send` (the browser tests live in tests/e2e)."""
 
 import json
 import threading
@@ -47,9 +47,17 @@ def page_step(widget, n, **extra):
     assert not widget._worker.is_alive() and widget.progress == {}
 
 
-def state_delta(sent):
-    ((_, (nodes, codes)),) = sent.of_type("states")
-    return np.frombuffer(nodes, "<i4"), np.frombuffer(codes, np.uint8)
+def synced_codes(widget):
+    """The node state codes as the page reads them from the `_state_codes` trait."""
+    return np.frombuffer(widget.get_state()["_state_codes"], np.uint8)
+
+
+def synced_report(widget):
+    """The last report's statuses, norms (3 x slots) and notes as the page reads them."""
+    state = widget.get_state()
+    status = np.frombuffer(state["_leaf_status"], np.uint8)
+    norms = np.frombuffer(state["_leaf_norms"], "<f4").reshape(3, -1)
+    return status, norms, state["_last_run"]
 
 
 def expected_codes(spec):
@@ -125,7 +133,7 @@ def test_paths_rebuilt_by_the_browser_address_the_same_nodes(model, data):
 
 
 # -- toggles -----------------------------------------------------------------------------------
-def test_toggle_module_freezes_subtree_and_sends_only_changed_states(widget, model):
+def test_toggle_module_freezes_subtree_and_syncs_the_state_codes(widget, model):
     sent = Sent(widget)
     tree = widget.spec.model_tree
     widget._handle_message({"type": "toggle", "path": "blocks[0]", "frozen": True, "id": 7})
@@ -134,15 +142,12 @@ def test_toggle_module_freezes_subtree_and_sends_only_changed_states(widget, mod
     assert widget.code == to_code(expected, "tree_at")
     assert widget.counts["frozen_params"] == expected.counts["frozen_params"] > 0
     assert widget.error == ""
-    nodes, codes = state_delta(sent)
-    block = tree.find("blocks[0]")
-    subtree = [i for i in range(len(tree)) if tree.paths[i].startswith("blocks[0]")]
-    ancestors = [0, tree.find("blocks")]
-    assert set(nodes) <= set(subtree) | set(ancestors)
-    assert block in nodes and 0 in nodes  # the block froze, the root became mixed
-    np.testing.assert_array_equal(codes, expected_codes(expected)[nodes])
-    assert STATES[codes[list(nodes).index(0)]] == "mixed"
-    assert sent.of_type("ack") == [({"type": "ack", "id": 7, "ok": True}, None)]
+    codes = synced_codes(widget)
+    np.testing.assert_array_equal(codes, expected_codes(expected))
+    assert STATES[codes[tree.find("blocks[0]")]] == "frozen"
+    assert STATES[codes[0]] == "mixed"
+    # The state travels as a trait; the only message is the click's acknowledgement.
+    assert sent.messages == [({"type": "ack", "id": 7, "ok": True}, None)]
 
 
 def test_toggle_unfreeze_of_mixed_module_makes_it_trainable(widget, model):
@@ -271,7 +276,8 @@ def test_bad_message_shows_banner_and_changes_nothing(widget, msg):
     assert widget._constraints == rules
     np.testing.assert_array_equal(widget._codes, codes)
     assert widget.code_style == "tree_at" and widget.method == "partition"
-    assert sent.of_type("states") == []
+    np.testing.assert_array_equal(synced_codes(widget), codes)
+    assert sent.messages == []
     # The next good action clears the banner; dismiss clears it too.
     widget._handle_message({"type": "dismiss"})
     assert widget.error == ""
@@ -303,6 +309,7 @@ def test_comm_callback_goes_through_validation(widget):
 # -- update rules ------------------------------------------------------------------------------
 def test_constrain_message_sets_the_rule_and_sends_a_small_delta(widget, model):
     widget.code_style = "custom_updates"
+    codes = synced_codes(widget)
     sent = Sent(widget)
     tree = widget.spec.model_tree
     norm, bias = tree.find("blocks[0].norm.weight"), tree.find("head.bias")
@@ -314,7 +321,7 @@ def test_constrain_message_sets_the_rule_and_sends_a_small_delta(widget, model):
     assert widget.code == to_code(expected, "custom_updates")
     assert '".blocks[0].norm.weight": "positive"' in widget.code
     assert sent.of_type("ack") == [({"type": "ack", "id": 4, "ok": True}, None)]
-    assert sent.of_type("states") == []  # a rule changes no freeze state
+    np.testing.assert_array_equal(synced_codes(widget), codes)  # a rule freezes nothing
     widget._handle_message(
         {"type": "constrain", "path": "head.bias", "rule": ["interval", -1, 0.5]}
     )
@@ -372,9 +379,8 @@ def test_constraints_reach_a_view_displayed_later(model):
 
 # -- Python API mirrors the page ---------------------------------------------------------------
 def test_python_methods_mirror_the_ui(widget, model):
-    sent = Sent(widget)
     assert widget.freeze("blocks") == FilterSpec(model).freeze("blocks") == widget.spec
-    assert len(state_delta(sent)[0]) > 0
+    np.testing.assert_array_equal(synced_codes(widget), expected_codes(widget.spec))
     widget.unfreeze("blocks[2]")
     assert jtu.tree_leaves(widget.filter_spec) == jtu.tree_leaves(widget.spec.tree)
     assert all(type(b) is bool for b in jtu.tree_leaves(widget.filter_spec))
@@ -461,15 +467,20 @@ def test_select_module_and_non_array_leaf(widget):
 
 
 # -- re-display and independence ---------------------------------------------------------------
-def test_hello_snapshot_carries_the_current_state(widget):
+def test_widget_state_alone_carries_what_the_page_draws(widget):
+    # A view displayed later, a saved notebook and an HTML export get only `get_state()`.
     widget.freeze("blocks[0]", "head")
-    sent = Sent(widget)
-    widget._handle_message({"type": "hello"})
-    ((msg, (states, status, norms)),) = sent.of_type("snapshot")
-    np.testing.assert_array_equal(np.frombuffer(states, np.uint8), expected_codes(widget.spec))
-    assert set(np.frombuffer(status, np.uint8)) == {NO_STATUS}
-    assert np.isnan(np.frombuffer(norms, "<f4")).all()
-    assert msg == {"type": "snapshot", "notes": [], "details": {}, "run": {}, "stale": False}
+    state = widget.get_state()
+    np.testing.assert_array_equal(synced_codes(widget), expected_codes(widget.spec))
+    status, norms, last_run = synced_report(widget)
+    assert set(status) == {NO_STATUS} and np.isnan(norms).all()
+    assert len(status) == widget.spec.model_tree.num_leaves
+    assert last_run == {"notes": [], "details": {}, "run": {}} and state["_stale"] is False
+    # Per-node arrays are bytes (binary buffers), never JSON lists.
+    for name in ("_state_codes", "_leaf_status", "_leaf_norms"):
+        assert isinstance(state[name], bytes), name
+    with pytest.raises(ExplorerError, match="unknown message type 'hello'"):
+        widget._validate({"type": "hello"})
 
 
 def test_redisplay_uses_the_same_model_and_shows_the_same_state(widget):
@@ -506,21 +517,22 @@ def wide_model(n_leaves):
     return {f"group{g}": [Cell(weight, bias) for _ in range(50)] for g in range(n_leaves // 100)}
 
 
-def test_10k_leaf_table_is_compact_and_a_toggle_sends_a_small_diff():
+def test_10k_leaf_table_is_compact_and_a_toggle_syncs_one_byte_per_node():
     model = wide_model(10_000)
     w = Explorer(model)
     tree = w.spec.model_tree
     assert tree.num_leaves == 10_000
     payload = len(json.dumps(w._table, separators=(",", ":")))
     assert payload / len(tree) < 40  # bytes per node: columns, not HTML
-    sent = Sent(w)
     w._handle_message({"type": "toggle", "path": "['group7'][3]", "frozen": True})
-    nodes, _ = state_delta(sent)
+    state = w.get_state()
+    assert len(state["_state_codes"]) == len(tree)
+    assert len(state["_leaf_status"]) == 10_000 and len(state["_leaf_norms"]) == 12 * 10_000
+    changed = np.flatnonzero(synced_codes(w) != STATES.index("trainable"))
     # The cell, its two leaves, and its ancestors (the group and the root).
-    assert sorted(nodes) == sorted(
+    assert sorted(changed) == sorted(
         [0, tree.find("['group7']"), *range(tree.find("['group7'][3]"), tree.find("['group7'][4]"))]
     )
-    assert sum(len(b) for b in sent.of_type("states")[0][1]) == 5 * len(nodes)
     assert len(w.code) < 2_000
 
 
@@ -566,9 +578,8 @@ def test_step_message_runs_the_runner_and_sends_statuses(trainer, small):
     report = trainer.report
     assert report.ok and trainer.error == ""
     assert len(trainer.losses) == 3 and trainer.losses == pytest.approx(report.loss)
-    ((msg, (status, norms)),) = sent.of_type("report")
-    status = np.frombuffer(status, np.uint8)
-    norms = np.frombuffer(norms, "<f4").reshape(3, -1)
+    status, norms, last_run = synced_report(trainer)
+    assert last_run["run"]["steps"] == 3 and last_run["notes"] == list(report.notes)
     tree = trainer.spec.model_tree
     for leaf in report.leaves:
         i = tree.lo[tree.find(leaf.path)]
@@ -605,13 +616,15 @@ def test_spec_and_method_changes_reach_the_runner(trainer):
 
 def test_reset_returns_to_the_original_model(trainer, small):
     trainer.step(2)
-    sent = Sent(trainer)
+    trainer.freeze("head")
+    assert trainer._stale
     trainer._handle_message({"type": "reset"})
     assert trainer.losses == [] and trainer.report is None
     for a, b in zip(jtu.tree_leaves(trainer.model), jtu.tree_leaves(small), strict=True):
         assert a is b or np.array_equal(a, b)
-    ((msg, (status, _)),) = sent.of_type("report")
-    assert set(np.frombuffer(status, np.uint8)) == {NO_STATUS}
+    status, norms, last_run = synced_report(trainer)
+    assert set(status) == {NO_STATUS} and np.isnan(norms).all()
+    assert last_run == {"notes": [], "details": {}, "run": {}} and not trainer._stale
 
 
 def test_failing_loss_shows_the_runner_error_in_the_banner(small):
@@ -741,13 +754,13 @@ def test_page_step_runs_in_a_worker_and_the_kernel_keeps_answering(gated, small)
         None,
     ]
     assert all(p["started"] == phases[0]["started"] for p in phases[:-1])
-    ((report, _),) = sent.of_type("report")
-    assert report["stale"]  # the toggle came after the steps started: their badges are stale
-    assert report["run"] == {
+    *_, last_run = synced_report(w)
+    assert w._stale  # the toggle came after the steps started: their badges are stale
+    assert last_run["run"] == {
         "steps": 3,
         "total": 3,
         "stopped": False,
-        "seconds": report["run"]["seconds"],
+        "seconds": last_run["run"]["seconds"],
         "compiles": 1,
     }
     runner.gate.release()
@@ -777,13 +790,12 @@ def test_stop_ends_the_run_and_keeps_the_steps_done(gated):
     runner = run_until(w, 100, done=4)
     w._handle_message({"type": "stop"})
     assert w.progress["stopping"] is True and runner.stopped.is_set()
-    sent = Sent(w)
     runner.gate.release()
     w._worker.join(timeout=10)
     assert w.report.stopped and w.report.steps == 4 and len(w.losses) == 4
-    ((report, _),) = sent.of_type("report")
-    assert report["run"]["stopped"] and report["run"]["steps"] == 4
-    assert report["run"]["total"] == 100
+    *_, last_run = synced_report(w)
+    assert last_run["run"]["stopped"] and last_run["run"]["steps"] == 4
+    assert last_run["run"]["total"] == 100
     assert w.progress == {} and w.error == ""
     # Stop with nothing running does nothing (a late click).
     w._handle_message({"type": "stop"})
@@ -896,12 +908,9 @@ def test_step_reports_state_statuses_and_inference_keeps_them(stateful):
     assert w.detail["kind"] == "state" and w.detail["owner"] == "bn"
     assert w.detail["summary"] == "float32[4]" and "treescope" in w.detail["value_html"]
     assert "status" not in w.detail
-    sent = Sent(w)
     report = w.step(2)
     assert {leaf.status for leaf in report.state_leaves} == {"updated"}
-    ((msg, (status, norms)),) = sent.of_type("report")
-    status = np.frombuffer(status, np.uint8)
-    norms = np.frombuffer(norms, "<f4").reshape(3, -1)
+    status, norms, _ = synced_report(w)
     assert [STATUSES[c] for c in status[nl:]] == ["updated"] * 3
     assert norms[2, nl + 1] == pytest.approx(report.state_leaves[1].delta_norm, rel=1e-5)
     d = w.detail  # the selected state row follows the report
@@ -909,12 +918,11 @@ def test_step_reports_state_statuses_and_inference_keeps_them(stateful):
     # Frozen is not enough: the statistics move, and the report's notes (listed in the step
     # pane) say how to keep them.
     w._handle_message({"type": "toggle", "path": "bn", "frozen": True})
-    sent.clear()
     report = w.step(1)
     # ema_first_time_index stays False after the first step; the running statistics move.
     assert [leaf.status for leaf in report.state_leaves] == ["unchanged", "updated", "updated"]
-    ((msg, _),) = sent.of_type("report")
-    assert any("frozen layer `bn`" in n and "inference mode" in n for n in msg["notes"])
+    *_, last_run = synced_report(w)
+    assert any("frozen layer `bn`" in n and "inference mode" in n for n in last_run["notes"])
     # In inference mode (from the row menu) they stay.
     w._handle_message({"type": "inference", "path": "bn", "on": True, "id": 3})
     assert w.error == "" and w._modes == {str(tree.find("bn")): True}
@@ -933,8 +941,9 @@ def test_inference_message_and_python_method_set_the_spec(stateful):
     assert w.spec == FilterSpec(w.spec.model).inference("bn")
     assert w._modes == {str(bn): True} and w.code == to_code(w.spec, "tree_at")
     assert "m.bn.inference" in w.code  # the exported code sets it too
-    assert sent.of_type("ack") == [({"type": "ack", "id": 1, "ok": True}, None)]
-    assert sent.of_type("states") == []  # a mode changes no freeze state
+    assert sent.messages == [({"type": "ack", "id": 1, "ok": True}, None)]
+    np.testing.assert_array_equal(synced_codes(w), expected_codes(w.spec))
+    assert STATES[synced_codes(w)[bn]] == "trainable"  # a mode changes no freeze state
     assert w.inference("drop") is w.spec and w._modes == {str(bn): True, str(drop): True}
     w._handle_message({"type": "inference", "path": "bn", "on": False})
     assert w._modes == {str(drop): True}

@@ -79,6 +79,9 @@ const ALARM = 4;
 const NO_STATUS = 255;
 const INITIAL_ROWS = 60;
 const MATCH_EXPAND = 200;
+const WAIT_SHOW_MS = 400;
+const NOTE_CHARS = 240;
+const WAIT_LONG_MS = 8000;
 
 function h(tag, props = {}, ...children) {
   const el = document.createElement(tag);
@@ -112,6 +115,14 @@ function fmtBytes(x) {
     i += 1;
   }
   return `${i ? x.toFixed(x < 10 ? 2 : 1) : x} ${units[i]}`;
+}
+
+// Two significant digits, never rounding a small share to 0% or a large one to 100%:
+// 0.034%, 3.4%, 34%, >99%.
+function fmtPercent(p) {
+  if (p === 0 || p === 100) return `${p}%`;
+  if (p > 99) return ">99%";
+  return `${Number(p.toPrecision(2)).toLocaleString("en-US", { maximumSignificantDigits: 2 })}%`;
 }
 
 const fmtSeconds = (s) => `${s < 1 ? s.toFixed(2) : s < 10 ? s.toFixed(1) : Math.round(s)} s`;
@@ -195,11 +206,12 @@ class ExplorerView {
     this.options = model.get("_options");
     this.tree = buildTree(model.get("_table"), this.options);
     const { n, leaves } = this.tree;
-    this.states = null; // Uint8Array of state codes, from the snapshot
-    this.status = new Uint8Array(leaves).fill(NO_STATUS);
-    this.norms = new Float32Array(3 * leaves).fill(NaN);
+    // Everything drawn comes from traits, so a saved notebook or an HTML export draws the
+    // same state with no kernel: node state codes, and the last report's statuses and norms.
+    this.states = typed(Uint8Array, model.get("_state_codes"));
     this.worst = new Uint8Array(n).fill(NO_STATUS);
-    this.leafDetails = {};
+    this.readReport();
+    this.waiting = new Set(); // ids of messages not yet answered by the kernel
     this.rules = model.get("_constraints"); // {node: [rule name, label, (lo, hi)]}
     this.modes = model.get("_modes"); // {node: true} for modules in inference mode
     this.pop = null; // the open row menu: {node, kind: "rule" | "mode", el, picks}
@@ -235,7 +247,11 @@ class ExplorerView {
     this.on("change:_constraints", () => this.onRules());
     this.on("change:_modes", () => this.onModes());
     this.on("change:progress", () => this.paintProgress());
-    this.on("msg:custom", (msg, buffers) => this.onMessage(msg, buffers || []));
+    this.on("change:_state_codes", () => this.onStates());
+    for (const name of ["_leaf_status", "_leaf_norms", "_last_run", "_stale"]) {
+      this.on(`change:${name}`, () => this.scheduleReport());
+    }
+    this.on("msg:custom", (msg) => this.onMessage(msg));
 
     this.expandInitial();
     this.renderRows();
@@ -245,7 +261,7 @@ class ExplorerView {
     this.paintLoss();
     this.paintProgress();
     this.paintDetail();
-    this.send({ type: "hello" });
+    this.paintReport();
   }
 
   on(event, fn) {
@@ -256,49 +272,74 @@ class ExplorerView {
   destroy() {
     for (const [event, fn] of this.listeners) this.model.off(event, fn);
     clearTimeout(this.matchTimer);
+    clearTimeout(this.waitTimer);
     clearInterval(this.ticker);
   }
 
+  // Every message carries an id that Python acknowledges; unanswered ones show "waiting".
   send(msg, onAck) {
     const id = 1 + Math.floor(Math.random() * 2 ** 31);
     if (onAck) this.pending.set(id, onAck);
+    this.waiting.add(id);
     this.model.send({ ...msg, id });
+    clearTimeout(this.waitTimer);
+    this.waitTimer = setTimeout(() => this.paintWaiting(), WAIT_SHOW_MS);
   }
 
-  onMessage(msg, buffers) {
+  onMessage(msg) {
     if (msg.type === "ack") {
+      this.waiting.delete(msg.id);
+      this.paintWaiting();
       const fn = this.pending.get(msg.id);
       if (fn) {
         this.pending.delete(msg.id);
         fn(msg.ok);
       }
-    } else if (msg.type === "snapshot") {
-      this.states = typed(Uint8Array, buffers[0]);
-      this.setReport(msg, buffers[1], buffers[2]);
-      this.renderRows();
-    } else if (msg.type === "states" && this.states) {
-      // The badges describe the last step, taken under the previous spec: mark them stale.
-      this.root.classList.add("eqxe-stale");
-      const nodes = typed(Int32Array, buffers[0]);
-      const codes = typed(Uint8Array, buffers[1]);
-      for (let j = 0; j < nodes.length; j++) {
-        this.states[nodes[j]] = codes[j];
-        if (this.rows.has(nodes[j])) this.paintRow(nodes[j]);
-      }
-    } else if (msg.type === "report") {
-      this.setReport(msg, buffers[0], buffers[1]);
-      for (const i of this.rows.keys()) this.paintRow(i);
     } else if (msg.type === "matches") {
       this.showMatches(msg);
     }
   }
 
-  setReport(msg, statusBuffer, normBuffer) {
-    const { n, leafOf, children } = this.tree;
-    this.root.classList.toggle("eqxe-stale", msg.stale);
-    this.status = typed(Uint8Array, statusBuffer);
-    this.norms = typed(Float32Array, normBuffer);
-    this.leafDetails = msg.details;
+  // The kernel is busy (running other cells) or gone (a saved page): say so after a moment.
+  paintWaiting() {
+    const waiting = this.waiting.size > 0;
+    this.root.classList.toggle("eqxe-waiting", waiting);
+    this.waitEl.hidden = !waiting;
+    clearTimeout(this.waitTimer);
+    if (!waiting) return;
+    this.waitEl.textContent = "waiting for the kernel…";
+    this.waitTimer = setTimeout(() => {
+      this.waitEl.textContent =
+        "waiting for the kernel… (no answer yet: it is busy, or not running and this view is read-only)";
+    }, WAIT_LONG_MS);
+  }
+
+  onStates() {
+    const old = this.states;
+    this.states = typed(Uint8Array, this.model.get("_state_codes"));
+    for (const i of this.rows.keys()) if (old[i] !== this.states[i]) this.paintRow(i);
+  }
+
+  // Four traits change together at a report: paint once.
+  scheduleReport() {
+    if (this.reportQueued) return;
+    this.reportQueued = true;
+    queueMicrotask(() => {
+      this.reportQueued = false;
+      this.readReport();
+      this.paintReport();
+      for (const i of this.rows.keys()) this.paintRow(i);
+    });
+  }
+
+  readReport() {
+    const { n, leafOf, children, leaves } = this.tree;
+    const status = this.model.get("_leaf_status");
+    const norms = this.model.get("_leaf_norms");
+    this.status = status.byteLength ? typed(Uint8Array, status) : new Uint8Array(leaves).fill(NO_STATUS);
+    this.norms = norms.byteLength ? typed(Float32Array, norms) : new Float32Array(3 * leaves).fill(NaN);
+    this.lastRun = this.model.get("_last_run");
+    this.leafDetails = this.lastRun.details || {};
     const names = this.options.statuses;
     this.worst.fill(NO_STATUS);
     for (let i = n - 1; i >= 0; i--) {
@@ -310,7 +351,12 @@ class ExplorerView {
       }
       this.worst[i] = w;
     }
-    if (this.stepInfo) this.paintRun(msg.run, msg.notes);
+  }
+
+  paintReport() {
+    // The badges describe the last step, taken under an earlier spec or method: dim them.
+    this.root.classList.toggle("eqxe-stale", !!this.model.get("_stale"));
+    if (this.stepInfo) this.paintRun(this.lastRun.run || {}, this.lastRun.notes || []);
   }
 
   // -- header and banner ------------------------------------------------------------
@@ -332,9 +378,23 @@ class ExplorerView {
         h("span", { class: "eqxe-h-main" },
           "Trainable ", x.trainable, " / ", x.total, " params (", x.pct, ")"),
         h("span", {}, "frozen ", x.frozen),
-        h("span", {}, "params ", x.bytes),
+        h("span", {}, "bytes ", x.bytes),
         x.opt,
       ),
+    );
+    this.waitEl = h("div", { class: "eqxe-wait", role: "status", hidden: "" });
+    this.root.append(
+      h(
+        "div",
+        { class: "eqxe-legend-line" },
+        h("span", { class: "eqxe-key-tick", text: "☑" }),
+        " ticked = trains · ",
+        h("span", { class: "eqxe-key-frozen", text: "❄" }),
+        " unticked = frozen · ",
+        h("span", { class: "eqxe-key-grey", text: "grey" }),
+        " = never trains (ints, bools, static fields, model state)",
+      ),
+      this.waitEl,
     );
   }
 
@@ -344,7 +404,7 @@ class ExplorerView {
     x.trainable.textContent = fmtInt(c.trainable_params);
     x.total.textContent = fmtInt(c.total_params);
     const pct = c.total_params ? (100 * c.trainable_params) / c.total_params : NaN;
-    x.pct.textContent = Number.isFinite(pct) ? `${pct.toFixed(1)}%` : "—";
+    x.pct.textContent = Number.isFinite(pct) ? fmtPercent(pct) : "—";
     x.frozen.textContent = fmtInt(c.frozen_params);
     x.bytes.textContent = `${fmtBytes(c.trainable_bytes)} trainable of ${fmtBytes(c.total_bytes)}`;
     x.opt.textContent = `optimizer state ≈ ${fmtBytes(c.opt_state_bytes)}`;
@@ -565,12 +625,12 @@ class ExplorerView {
     const { twisty, check, badge, container, rule, mode } = row._eqxe;
     const names = this.options.states;
     const isState = this.tree.kind[i] === "state";
-    const state = isState ? "state" : this.states ? names[this.states[i]] : "loading";
+    const state = isState ? "state" : names[this.states[i]];
     row.dataset.state = state;
     if (!isState) {
       check.checked = state === "trainable";
       check.indeterminate = state === "mixed";
-      check.disabled = state === "static" || state === "loading";
+      check.disabled = state === "static";
       check.title =
         state === "static"
           ? "not trainable: no float array here"
@@ -612,7 +672,7 @@ class ExplorerView {
     pill.textContent = r ? r[1] : "";
     pill.title = r ? `update rule ${r[1]}: ${RULE_TEXT[r[0]]}` : "";
     // Only float arrays take a rule; "static" is an int/bool array.
-    menu.hidden = state === "static" || state === "loading";
+    menu.hidden = state === "static";
   }
 
   rulesInside() {
@@ -817,7 +877,7 @@ class ExplorerView {
       // Python decides: keep the box as it is until the state delta arrives.
       e.preventDefault();
       const state = row.dataset.state;
-      if (state === "static" || state === "loading" || state === "state") return;
+      if (state === "static" || state === "state") return;
       this.send({ type: "toggle", path: this.tree.path[i], frozen: state === "trainable" });
     } else {
       this.send({ type: "select", path: this.tree.path[i] });
@@ -934,6 +994,7 @@ class ExplorerView {
     this.progressEl = h("span", { class: "eqxe-progress", role: "status" });
     this.stepInfo = h("span", { class: "eqxe-step-info" });
     this.notesEl = h("ul", { class: "eqxe-notes" });
+    this.statusCounts = h("div", { class: "eqxe-status-counts" });
     this.lossEl = h("div", { class: "eqxe-loss-box" });
     const legend = h(
       "div",
@@ -957,6 +1018,7 @@ class ExplorerView {
         reset,
       ),
       h("div", { class: "eqxe-step-status" }, this.progressEl, this.stepInfo),
+      this.statusCounts,
       this.notesEl,
       h("div", { class: "eqxe-layout", text: LAYOUT_TEXT[this.options.layout] }),
       this.lossEl,
@@ -997,8 +1059,30 @@ class ExplorerView {
       if (run.compiles) text += ` · compiled ${run.compiles === 1 ? "once" : `${run.compiles}×`}`;
     }
     this.stepInfo.textContent = text;
-    this.notesEl.replaceChildren(...notes.map((note) => h("li", { text: note })));
+    const counts = new Map();
+    for (const code of this.status) if (code !== NO_STATUS) counts.set(code, (counts.get(code) || 0) + 1);
+    const names = this.options.statuses;
+    this.statusCounts.replaceChildren(
+      ...[...counts.keys()].sort().map((code) =>
+        h("span", { class: "eqxe-badge", "data-status": names[code], title: STATUS_TEXT[names[code]],
+                    text: `${fmtInt(counts.get(code))} ${names[code]}` }),
+      ),
+    );
+    this.notesEl.replaceChildren(...notes.map((note) => this.noteItem(note)));
     this.notesEl.hidden = !notes.length;
+  }
+
+  // A note names at most a few paths; "show all" opens the whole text.
+  noteItem(note) {
+    if (note.length <= NOTE_CHARS) return h("li", { text: note });
+    const text = h("span", { text: `${note.slice(0, NOTE_CHARS)}…` });
+    const more = h("button", { class: "eqxe-note-more", text: "show all" });
+    more.addEventListener("click", () => {
+      const open = more.textContent === "show all";
+      text.textContent = open ? note : `${note.slice(0, NOTE_CHARS)}…`;
+      more.textContent = open ? "show less" : "show all";
+    });
+    return h("li", {}, text, " ", more);
   }
 
   paintLoss() {
