@@ -457,7 +457,7 @@ class FilterSpec:
             node = int(self._model_tree.leaf_node[int(np.flatnonzero(bad)[0])])
             raise ExplorerError(
                 f"the factor of `{self._model_tree.paths[node]}` is "
-                f"{values[bad][0]!r}; factors are finite and >= 0 (0 freezes)"
+                f"{float(values[bad][0])!r}; factors are finite and >= 0 (0 freezes)"
             )
         self.set_mask(values > 0)  # raises, naming the leaf, if a non-float leaf got one
         return self._replace(values > 0, factors=values)

@@ -69,3 +69,14 @@ def random_edits(tree) -> st.SearchStrategy:
         st.tuples(st.sampled_from(["freeze", "unfreeze"]), st.sampled_from(tree.paths)),
         max_size=5,
     )
+
+
+# Learning-rate factors a user picks: frozen, fractions (one not a short decimal), full, above.
+lr_factor = st.sampled_from([0.0, 0.1, 0.5, 1 / 3, 1.0, 2.0])
+
+
+def random_lr_factors(tree) -> st.SearchStrategy:
+    """A factor per leaf, 0 wherever the leaf cannot train (for `FilterSpec.set_lr_factors`)."""
+    return st.lists(lr_factor, min_size=tree.num_leaves, max_size=tree.num_leaves).map(
+        lambda factors: np.where(tree.inexact, factors, 0.0)
+    )

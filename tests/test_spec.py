@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from eqx_explorer import ExplorerError, FilterSpec, summary
 from eqx_explorer._examples import Hypernet, example_model
-from tests.strategies import models, random_edits
+from tests.strategies import models, random_edits, random_lr_factors
 
 KEY = jax.random.key(0)
 
@@ -381,3 +381,158 @@ def test_random_inference_edits_round_trip(data):
     for i, (kind, flag) in enumerate(zip(kinds, flags, strict=True)):
         if kind != "lin":
             assert moved_applied.layers[i].inference is expected.get(i, not flag)
+
+
+# -- learning-rate groups -------------------------------------------------------------------------
+def mlp(depth: int = 3) -> eqx.nn.MLP:
+    """`layers`: a tuple of `depth + 1` Linear layers (weight and bias each)."""
+    return eqx.nn.MLP(2, 2, 2, depth, key=KEY)
+
+
+def factors_of(spec: FilterSpec) -> dict[str, float]:
+    return dict(zip(spec.model_tree.leaf_paths, spec.lr_factors.tolist(), strict=True))
+
+
+def test_lr_factors_default_to_the_mask_and_are_read_only():
+    spec = FilterSpec(mlp()).freeze("layers[0]")
+    assert spec.lr_factors.dtype == np.float64
+    assert np.array_equal(spec.lr_factors, spec.mask.astype(float))
+    with pytest.raises(ValueError, match="read-only"):
+        spec.lr_factors[0] = 2.0
+
+
+def test_scale_lr_sets_factors_trains_and_zero_freezes():
+    spec = FilterSpec(mlp()).freeze("layers[0]")
+    scaled = spec.scale_lr(["layers[0]", "layers[1].bias"], 0.1)
+    assert factors_of(scaled)["layers[0].weight"] == 0.1  # frozen before: now trains at 0.1
+    assert factors_of(scaled)["layers[1].bias"] == 0.1
+    assert factors_of(scaled)["layers[1].weight"] == 1.0
+    assert np.array_equal(scaled.mask, scaled.lr_factors > 0)
+    assert scaled.scale_lr("layers[0]", 0) == scaled.freeze("layers[0]")
+    assert spec.state("layers[0]") == "frozen"  # unchanged: specs are values
+
+
+def test_mask_changes_keep_the_factors_of_leaves_that_stay_trainable():
+    spec = FilterSpec(mlp()).scale_lr("layers[1]", 0.5)
+    frozen = spec.freeze("layers[1].bias")
+    assert factors_of(frozen)["layers[1].bias"] == 0.0
+    assert factors_of(frozen)["layers[1].weight"] == 0.5
+    # unfreeze turns frozen leaves on at 1 (a frozen leaf keeps no factor), the rest keep theirs
+    back = frozen.unfreeze("layers[1]")
+    assert factors_of(back)["layers[1].bias"] == 1.0
+    assert factors_of(back)["layers[1].weight"] == 0.5
+    assert np.array_equal(spec.set_mask(spec.mask).lr_factors, spec.lr_factors)
+
+
+def test_layerwise_decay_gives_the_last_child_1_and_earlier_ones_decay_powers():
+    spec = FilterSpec(mlp(depth=3)).freeze("layers[1].bias").layerwise_decay("layers", 0.5)
+    got = factors_of(spec)
+    assert [got[f"layers[{i}].weight"] for i in range(4)] == [0.125, 0.25, 0.5, 1.0]
+    assert got["layers[1].bias"] == 0.0  # frozen stays frozen
+    assert spec.state("layers[1].bias") == "frozen"
+    # A `where` naming the tuple means the same; factors are set, not multiplied.
+    again = spec.scale_lr("layers[3]", 3.0).layerwise_decay(lambda m: m.layers, 0.5)
+    assert again == spec
+
+
+def test_layerwise_decay_needs_one_list_node_and_a_decay_in_0_1():
+    spec = FilterSpec(mlp())
+    with pytest.raises(ExplorerError, match=r"`layers\[0\]` is a module node.*`layers`"):
+        spec.layerwise_decay("layers[0]", 0.5)
+    with pytest.raises(ExplorerError, match="is not one node"):
+        spec.layerwise_decay("layers[*]", 0.5)
+    with pytest.raises(ExplorerError, match=r"decay 1.5 is not a number in \[0, 1\]"):
+        spec.layerwise_decay("layers", 1.5)
+    with pytest.raises(ExplorerError, match="gives the first of its 4 layers factor 0"):
+        spec.layerwise_decay("layers", 0.0)
+    with pytest.raises(ExplorerError, match="nothing under `layers` trains"):
+        spec.freeze("layers").layerwise_decay("layers", 0.5)
+
+
+@pytest.mark.parametrize(
+    "factor, match",
+    [
+        (-0.1, "the factor -0.1 is not a finite number >= 0"),
+        (float("nan"), "the factor nan is not a finite number"),
+        (float("inf"), "the factor inf is not a finite number"),
+        ("0.1", "the factor must be a number, got a str"),
+        (True, "the factor must be a number, got a bool"),
+    ],
+)
+def test_bad_factors_raise_naming_the_target(factor, match):
+    with pytest.raises(ExplorerError, match=r"scale_lr\(`layers\[0\]`, factor\): " + match):
+        FilterSpec(mlp()).scale_lr("layers[0]", factor)
+
+
+def test_scale_lr_of_leaves_that_cannot_train_raises():
+    spec = FilterSpec({"ids": jnp.arange(3), "w": jnp.ones(2)})
+    with pytest.raises(ExplorerError, match="cannot scale the learning rate of"):
+        spec.scale_lr('["ids"]', 0.5)
+
+
+def test_set_lr_factors_checks_shape_values_and_leaf_kinds():
+    spec = FilterSpec({"ids": jnp.arange(3), "w": jnp.ones(2)})  # leaves: ids, w
+    assert spec.set_lr_factors([0, 0.5]).lr_factors.tolist() == [0.0, 0.5]
+    assert spec.set_lr_factors([0, 0]).state() == "frozen"
+    with pytest.raises(ExplorerError, match=r"shape \(2,\)"):
+        spec.set_lr_factors([1.0])
+    with pytest.raises(ExplorerError, match=r"factor of `\['w'\]` is -1.0"):
+        spec.set_lr_factors([0, -1])
+    with pytest.raises(ExplorerError, match="cannot be trainable"):
+        spec.set_lr_factors([1, 1])
+
+
+def test_counts_repr_and_summary_show_the_groups():
+    plain = FilterSpec(mlp(depth=1))  # layers[0]: 2x2 + 2, layers[1]: 2x2 + 2
+    assert plain.counts["lr_groups"] == {1.0: {"params": 12, "leaves": 4}}
+    assert "group" not in repr(plain) and " lr" not in summary(plain.model, plain)
+    spec = plain.scale_lr("layers[0]", 0.1).freeze("layers[1].bias")
+    assert spec.counts["lr_groups"] == {
+        1.0: {"params": 4, "leaves": 1},
+        0.1: {"params": 6, "leaves": 2},
+    }
+    assert spec.counts["trainable_params"] == 10  # earlier keys unchanged
+    assert "2 learning-rate groups" in repr(spec)
+    text = summary(spec.model, spec)
+    assert "lr factor 0.1: 6 params in 2 arrays" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()[2:6]}
+    assert rows["(root)"][-1] == "0.1–1" and rows["layers[0]"][-1] == "0.1"
+    assert max(map(len, text.splitlines())) <= 100
+
+
+def test_json_round_trip_keeps_factors_and_reads_files_without_them():
+    spec = FilterSpec(mlp()).layerwise_decay("layers", 0.3).freeze("layers[0].bias")
+    text = spec.to_json()
+    assert FilterSpec.from_json(spec.model, text) == spec
+    plain = FilterSpec(mlp()).freeze("layers[0]")
+    assert '"lr_factors"' not in plain.to_json()  # files saved before groups existed
+    assert FilterSpec.from_json(plain.model, plain.to_json()) == plain
+
+
+@pytest.mark.parametrize(
+    "saved, match",
+    [
+        ('{"layers[0].bias": 0.5}', "gives `layers\\[0\\].bias` a factor, but it is not under"),
+        ('{"layers[1].bias": 0}', "is 0 but the path is under `trainable`"),
+        ('{"layers[1].bias": -2}', "factor -2.0 is not a finite number >= 0"),
+        ('{"layers[1].bias": "x"}', "lr_factors"),
+        ("[0.5]", "lr_factors"),
+    ],
+)
+def test_json_with_bad_factors_raises(saved, match):
+    text = FilterSpec(mlp()).freeze("layers[0].bias").to_json()
+    bad = text.replace('"version": 1,', f'"version": 1, "lr_factors": {saved},')
+    with pytest.raises(ExplorerError, match=match):
+        FilterSpec.from_json(mlp(), bad)
+
+
+@given(data=st.data(), model=models)
+@settings(max_examples=40, deadline=None)
+def test_random_factors_round_trip_through_json_for_model_and_tree(data, model):
+    base = FilterSpec(model)
+    spec = base.set_lr_factors(data.draw(random_lr_factors(base.model_tree)))
+    assert np.array_equal(spec.mask, spec.lr_factors > 0)
+    assert jtu.tree_leaves(spec.tree) == (spec.lr_factors > 0).tolist()
+    assert FilterSpec.from_json(model, spec.to_json()) == spec
+    moved = spec.for_model(jtu.tree_map(lambda x: x, model))
+    assert np.array_equal(moved.lr_factors, spec.lr_factors)
