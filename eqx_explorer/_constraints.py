@@ -11,6 +11,8 @@ orthogonal group. A rule replaces the addition for the leaves it constrains:
 | `("interval", lo, hi)` | `g` | `clip(p + u, lo, hi)` | distance outside `[lo, hi]` |
 | callable `rule(p, u)` | `g` | `rule(p, u)` | not measured |
 
+An interval bound of `None` or ±inf leaves that side open (saved as JSON `null`).
+
 Positive trains `log p`: the optimizer's step `u` is taken in log space and `p * exp(u)` can
 never cross zero. (`p * exp(u / p)` would explode for small `p`.)
 
@@ -26,6 +28,7 @@ Everything here is jittable; non-array leaves and `None` updates are left untouc
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -119,8 +122,8 @@ class Rule:
         return self.name
 
     def to_json(self) -> Any:
-        if self.name == "interval":
-            return ["interval", self.lo, self.hi]
+        if self.name == "interval":  # strict JSON has no Infinity: an open side is null
+            return ["interval", *(b if math.isfinite(b) else None for b in (self.lo, self.hi))]
         if self.name == "custom":
             raise ExplorerError(
                 f"the custom rule {self.label} is a Python function and cannot be saved as JSON; "
@@ -141,7 +144,7 @@ def make_rule(rule: Any) -> Rule:
     if isinstance(rule, str) and rule in _BUILTIN:
         return Rule(rule)
     if isinstance(rule, tuple | list) and len(rule) == 3 and rule[0] == "interval":
-        lo, hi = (_bound(b, name) for b, name in zip(rule[1:], ("lo", "hi")))
+        lo, hi = _bound(rule[1], "lo", -math.inf), _bound(rule[2], "hi", math.inf)
         if not lo < hi:
             raise ExplorerError(
                 f"the interval rule needs lo < hi, got ('interval', {lo:g}, {hi:g}); "
@@ -156,16 +159,18 @@ def make_rule(rule: Any) -> Rule:
     )
 
 
-def _bound(value: Any, name: str) -> float:
-    """An interval bound as a finite float (a saved spec is strict JSON: no inf, no NaN)."""
+def _bound(value: Any, name: str, open_side: float) -> float:
+    """An interval bound as a float; `None` (as JSON writes an infinite bound) leaves it open."""
+    if value is None:
+        return open_side
     ok = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
     try:
         bound = float(value) if ok else float("nan")
     except OverflowError:  # an int beyond float range, e.g. 10**400
         bound = float("nan")
-    if not np.isfinite(bound):
+    if math.isnan(bound):
         raise ExplorerError(
-            f"the interval rule's {name} bound must be a finite real number, "
+            f"the interval rule's {name} bound must be a real number or None (open), "
             f"got {short_repr(value, 40)}; e.g. ('interval', 0.0, 1.0)"
         )
     return bound

@@ -152,7 +152,7 @@ def _where_mask(tree: ModelTree, where: Any) -> np.ndarray:
     return mask
 
 
-def _is_bool(answer: Any) -> bool:
+def is_bool(answer: Any) -> bool:
     """A Python/NumPy bool or a scalar bool array (`jnp.all(leaf > 0)`)."""
     if isinstance(answer, bool | np.bool_):
         return True
@@ -173,7 +173,7 @@ def _predicate_mask(tree: ModelTree, predicate: Any, label: str | None = None) -
                 f"`{path}`. A predicate `(path, leaf) -> bool` is called on every leaf, "
                 "non-arrays included: guard with `eqx.is_array(leaf)`."
             ) from None
-        if not _is_bool(answer):
+        if not is_bool(answer):
             # Truthiness would read "no" as True and an array as an error or a guess.
             raise ExplorerError(
                 f"the predicate {label} returned {short_repr(answer, 40)} "

@@ -17,8 +17,9 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._constraints import make_rule
-from ._errors import ExplorerError
-from ._select import Selection, select
+from ._errors import ExplorerError, short_repr, shorten
+from ._paths import format_path
+from ._select import Selection, describe, is_bool, select
 from ._tree import LIST, MODULE, TUPLE, ModelTree
 
 __all__ = ["FilterSpec"]
@@ -26,6 +27,110 @@ __all__ = ["FilterSpec"]
 _FORMAT = "eqx_explorer.FilterSpec"
 TRAINABLE, FROZEN, MIXED, STATIC = "trainable", "frozen", "mixed", "static"
 STATES = (STATIC, TRAINABLE, FROZEN, MIXED)  # order of `FilterSpec.state_codes()`
+
+
+# Saved-spec fields: name -> (type of the value, type of its entries, what it must be).
+_SCHEMA = {
+    "format": (str, None, f"be {_FORMAT!r}"),
+    "version": (int, None, "be 1"),
+    "model": (str, None, "be the model's class name"),
+    "trainable": (list, str, "be a list of path strings"),
+    "frozen": (list, str, "be a list of path strings"),
+    "lr_factors": (dict, numbers.Real, "map paths to numbers"),
+    "constraints": (dict, str | list, 'map paths to rules, e.g. "positive"'),
+    "inference": (dict, bool, "map paths to true/false"),
+}
+
+
+def _no_constant(name: str) -> None:
+    raise ExplorerError(f"the saved spec holds {name}, which is not strict JSON; write a number")
+
+
+def _read_saved(text: Any) -> dict:
+    """The document of a saved spec, checked against `_SCHEMA`; `ExplorerError` otherwise."""
+    if not isinstance(text, str | bytes | bytearray):
+        raise ExplorerError(
+            f"from_json takes the text of spec.to_json(), got {type(text).__name__}; for a "
+            "dict, pass json.dumps(d)"
+        )
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except ExplorerError:
+        raise
+    except (ValueError, RecursionError) as e:  # bad JSON, a 5,000-digit int, deep nesting
+        raise ExplorerError(
+            f"not valid JSON ({type(e).__name__}: {shorten(str(e))}); pass the text of "
+            "spec.to_json()"
+        ) from None
+    if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
+        raise ExplorerError(f"this JSON is not a saved FilterSpec (no format {_FORMAT!r})")
+    unknown = sorted(set(doc) - set(_SCHEMA))
+    if unknown:
+        raise ExplorerError(
+            f"the saved spec has unknown field(s) {shorten(', '.join(map(repr, unknown)))}; "
+            f"a saved spec has only {', '.join(_SCHEMA)}"
+        )
+    for name, (kind, entry, example) in _SCHEMA.items():
+        value = doc.get(name)
+        if value is None and name in ("model", "lr_factors", "constraints", "inference"):
+            continue
+        entries = value.values() if isinstance(value, dict) else value
+        if (
+            not isinstance(value, kind)
+            or isinstance(value, bool)
+            or (isinstance(value, dict) and not all(isinstance(k, str) for k in value))
+            or (entry is not None and not all(isinstance(v, entry) for v in entries))
+            or (entry is numbers.Real and any(isinstance(v, bool) for v in entries))
+        ):
+            raise ExplorerError(
+                f"the saved spec's `{name}` is {short_repr(value, 60)}; it must {example}, "
+                "as spec.to_json() writes it"
+            )
+    if doc["version"] != 1:
+        raise ExplorerError(
+            f"the saved spec has version {short_repr(doc['version'])}; this eqx_explorer reads "
+            "version 1. Save it again with this version's spec.to_json()"
+        )
+    seen: set[str] = set()
+    for path in doc["trainable"] + doc["frozen"]:
+        if path in seen:
+            raise ExplorerError(
+                f"the saved spec lists `{shorten(path)}` twice (under `trainable` and "
+                "`frozen`, or twice in one); list each path once"
+            )
+        seen.add(path)
+    return doc
+
+
+def _read_flag(path: tuple, flag: Any, sub: Any) -> Any:
+    """`sub` with every leaf replaced by what `flag` (a bool or a callable) says of it."""
+    where = f"`{format_path(path)}`" if path else "the root"
+    if isinstance(flag, bool | np.bool_):
+        return jtu.tree_map(lambda _: bool(flag), sub)
+    if not callable(flag):
+        raise ExplorerError(
+            f"the filter_spec holds {short_repr(flag, 40)} ({type(flag).__name__}) at {where}; "
+            "as for eqx.partition, write True, False or a callable leaf -> bool there"
+        )
+
+    def call(leaf_path: tuple, leaf: Any) -> bool:
+        at = f"`{format_path(path + leaf_path)}`"
+        try:
+            answer = flag(leaf)
+        except Exception as e:
+            raise ExplorerError(
+                f"the filter_spec's {describe(flag)} at {where} raised "
+                f"{type(e).__name__}: {shorten(str(e))} on the leaf at {at}; it is called on "
+                "every leaf below it, non-arrays included: guard with eqx.is_array(leaf)"
+            ) from None
+        if not is_bool(answer):
+            raise ExplorerError(
+                f"the filter_spec's {describe(flag)} returned "
+                f"{short_repr(answer, 40)} on the leaf at {at}; it must return True or False"
+            )
+        return bool(answer)
+
+    return jtu.tree_map_with_path(call, sub)
 
 
 def _inference_leaves(tree: ModelTree) -> np.ndarray:
@@ -146,16 +251,15 @@ class FilterSpec:
         """
         spec = cls(model)
         try:
-            full = jtu.tree_map(
-                lambda s, sub: jtu.tree_map(lambda x: bool(s(x) if callable(s) else s), sub),
-                filter_spec,
-                model,
-            )
+            full = jtu.tree_map_with_path(_read_flag, filter_spec, model)
             flags = jtu.tree_leaves(full)
+        except ExplorerError:
+            raise
         except (ValueError, TypeError) as e:
             raise ExplorerError(
-                f"this filter_spec is not a prefix of the model's structure ({e}); build it "
-                "from the model, e.g. `jtu.tree_map(lambda _: False, model)` then `eqx.tree_at`"
+                f"this filter_spec is not a prefix of the model's structure ({shorten(str(e))}); "
+                "build it from the model, e.g. `jtu.tree_map(lambda _: False, model)` then "
+                "`eqx.tree_at`"
             ) from None
         if len(flags) != spec._model_tree.num_leaves:
             raise ExplorerError("this filter_spec does not match the model's leaves")
@@ -209,6 +313,8 @@ class FilterSpec:
         if not targets:
             raise ExplorerError("freeze() needs at least one target, e.g. spec.freeze('encoder')")
         sel = self.select(list(targets) if len(targets) > 1 else targets[0])
+        if not sel.mask.any():  # as a `where` selecting no leaves does
+            raise ExplorerError(self._cannot_train_message(sel, "freeze"))
         mask = self._mask.copy()
         mask[sel.mask] = False
         return self._replace(mask)
@@ -235,7 +341,10 @@ class FilterSpec:
         tree = self._model_tree
         first = int(np.flatnonzero(sel.mask)[0]) if sel.mask.any() else None
         if first is None:
-            return f"{sel.label} selects no leaves, so there is nothing to {verb}"
+            return (
+                f"{sel.label} selects no leaves (it is `None` or an empty container), so there "
+                f"is nothing to {verb}; {verb} a module or an array"
+            )
         node = int(tree.leaf_node[first])
         what = tree.summary(node)
         return (
@@ -664,17 +773,22 @@ class FilterSpec:
             doc["constraints"] = {p: r.to_json() for p, r in self.constraints.items()}
         if self._inference:
             doc["inference"] = self.inference_overrides
-        return json.dumps(doc, indent=1, ensure_ascii=False)
+        try:
+            return json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False)
+        except ValueError:  # strict JSON has no Infinity/NaN
+            raise ExplorerError(
+                "this spec holds a non-finite number (inf or NaN), which strict JSON cannot "
+                "write; use finite learning-rate factors and interval bounds"
+            ) from None
 
     @classmethod
     def from_json(cls, model: Any, text: str) -> FilterSpec:
-        """The spec saved by `to_json`, for `model`; raises if the model's leaves changed."""
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ExplorerError(f"not valid JSON ({e}); pass the text of spec.to_json()") from None
-        if not isinstance(doc, dict) or doc.get("format") != _FORMAT:
-            raise ExplorerError(f"this JSON is not a saved FilterSpec (no format {_FORMAT!r})")
+        """The spec saved by `to_json`, for `model`; raises if the model's leaves changed.
+
+        The text is checked against the saved format first (`_SCHEMA`): strict JSON, version
+        1, each field of its type, no path listed twice.
+        """
+        doc = _read_saved(text)
         spec = cls(model)
         tree = spec._model_tree
         inexact_paths = {tree.paths[tree.leaf_node[i]]: i for i in np.flatnonzero(tree.inexact)}
@@ -704,10 +818,6 @@ class FilterSpec:
         mask[[inexact_paths[p] for p in trainable]] = True
         factors = mask.astype(np.float64)
         saved_factors = doc.get("lr_factors", {})
-        if not isinstance(saved_factors, dict):
-            raise ExplorerError(
-                "the saved `lr_factors` must map paths to numbers, as spec.to_json() writes it"
-            )
         trainable_set = set(trainable)
         for path, factor in saved_factors.items():
             if path not in trainable_set:
@@ -725,10 +835,6 @@ class FilterSpec:
         for path, rule in doc.get("constraints", {}).items():
             spec = spec.constrain(path, tuple(rule) if isinstance(rule, list) else rule)
         inference = doc.get("inference", {})
-        if not isinstance(inference, dict) or not all(type(v) is bool for v in inference.values()):
-            raise ExplorerError(
-                "the saved `inference` must map paths to true/false, as spec.to_json() writes it"
-            )
         for on in (True, False):
             paths = [p for p, value in inference.items() if value is on]
             if paths:
