@@ -55,6 +55,12 @@ STATUSES = (UPDATED, STALLED, FROZEN, LEAKED, KEPT, LOST, UNCHANGED)
 BAD_STATUSES = frozenset({LEAKED, LOST})
 
 
+def listed(paths: list[str], most: int = 10) -> str:
+    """`paths` joined, the first `most` of them (a message stays readable on big models)."""
+    more = f" and {len(paths) - most} more" if len(paths) > most else ""
+    return ", ".join(paths[:most]) + more
+
+
 def _json_float(x: float | None) -> float | None:
     # JSON has no NaN/inf (a browser's JSON.parse rejects them): send None, `finite` says why.
     return x if x is not None and math.isfinite(x) else None
@@ -72,7 +78,10 @@ class LeafReport:
     such as a fresh optimizer state. `violation` is measured on constrained leaves
     (`FilterSpec.constrain`) after the call's last step: the minimum value for `positive`,
     `‖QᵀQ − I‖` for `orthogonal`, `|‖p‖ − 1|` for `unit_norm`, the distance outside the
-    interval for `interval`; `None` on unconstrained leaves.
+    interval for `interval`; `None` on unconstrained leaves. `lr_factor` is the multiplier of
+    the leaf's updates (`FilterSpec.scale_lr`): 0 for a leaf that does not train, `None` for
+    non-float leaves; the same gradient with a 10x smaller factor makes a 10x smaller
+    `update_norm` under SGD (with momentum too).
     """
 
     path: str
@@ -84,6 +93,7 @@ class LeafReport:
     finite: bool = True
     detail: str = ""
     violation: float | None = None
+    lr_factor: float | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready: non-finite norms become `None` (see `finite`)."""
@@ -97,6 +107,7 @@ class LeafReport:
             "finite": self.finite,
             "detail": self.detail,
             "violation": _json_float(self.violation),
+            "lr_factor": _json_float(self.lr_factor),
         }
 
 
@@ -150,6 +161,14 @@ class StepReport:
         """The compact form: `{path: status}`."""
         return {leaf.path: leaf.status for leaf in self.leaves}
 
+    def leaf(self, path: str) -> LeafReport:
+        """The report of the parameter leaf at `path` (e.g. `"layers[0].weight"`)."""
+        for leaf in self.leaves:
+            if leaf.path == path:
+                return leaf
+        paths = listed([x.path for x in self.leaves])
+        raise ExplorerError(f"no leaf at `{path[:80]}` in this report; its leaves are {paths}")
+
     def to_dict(self) -> dict:
         """JSON-ready summary: statuses, per-leaf norms (floats or `None`), losses, error."""
         return {
@@ -180,11 +199,18 @@ class StepReport:
         def num(x: float | None) -> str:
             return "-" if x is None else f"{x:.3g}"
 
+        # The factor column appears with learning-rate groups (some trainable factor != 1).
+        grouped = any(r.lr_factor not in (None, 0.0, 1.0) for r in rows)
+
+        def factor(r: LeafReport) -> str:
+            return f" {num(r.lr_factor):>6}" if grouped else ""
+
         width = max([4] + [len(r.path) for r in rows])
-        lines = [f"{'path':<{width}}  {'status':<9} {'grad':>9} {'update':>9} {'delta':>9}  detail"]
+        head = f"{'path':<{width}}  {'status':<9}" + (f" {'lr x':>6}" if grouped else "")
+        lines = [head + f" {'grad':>9} {'update':>9} {'delta':>9}  detail"]
         lines += [
-            f"{r.path:<{width}}  {r.status:<9} {num(r.grad_norm):>9} {num(r.update_norm):>9} "
-            f"{num(r.delta_norm):>9}  {r.detail}".rstrip()
+            f"{r.path:<{width}}  {r.status:<9}{factor(r)} {num(r.grad_norm):>9} "
+            f"{num(r.update_norm):>9} {num(r.delta_norm):>9}  {r.detail}".rstrip()
             for r in rows
         ]
         return "\n".join(lines)

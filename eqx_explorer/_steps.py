@@ -87,6 +87,7 @@ from ._audit import (
     _check_spec,
     array_status,
     compare,
+    listed,
     stack,
     sumsq,
 )
@@ -160,6 +161,13 @@ def _zero_unless(flag: Any, x: jax.Array) -> jax.Array:
     return _select(flag, x, jnp.zeros_like(x))
 
 
+def _times(factor: Any, u: jax.Array) -> jax.Array:
+    # A baked factor of 1 is no operation; as data, `u * 1.0` is `u` bit for bit.
+    if isinstance(factor, float):
+        return u if factor == 1.0 else u * jnp.asarray(factor, u.dtype)
+    return u * factor.astype(u.dtype)
+
+
 class _Static:
     """Everything the program is specialised on; a change recompiles.
 
@@ -168,18 +176,19 @@ class _Static:
     slots per leaf) on every dispatch.
     """
 
-    __slots__ = ("loss_fn", "optimizer", "stateful", "rules", "masks", "slot_cols", "pins")
-    __slots__ += ("_key", "_hash")
+    __slots__ = ("loss_fn", "optimizer", "stateful", "rules", "masks", "factors", "slot_cols")
+    __slots__ += ("pins", "_key", "_hash")
 
-    def __init__(self, loss_fn, optimizer, stateful, rules, masks, slot_cols, pins):
+    def __init__(self, loss_fn, optimizer, stateful, rules, masks, factors, slot_cols, pins):
         self.loss_fn: Callable = loss_fn
         self.optimizer: Any = optimizer
         self.stateful: bool = stateful
         self.rules: tuple = rules  # one `Rule` or None per optimized leaf
         self.masks: tuple | None = masks  # baked-in masks, or None: an argument
+        self.factors: tuple | None = factors  # baked-in learning-rate factors, or None
         self.slot_cols: tuple = slot_cols  # optimizer-state leaf -> its leaf (-1: shared)
         self.pins: tuple | None = pins  # output shardings of (params, opt_state), if sharded
-        self._key = (loss_fn, optimizer, stateful, rules, masks, slot_cols, pins)
+        self._key = (loss_fn, optimizer, stateful, rules, masks, factors, slot_cols, pins)
         self._hash = hash(self._key)
 
     def __hash__(self) -> int:
@@ -194,14 +203,15 @@ class _Static:
 def _make_program(on_trace: Callable[[], None]) -> Callable:
     """A fresh `filter_jit` step; its cache belongs to one runner.
 
-    `program(params, rest, opt_state, state, batch, masks, *, st)` runs one step and returns
-    the new arrays, the loss and the gradients, like a hand-written step (a call of `n` steps
-    dispatches it `n` times back to back). The masks (`_method_masks`) are data, one uint8
-    code per leaf, unless `st` bakes them in; then the leaves they keep unchanged (and the
-    gradients they never use) are `None` outputs, and the caller keeps its own arrays.
+    `program(params, rest, opt_state, state, batch, masks, factors, *, st)` runs one step and
+    returns the new arrays, the loss and the gradients, like a hand-written step (a call of
+    `n` steps dispatches it `n` times back to back). The masks (`_method_masks`) are data,
+    one uint8 code per leaf, and so are the learning-rate factors (one float32 per leaf, the
+    update's multiplier), unless `st` bakes them in; then the leaves the masks keep unchanged
+    (and the gradients they never use) are `None` outputs, and the caller keeps its arrays.
     """
 
-    def program(params, rest, opt_state, state, batch, masks, *, st):
+    def program(params, rest, opt_state, state, batch, masks, factors, *, st):
         on_trace()  # runs only when JAX traces: counts compilations
         treedef = jtu.tree_structure(params)
         k = treedef.num_leaves
@@ -210,6 +220,7 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
         else:  # one uint8 code per leaf, bit r = row r (a mask array sliced per leaf
             # makes XLA's compilation several times slower)
             m = [[(c & (1 << r)) != 0 for c in masks] for r in range(5)]
+        f = st.factors if st.factors is not None else factors
         # With baked masks, a gradient never seen is known zero: it is no output.
         seen = {j for j in range(k) if st.masks is None or m[_GRAD][j] or m[_SEEN][j]}
 
@@ -248,7 +259,7 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
         updates, new_opt = st.optimizer.update(jtu.tree_unflatten(treedef, fed), opt_state, params)
         new = []
         for j, (x, u, r) in enumerate(zip(old, jtu.tree_leaves(updates), st.rules)):
-            u = _zero_unless(m[_UPD][j], u)
+            u = _zero_unless(m[_UPD][j], _times(f[j], u))
             moved = (x + u).astype(x.dtype)
             if r is not None:  # update rules apply to the leaves that train
                 moved = _select(m[_GRAD][j], r.apply(x, u).astype(x.dtype), moved)
@@ -364,12 +375,6 @@ def _host_rows(host, sq, diff, begin, before, end, grads, state0, state, first):
     pairs = [diff(host(a), host(b)) for a, b in zip(state0, state)]
     state_rows = np.array([[c for c, _ in pairs], [np.sqrt(d) for _, d in pairs]], np.float32)
     return rows, grad_rows, state_rows.reshape(2, len(pairs))
-
-
-def _some(paths: list[str], most: int = 10) -> str:
-    """`paths` joined, the first `most` of them (a message stays readable on big models)."""
-    more = f" and {len(paths) - most} more" if len(paths) > most else ""
-    return ", ".join(paths[:most]) + more
 
 
 def _subset(leaves: list, index: np.ndarray | None) -> list:
@@ -542,6 +547,7 @@ class _Layout(NamedTuple):
     diff: np.ndarray  # per model leaf: passed to the program as an optimized leaf
     diff_index: np.ndarray
     masks: np.ndarray  # (5, number of optimized leaves): see `_method_masks`
+    factors: np.ndarray  # per optimized leaf: its updates' multiplier (float32)
     optimizer: Any
     rules: tuple  # per optimized leaf: its update rule or None
 
@@ -666,6 +672,7 @@ class StepRunner:
         # masks -> "compiling" | seconds it took | _Unbuilt (why it could not be built)
         self._special: dict[bytes, Any] = {}
         self._code_arrays: dict[int, jax.Array] = {}
+        self._factor_arrays: dict[float, jax.Array] = {}
         self._step_seconds: dict[bool, float] = {}  # specialised? -> seconds per step
         self._init_fn = None
         self._leaves = list(self._initial_leaves)
@@ -772,7 +779,10 @@ class StepRunner:
                 optimizer = self._labelled_optimizer(mask)
         diff_index = np.flatnonzero(diff)
         rules = tuple(spec.constraints.get(self._paths[i]) for i in diff_index)
-        return _Layout(spec, method, trainable, diff, diff_index, masks, optimizer, rules)
+        # A frozen leaf keeps factor 1: what moves it anyway (a `stop_gradient` leaf under
+        # weight decay, every leaf under "none") is the method's doing, shown as it is.
+        factors = np.where(mask, spec.lr_factors, 1.0)[diff_index].astype(np.float32)
+        return _Layout(spec, method, trainable, diff, diff_index, masks, factors, optimizer, rules)
 
     def _labelled_optimizer(self, mask: np.ndarray) -> Any:
         key = mask.tobytes()
@@ -897,7 +907,7 @@ class StepRunner:
         if had and len(dropped):
             self._notes.append(
                 "optimizer state dropped for newly frozen leaves: "
-                + _some([self._paths[i] for i in dropped])
+                + listed([self._paths[i] for i in dropped])
             )
         if has:
             self._started(new_owned & ~old_owned)
@@ -915,7 +925,7 @@ class StepRunner:
         if len(index):
             self._fresh |= set(index.tolist())
             self._notes.append(
-                "optimizer state started fresh for: " + _some([self._paths[i] for i in index])
+                "optimizer state started fresh for: " + listed([self._paths[i] for i in index])
             )
 
     def set_spec(self, spec: FilterSpec, method: str | None = None) -> None:
@@ -1124,10 +1134,11 @@ class StepRunner:
             self._stateful,
             layout.rules,
             baked,
+            None if baked is None else tuple(float(f) for f in layout.factors),
             self._slot_cols,
             _pins((params, opt_state)) if self._sharded else None,
         )
-        masks = None if baked is not None else self._codes(layout)
+        masks, factors = (None, None) if baked is not None else self._codes(layout)
         p_def, o_def = jtu.tree_structure(params), jtu.tree_structure(opt_state)
         p_leaves, o_leaves = jtu.tree_leaves(params), jtu.tree_leaves(opt_state)
         rest, losses, before, grads = self._rest(layout), [], p_leaves, []
@@ -1141,6 +1152,7 @@ class StepRunner:
                     state,
                     self.batch,
                     masks,
+                    factors,
                     st=st,
                 )
             except Exception as e:
@@ -1179,13 +1191,16 @@ class StepRunner:
             (params, opt_state, state), [float(x) for x in losses], full, np.asarray(state_audit)
         )
 
-    def _codes(self, layout: _Layout) -> list:
-        """The masks as one uint8 code per optimized leaf (bit r = row r), on the device;
-        at most 32 distinct codes exist, each placed once."""
-        codes = (layout.masks * (1 << np.arange(5))[:, None]).sum(0)
-        for c in set(codes.tolist()) - set(self._code_arrays):
+    def _codes(self, layout: _Layout) -> tuple[list, list]:
+        """The masks as one uint8 code per optimized leaf (bit r = row r), and the factors,
+        one float32 per leaf, on the device; each distinct value is placed once."""
+        codes = (layout.masks * (1 << np.arange(5))[:, None]).sum(0).tolist()
+        factors = layout.factors.tolist()
+        for c in set(codes) - set(self._code_arrays):
             self._code_arrays[c] = jnp.uint8(c)
-        return [self._code_arrays[c] for c in codes.tolist()]
+        for f in set(factors) - set(self._factor_arrays):
+            self._factor_arrays[f] = jnp.float32(f)
+        return [self._code_arrays[c] for c in codes], [self._factor_arrays[f] for f in factors]
 
     def _replay(
         self,
@@ -1237,7 +1252,7 @@ class StepRunner:
 
     # -- specialised programs ---------------------------------------------------------------
     def _special_key(self, layout: _Layout) -> bytes:
-        return layout.masks.tobytes()
+        return layout.masks.tobytes() + layout.factors.tobytes()
 
     def _pick(self, layout: _Layout, waiting: Callable[[], None]) -> tuple | None:
         """The masks to bake into the next chunk's program, or None for the masked one.
@@ -1341,14 +1356,14 @@ class StepRunner:
             return info[0]
         paths, diff_index = self._paths, layout.diff_index
         bad = [paths[i] for i, f in zip(diff_index, audit[_GRAD_FINITE]) if not f]
-        grads = f"; non-finite gradients at: {_some(bad)}" if bad else ""
+        grads = f"; non-finite gradients at: {listed(bad)}" if bad else ""
         if kind == "loss":
             step, loss = info
             what = f"non-finite loss ({loss}){grads}"
         else:
             step = info[0]
             broken_paths = [paths[i] for i, f in zip(diff_index, broken) if not f]
-            what = f"the update made NaN/inf values in: {_some(broken_paths)}{grads}"
+            what = f"the update made NaN/inf values in: {listed(broken_paths)}{grads}"
             if not bad:
                 what += " (the gradients were finite: check the optimizer, e.g. its learning rate)"
         return (
@@ -1359,7 +1374,8 @@ class StepRunner:
 
     def _leaf_reports(self, layout: _Layout, audit: Any, broken: Any) -> list[LeafReport]:
         column = {int(i): j for j, i in enumerate(layout.diff_index)}
-        masks = layout.masks
+        masks, spec = layout.masks, layout.spec
+        lr = np.where(layout.trainable, np.where(spec.mask, spec.lr_factors, 1.0), 0.0).tolist()
         reports = []
         for i, path in enumerate(self._paths):
             detail = "optimizer state started fresh" if i in self._fresh else ""
@@ -1368,15 +1384,20 @@ class StepRunner:
                 reports.append(LeafReport(path, KEPT, detail=detail))
                 continue
             train = bool(layout.trainable[i])
+            factor = lr[i] if self._inexact[i] else None
             j = column.get(i)
             if j is None or not masks[:, j].any():
                 # Never optimized (a partition's frozen leaf, an int array): the runner keeps
                 # the very same array object, so it is bit-identical by construction.
-                reports.append(LeafReport(path, FROZEN, trainable=train, detail=detail))
+                reports.append(
+                    LeafReport(path, FROZEN, trainable=train, detail=detail, lr_factor=factor)
+                )
                 continue
             if audit is None:  # no step ran
                 status = array_status(train, False)
-                reports.append(LeafReport(path, status, trainable=train, detail=detail))
+                reports.append(
+                    LeafReport(path, status, trainable=train, detail=detail, lr_factor=factor)
+                )
                 continue
             status = array_status(train, bool(audit[_CHANGED, j]))
             if status == LEAKED:
@@ -1396,6 +1417,7 @@ class StepRunner:
                     trainable=train,
                     finite=finite,
                     detail=detail,
+                    lr_factor=factor,
                 )
             )
         for path, rule in layout.spec.constraints.items():
