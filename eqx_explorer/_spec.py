@@ -277,11 +277,21 @@ class FilterSpec:
         return self._onto(FilterSpec(model))
 
     def _onto(self, base: FilterSpec) -> FilterSpec:
-        """This mask, factors, rules and inference flags over `base`'s tree (same structure)."""
-        if base._model_tree.treedef != self._model_tree.treedef:
+        """This mask, factors, rules and inference flags over `base`'s tree (same leaf paths).
+
+        Static fields may differ (a per-instance `cache_key = str(id(self))`): the spec is
+        over leaves, so the same leaf paths are enough.
+        """
+        mine, theirs = self._model_tree.leaf_paths, base._model_tree.leaf_paths
+        if base._model_tree.treedef != self._model_tree.treedef and mine != theirs:
+            i = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), len(theirs))
+            first = f"`{shorten(mine[i])}`" if i < len(mine) else "(none)"
+            then = f"`{shorten(theirs[i])}`" if i < len(theirs) else "(none)"
             raise ExplorerError(
-                "this spec was built for another model, with another structure; build it from this "
-                "model, e.g. FilterSpec(model).freeze(...), or FilterSpec.from_json(model, text)"
+                "this spec was built for another model, with another structure ("
+                f"{len(mine)} leaves there, {len(theirs)} here; leaf {i} is {first} there, "
+                f"{then} here); build it from this model, e.g. FilterSpec(model).freeze(...), or "
+                "FilterSpec.from_json(model, text)"
             )
         other = base.set_mask(self._mask)
         tree = other._model_tree
@@ -744,7 +754,13 @@ class FilterSpec:
     # -- export -----------------------------------------------------------
     def to_code(self, style: str = "tree_at") -> str:
         """Python code that rebuilds this spec from `model`; see `eqx_explorer._codegen`."""
-        from ._codegen import to_code
+        from ._codegen import STYLES, to_code
+
+        if not isinstance(style, str):
+            raise ExplorerError(
+                f"to_code(style) takes a style name, got {short_repr(style, 40)} "
+                f"({type(style).__name__}); one of {', '.join(map(repr, STYLES))}"
+            )
 
         return to_code(self, style)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._errors import ExplorerError, short_repr
 from ._spec import MIXED, FilterSpec
 from ._tree import CONTAINER_KINDS
 
@@ -73,10 +74,20 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
     trainable factor other than 1) adds an `lr` column (the factor, or its range below a
     node) and one line per group at the end.
     """
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ExplorerError(
+            f"summary(max_rows=) takes a positive int, got {short_repr(max_rows, 40)}; "
+            "e.g. max_rows=80"
+        )
     if spec is None:
         spec = FilterSpec(model)
-    else:
+    elif isinstance(spec, FilterSpec):
         spec = spec.for_model(model)
+    else:
+        raise ExplorerError(
+            f"summary(model, spec) takes a FilterSpec (or None), got {type(spec).__name__} "
+            f"{short_repr(spec, 40)}; e.g. summary(model, FilterSpec(model).freeze('encoder'))"
+        )
     tree = spec.model_tree
     rows, hidden = _rows(spec, max_rows)
     sharded = any(tree.sharding(i) for i in rows)
