@@ -6,6 +6,24 @@ import argparse
 import sys
 
 from ._codegen import STYLES
+from ._errors import shorten
+
+
+def _int_in(lo: int, hi: int, what: str):
+    """An argparse type: an int in `[lo, hi]`, else a usage error (exit code 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text) if len(text) <= 30 else None
+        except ValueError:
+            value = None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(
+                f"{shorten(text, 40)!r} is not {what} (an int from {lo:,} to {hi:,})"
+            )
+        return value
+
+    return parse
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -28,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eqx_explorer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="print the summary and exported spec of an example model")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-rows", type=int, default=80)
+    # jax.random.key takes a seed that fits in 32 bits.
+    demo.add_argument("--seed", type=_int_in(0, 2**32 - 1, "a seed"), default=0)
+    demo.add_argument("--max-rows", type=_int_in(1, 10**6, "a row count"), default=80)
     demo.add_argument("--style", default="tree_at", choices=STYLES, help="code style")
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
