@@ -56,7 +56,7 @@ import traitlets as t
 
 from ._audit import STATUSES
 from ._constraints import RULE_NAMES
-from ._errors import ExplorerError
+from ._errors import ExplorerError, short_repr
 from ._spec import STATES, FilterSpec, _inference_leaves
 from ._state import state_entries
 from ._steps import (
@@ -89,7 +89,7 @@ def _is_rule(value: Any) -> bool:
         and len(value) == 3
         and value[0] == "interval"
         and all(
-            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+            isinstance(x, int | float) and not isinstance(x, bool) and -math.inf < x < math.inf
             for x in value[1:]
         )
     )
@@ -274,6 +274,19 @@ class Explorer(anywidget.AnyWidget):
         self._styles = tuple(STYLES)
         self._check_style(code_style)
         _check_method(method)
+        # Checked here, not at the first Step: the constructor measures the optimizer.
+        if optimizer is not None and not (
+            hasattr(optimizer, "init") and hasattr(optimizer, "update")
+        ):
+            raise ExplorerError(
+                "optimizer must be an optax GradientTransformation (with .init and .update), "
+                f"got {type(optimizer).__name__}; e.g. optax.adam(1e-3)"
+            )
+        if loss_fn is not None and not callable(loss_fn):
+            raise ExplorerError(
+                f"loss_fn must be a function loss_fn(model, batch) -> scalar, got "
+                f"{type(loss_fn).__name__}; or leave it out to explore without steps"
+            )
         self._model = model
         self._tree = spec.model_tree
         self._loss_fn = loss_fn
@@ -461,7 +474,7 @@ class Explorer(anywidget.AnyWidget):
     def _check_style(self, style: str) -> None:
         if style not in self._styles:
             raise ExplorerError(
-                f"unknown code style {style!r}; choose one of {', '.join(self._styles)}"
+                f"unknown code style {short_repr(style)}; choose one of {', '.join(self._styles)}"
             )
 
     # -- spec -> states, counts, code -----------------------------------------
@@ -739,11 +752,13 @@ class Explorer(anywidget.AnyWidget):
             raise ExplorerError(f"malformed message from the page: {msg!r:.200}")
         kind = msg["type"]
         if kind not in _MESSAGES:
-            raise ExplorerError(f"unknown message type {kind!r} from the page")
+            raise ExplorerError(f"unknown message type {short_repr(kind)} from the page")
         fields = _MESSAGES[kind]
         extra = set(msg) - set(fields) - {"type", "id"}
         if extra:
-            raise ExplorerError(f"message {kind!r} has unexpected fields {sorted(extra)}")
+            raise ExplorerError(
+                f"message {kind!r} has unexpected fields {short_repr(sorted(extra))}"
+            )
         args = {}
         for name, check in fields.items():
             if name not in msg:
