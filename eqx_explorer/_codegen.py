@@ -662,7 +662,8 @@ def _path(plan: _Plan) -> list[str]:
 
 def _optax(plan: _Plan) -> list[str]:
     if _has_groups(plan.spec):
-        return [*_spec_block(plan), *_groups_block(plan), _OPTAX + _OPTAX_RETURN_GROUPS]
+        # "": two blank lines after `with_lr_factors`, as ruff puts them after a function.
+        return [*_spec_block(plan), *_groups_block(plan), "", _OPTAX + _OPTAX_RETURN_GROUPS]
     return [*_spec_block(plan), _OPTAX + _OPTAX_RETURN]
 
 

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from eqx_explorer import ExplorerError, FilterSpec, StepRunner
 from eqx_explorer._codegen import STYLES, _literal, to_code
 from eqx_explorer._examples import Hypernet, TinyTransformer, example_batch, mse_loss
-from tests.strategies import models, random_edits
+from tests.strategies import models, random_edits, random_lr_factors
 
 RUFF = str(Path(sys.executable).parent / "ruff")
 INJECTION = '"]; import os; os.system("x") #'
@@ -236,6 +236,17 @@ def example_specs() -> dict[str, FilterSpec]:
             *[f'["blocks"][{i}].attn' for i in range(2, 9)], '["blocks"][11]'
         ),
         "no_float_arrays": FilterSpec({"ids": jnp.arange(3), "act": jax.nn.relu}),
+        "tiny_llrd": FilterSpec(tiny)
+        .freeze("embed")
+        .layerwise_decay("blocks", 0.5)
+        .scale_lr("head.bias", 2.0),
+        "blocks_llrd": FilterSpec(blocks_model()).layerwise_decay('["blocks"]', 0.9),
+        "odd_keys_groups": FilterSpec(odd)
+        .scale_lr(lambda m: m["text"][INJECTION], 0.5)
+        .scale_lr(lambda m: (m["floats"][1e16], getattr(m["odd"], "class")), 1e-05),
+        "stateful_with_state_groups": FilterSpec((stateful, state))
+        .freeze("[1]")
+        .scale_lr("[0].linear", 0.1),
     }
 
 
@@ -672,3 +683,117 @@ def test_random_freeze_and_inference_round_trip_on_a_stateful_model(
     assert (_bits(new_state) == _bits(state)) == inference
     assert frozen_leaves_identical(model, new, spec)
     assert trainable_leaves_moved(model, new, spec)
+
+
+# -- learning-rate groups --------------------------------------------------------------------------
+def test_random_learning_rate_groups_round_trip_in_every_style(tmp_path):
+    outputs: list[str] = []
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def check(data):
+        model = data.draw(models)
+        base = FilterSpec(model)
+        spec = base.set_lr_factors(data.draw(random_lr_factors(base.model_tree)))
+        groups = bool((spec.lr_factors[spec.mask] != 1).any())
+        for style in STYLES:
+            code = to_code(spec, style)
+            ns = assert_rebuilds(code, spec)
+            outputs.append(code)
+            if style not in ("optax", "train_step"):
+                assert ("NOTE: this spec trains" in code) == groups  # never dropped silently
+                continue
+            assert ("with_lr_factors" in ns) == groups
+            if not groups:
+                continue
+            assert jtu.tree_leaves(ns["lr_factors"]) == spec.lr_factors.tolist()
+            # The labels and scales: an optimizer passing gradients through, on gradient 1.
+            params, _ = eqx.partition(model, ns["filter_spec"])
+            optimizer = ns["with_lr_factors"](optax.identity())
+            ones = jtu.tree_map(jnp.ones_like, params)
+            updates, _ = optimizer.update(ones, optimizer.init(params), params)
+            got = jtu.tree_leaves(updates)
+            for u, f in zip(got, spec.lr_factors[spec.mask], strict=True):
+                assert np.array_equal(u, np.full(u.shape, f, u.dtype))
+
+    check()
+    assert_ruff_clean(outputs, tmp_path / "groups")
+
+
+def test_group_table_lists_the_highest_sub_tree_of_each_factor():
+    code = to_code(SPECS["tiny_llrd"], "optax")
+    table = code.split("LR_FACTORS = ")[1].split("\n")[0]
+    assert table == '{".blocks[0]": 0.25, ".blocks[1]": 0.5, ".head.bias": 2.0}'
+    assert "optax.multi_transform" in code and "with_lr_factors(frozen_apart)" in code
+
+
+def _pytorch_groups(params, grads, factors, lr, step_fn, clip):
+    """Reference: PyTorch's clip_grad_norm_ over all parameters, then per-parameter steps
+    at `lr * factor` (PyTorch parameter groups), written out in NumPy."""
+    state = {}
+    for t, g in enumerate(grads, start=1):
+        norm = np.sqrt(sum(float(np.sum(x**2)) for x in g.values()))
+        scale = min(1.0, clip / norm)  # optax's form; torch adds 1e-6 to `norm`
+        for name in params:
+            params[name] = step_fn(
+                params[name], scale * g[name], lr * factors[name], t, state, name
+            )
+    return params
+
+
+def _adamw_step(p, g, lr, t, state, name, b1=0.9, b2=0.999, eps=1e-8, wd=0.1):
+    m, v = state.get(name, (0.0, 0.0))
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+    state[name] = (m, v)
+    p = p - lr * wd * p  # decoupled weight decay, scaled by the group's rate
+    return p - lr * (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+
+
+def _sgd_momentum_step(p, g, lr, t, state, name, mu=0.9):
+    buf = mu * state[name] + g if name in state else g
+    state[name] = buf
+    return p - lr * buf
+
+
+def _run_optimizer(optimizer, params, grads):
+    opt_state = optimizer.init(params)
+    for g in grads:
+        updates, opt_state = optimizer.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize(
+    "make_inner, step_fn",
+    [
+        (lambda lr: optax.adamw(lr, weight_decay=0.1), _adamw_step),
+        (lambda lr: optax.sgd(lr, momentum=0.9), _sgd_momentum_step),
+    ],
+    ids=["adamw", "sgd_momentum"],
+)
+def test_scaled_updates_equal_pytorch_parameter_groups(make_inner, step_fn):
+    model = {"a": arr(3, value=0.5), "b": arr(2, value=-1.0)}
+    spec = FilterSpec(model).scale_lr('["a"]', 0.1)
+    ns = assert_rebuilds(to_code(spec, "optax"), spec)
+    clip = optax.clip_by_global_norm(1.0)  # active: the gradients' global norm is about 6
+    optimizer = ns["make_optimizer"](optax.chain(clip, make_inner(0.1)))
+    keys = jax.random.split(jax.random.key(7), 4)
+    grads = [{k: 3 * jax.random.normal(key, model[k].shape) for k in model} for key in keys]
+    params = _run_optimizer(optimizer, model, grads)
+    want = _pytorch_groups(
+        {k: np.asarray(v, np.float64) for k, v in model.items()},
+        [{k: np.asarray(v, np.float64) for k, v in g.items()} for g in grads],
+        {"a": 0.1, "b": 1.0},
+        0.1,
+        step_fn,
+        1.0,
+    )
+    for k in model:
+        np.testing.assert_allclose(params[k], want[k], rtol=1e-5, atol=1e-7)
+    # One optimizer per group, `lr * factor` each, clips each group by its own norm.
+    per_group = optax.partition(
+        {"a": optax.chain(clip, make_inner(0.01)), "b": optax.chain(clip, make_inner(0.1))},
+        {"a": "a", "b": "b"},
+    )
+    split = _run_optimizer(per_group, model, grads)
+    assert not np.allclose(split["a"], want["a"], rtol=1e-3)
