@@ -6,7 +6,12 @@ spec = ex.FilterSpec(model).freeze("encoder")
 params, static = eqx.partition(model, spec.tree)
 print(ex.summary(model, spec))
 ```
+
+The headless library needs only jax, equinox, optax and numpy: the widget stack (anywidget,
+ipywidgets, treescope) is imported the first time `ex.Explorer` is used.
 """
+
+from typing import TYPE_CHECKING
 
 from ._audit import LeafReport as LeafReport
 from ._audit import StepReport as StepReport
@@ -20,6 +25,21 @@ from ._steps import StepProgress as StepProgress
 from ._steps import StepRunner as StepRunner
 from ._summary import summary as summary
 from ._tree import ModelTree as ModelTree
-from ._widget import Explorer as Explorer
+
+if TYPE_CHECKING:
+    from ._widget import Explorer as Explorer
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Scripts and test suites that never open a widget do not pay for importing one.
+    if name == "Explorer":
+        from ._widget import Explorer
+
+        return Explorer
+    raise AttributeError(f"module 'eqx_explorer' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "Explorer"])
