@@ -134,6 +134,16 @@ class _StepFailure(Exception):
     """A failure detected while tracing the step, with a message meant for the user."""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Failure:
+    """Why a call stopped early: the step raised (`message`), or step `step` of the call
+    made a non-finite `loss` or (`loss` None) NaN/inf parameters."""
+
+    step: int = 0
+    loss: float | None = None
+    message: str | None = None
+
+
 def _method_masks(method: str, trainable: np.ndarray) -> np.ndarray:
     """The `(5, k)` masks of `method` over `k` float leaves (`trainable`: the spec's mask)."""
     t, every = trainable, np.ones_like(trainable)
@@ -1036,7 +1046,7 @@ class StepRunner:
                     self._special[self._special_key(layout)] = _Unbuilt(_explain(e.__cause__))
                     swapped = None
                     continue
-                failure = ("exception", _explain(e.__cause__))
+                failure = _Failure(message=_explain(e.__cause__))
                 break
             except _Ran:  # an error at run time (e.g. eqx.error_if): find the step
                 chunk = None
@@ -1223,13 +1233,13 @@ class StepRunner:
             try:
                 chunk = self._run(layout, baked, begin, current, 1, first=first and not losses)
             except (_Traced, _Ran) as e:
-                failure = ("exception", _explain(e.__cause__))
+                failure = _Failure(message=_explain(e.__cause__))
                 break
             if not np.isfinite(chunk.losses[0]):
-                failure, attempt = ("loss", len(losses) + 1, chunk.losses[0]), chunk
+                failure, attempt = _Failure(len(losses) + 1, loss=chunk.losses[0]), chunk
                 break
             if not chunk.audit[_FINITE].all():
-                failure, attempt = ("update", len(losses) + 1), chunk
+                failure, attempt = _Failure(len(losses) + 1), chunk
                 broken = chunk.audit[_FINITE]
                 break
             current, moved = chunk.arrays, chunk
@@ -1347,29 +1357,24 @@ class StepRunner:
 
     # -- the report -------------------------------------------------------------------------
     def _message(
-        self, layout: _Layout, failure: tuple | None, audit: Any, broken: Any
+        self, layout: _Layout, failure: _Failure | None, audit: Any, broken: Any
     ) -> str | None:
-        if failure is None:
-            return None
-        kind, *info = failure
-        if kind == "exception":
-            return info[0]
+        if failure is None or failure.message is not None:
+            return None if failure is None else failure.message
         paths, diff_index = self._paths, layout.diff_index
         bad = [paths[i] for i, f in zip(diff_index, audit[_GRAD_FINITE]) if not f]
         grads = f"; non-finite gradients at: {listed(bad)}" if bad else ""
-        if kind == "loss":
-            step, loss = info
-            what = f"non-finite loss ({loss}){grads}"
+        if failure.loss is not None:
+            what = f"non-finite loss ({failure.loss}){grads}"
         else:
-            step = info[0]
             broken_paths = [paths[i] for i, f in zip(diff_index, broken) if not f]
             what = f"the update made NaN/inf values in: {listed(broken_paths)}{grads}"
             if not bad:
                 what += " (the gradients were finite: check the optimizer, e.g. its learning rate)"
         return (
-            f"step {step} of this call: {what}. The runner rolled back to the last good model "
-            "and optimizer state. Look for log(0), division by zero or overflow in the loss, "
-            "or lower the learning rate."
+            f"step {failure.step} of this call: {what}. The runner rolled back to the last good "
+            "model and optimizer state. Look for log(0), division by zero or overflow in the "
+            "loss, or lower the learning rate."
         )
 
     def _leaf_reports(self, layout: _Layout, audit: Any, broken: Any) -> list[LeafReport]:
