@@ -797,3 +797,34 @@ def test_scaled_updates_equal_pytorch_parameter_groups(make_inner, step_fn):
     )
     split = _run_optimizer(per_group, model, grads)
     assert not np.allclose(split["a"], want["a"], rtol=1e-3)
+
+
+@pytest.mark.parametrize("layout", ["masked", "structural"])
+@pytest.mark.parametrize(
+    "optimizer",
+    [optax.adam(1e-2), optax.adamw(1e-2, weight_decay=0.1), optax.sgd(1e-2, momentum=0.9)],
+    ids=["adam", "adamw", "sgd_momentum"],
+)
+def test_train_step_with_groups_equals_step_runner(optimizer, layout):
+    model = eqx.nn.MLP(2, 1, 4, 3, key=jax.random.key(0))  # `layers`: 4 Linear layers
+    spec = FilterSpec(model).freeze("layers[0].bias").layerwise_decay("layers", 0.5)
+    x = jax.random.normal(jax.random.key(1), (8, 2))
+    batch = (x, jnp.sum(x, axis=1, keepdims=True))
+
+    def loss_fn(m, b):
+        return jnp.mean((jax.vmap(m)(b[0]) - b[1]) ** 2)
+
+    ns = assert_rebuilds(to_code(spec, "train_step"), spec)
+    opt_state = ns["init_opt_state"](optimizer, model)
+    step = ns["make_train_step"](loss_fn, optimizer)
+    runner = StepRunner(model, spec, loss_fn, batch, optimizer=optimizer, layout=layout)
+    ours = model
+    for _ in range(3):
+        ours, opt_state, _ = step(ours, opt_state, batch)
+        assert runner.step(1).ok
+    for a, b in zip(jtu.tree_leaves(ours), jtu.tree_leaves(runner.model), strict=True):
+        if eqx.is_array(a):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        else:
+            assert a == b
+    assert frozen_leaves_identical(model, ours, spec)
