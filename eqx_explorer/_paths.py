@@ -278,8 +278,15 @@ def _bracket_key(text: str, start: int, end: int) -> Any:
         # An int too large to be a list index can still be an int dict key; it prints alike.
         return jtu.SequenceKey(index) if index <= _MAX_INDEX else jtu.DictKey(index)
     value, i = _literal(text, start, end, 0)
-    if _skip_space(text, i, end) != end:
+    i = _skip_space(text, i, end)
+    if i < end and text[i] == ",":
         raise _Error(i, "one key per `[...]`: write a tuple key in parentheses, e.g. `d[(1, 2)]`")
+    if i < end:
+        raise _Error(
+            i,
+            "unexpected text after the key: a quote inside a string key is escaped, "
+            """e.g. `table["it's"]` or `table['it\\'s']`""",
+        )
     return jtu.DictKey(value)
 
 
