@@ -323,8 +323,6 @@ class FilterSpec:
         if not targets:
             raise ExplorerError("freeze() needs at least one target, e.g. spec.freeze('encoder')")
         sel = self.select(list(targets) if len(targets) > 1 else targets[0])
-        if not sel.mask.any():  # as a `where` selecting no leaves does
-            raise ExplorerError(self._cannot_train_message(sel, "freeze"))
         mask = self._mask.copy()
         mask[sel.mask] = False
         return self._replace(mask)
@@ -353,7 +351,7 @@ class FilterSpec:
         if first is None:
             return (
                 f"{sel.label} selects no leaves (it is `None` or an empty container), so there "
-                f"is nothing to {verb}; {verb} a module or an array"
+                f"is nothing to {verb}; {verb} a module or an array instead"
             )
         node = int(tree.leaf_node[first])
         what = tree.summary(node)

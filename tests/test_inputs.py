@@ -127,7 +127,11 @@ CASES += [
     ("target-bytes", lambda m: spec_of(m).freeze(b"layers"), r"cannot select with b'layers'"),
     ("target-empty-list", lambda m: spec_of(m).freeze([]), r"empty list of targets"),
     ("target-no-args", lambda m: spec_of(m).freeze(), r"at least one target"),
-    ("target-none-field", lambda m: spec_of(m).freeze("none"), r"`none` selects no leaves.*None"),
+    (
+        "target-none-constrain",
+        lambda m: spec_of(m).constrain("none", "positive"),
+        r"`none` selects no leaves.*None",
+    ),
     ("target-none-unfreeze", lambda m: spec_of(m).unfreeze("none"), r"`none` selects no leaves"),
     ("target-int-array", lambda m: spec_of(m).unfreeze("step"), r"cannot unfreeze `step`.*int32"),
     (

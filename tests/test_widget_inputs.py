@@ -52,7 +52,7 @@ BAD_MESSAGES = [
     ({"type": "select", "path": HUGE}, r"more than the 100,000"),
     ({"type": "glob", "pattern": HUGE, "action": "freeze"}, r"more than the 100,000"),
     ({"type": "toggle", "path": "['layers'][*]", "frozen": True}, r"is a glob"),
-    ({"type": "toggle", "path": "['none']", "frozen": True}, r"`\['none'\]` selects no leaves"),
+    ({"type": "toggle", "path": "['none']", "frozen": False}, r"`\['none'\]` selects no leaves"),
     ({"type": "toggle", "path": "['layers'][" + "9" * 5000 + "]", "frozen": True}, r"5,000-digit"),
     ({"type": "toggle", "path": "['layers'][99999999999999999999]", "frozen": True}, r"no node"),
     ({"type": "toggle", "path": "..layers", "frozen": True}, r"position 1"),
