@@ -3,6 +3,7 @@ import sys
 
 import jax
 import jax.tree_util as jtu
+import pytest
 
 from eqx_explorer import FilterSpec
 from eqx_explorer._examples import example_model
@@ -31,3 +32,26 @@ def test_demo_prints_summary_and_runnable_code():
 def test_bad_style_is_rejected_with_usage():
     out = cli("demo", "--style", "nope")
     assert out.returncode == 2 and "invalid choice" in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (
+            ["demo", "--seed", "99999999999999999999999"],
+            "--seed: '99999999999999999999999' is not a seed",
+        ),
+        (["demo", "--seed", "-1"], "is not a seed (an int from 0 to 4,294,967,295)"),
+        (["demo", "--seed", "x" * 5000], "--seed: 'xxxxxxxxxxxxxxxx"),
+        (["demo", "--max-rows", "-5"], "--max-rows: '-5' is not a row count"),
+        (["demo", "--max-rows", "five"], "--max-rows: 'five' is not a row count"),
+        (["demo", "--style", "nope"], "invalid choice: 'nope'"),
+        (["nope"], "invalid choice: 'nope'"),
+        ([], "the following arguments are required: command"),
+    ],
+)
+def test_bad_arguments_are_a_usage_error_with_exit_code_2_never_a_traceback(args, expected):
+    out = cli(*args)
+    assert out.returncode == 2 and out.stdout == ""
+    assert expected in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr) < 1_000  # long arguments are quoted shortened
