@@ -643,10 +643,13 @@ class FilterSpec:
 
     def _lr_groups(self) -> dict[float, dict[str, int]]:
         """Trainable leaves by factor, largest first: factor -> params and leaves."""
-        size, factors = self._model_tree.size[self._mask], self._factors[self._mask]
+        size = self._model_tree.size[self._mask]
+        values, group = np.unique(self._factors[self._mask], return_inverse=True)
+        params = np.bincount(group, weights=size, minlength=len(values))
+        leaves = np.bincount(group, minlength=len(values))
         return {
-            float(f): {"params": int(size[factors == f].sum()), "leaves": int((factors == f).sum())}
-            for f in np.unique(factors)[::-1]
+            float(f): {"params": int(p), "leaves": int(n)}
+            for f, p, n in zip(values[::-1], params[::-1], leaves[::-1])
         }
 
     def frozen_paths(self) -> list[str]:
