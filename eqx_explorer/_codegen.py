@@ -14,6 +14,9 @@ sub-trees changed, then changes them all in one `eqx.tree_at` (or lists them as 
 prefixes). Sub-trees without float arrays (ints, functions, `None`) are `False` either way, so
 they are never targeted; that also keeps `eqx.tree_at` away from `None`, which it cannot target.
 
+Learning-rate groups (`FilterSpec.lr_factors`) take the same walk over factors: the highest
+sub-trees whose trainable leaves share one factor other than 1, listed by key path.
+
 The code is exact (it rebuilds `spec.tree` leaf for leaf), self-contained, deterministic, and
 already in `ruff format` layout (line length 100). Dict keys are written as literals built here,
 never copied from user text, so no key can inject code.
@@ -827,6 +830,11 @@ def to_code(spec: FilterSpec, style: str = "tree_at") -> str:
 
     A spec that sets layers' inference flags (`FilterSpec.inference`) ends, in every style,
     with `set_inference(model)`; the `train_step` step calls it on every call.
+    A spec with learning-rate groups (a trainable factor other than 1, `FilterSpec.scale_lr`)
+    adds, in `optax` and `train_step`, `LR_FACTORS`, the `lr_factors` tree and
+    `with_lr_factors(optimizer)` (which `make_optimizer`, `init_opt_state` and
+    `make_train_step` apply); the on/off styles start with a comment saying they leave the
+    groups out.
     For a stateful model (`eqx.nn.make_with_state`) `train_step` threads the state:
     `step(model, state, opt_state, batch) -> (model, state, opt_state, loss)` with
     `loss_fn(model, state, batch) -> (loss, new_state)`.
