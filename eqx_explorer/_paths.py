@@ -115,7 +115,7 @@ _STRING_PREFIX = frozenset("bBrRuU")
 _NUMBER = re.compile(
     r"[+-]?(?:(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|inf|nan)[jJ]?(?![A-Za-z0-9_])"
 )
-_WORD = re.compile(r"[A-Za-z_]+")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NAMES = {"True": True, "False": False, "None": None, "inf": float("inf"), "nan": float("nan")}
 _SPACE = " \t"
 

@@ -1,20 +1,33 @@
+import enum
+
 import jax.tree_util as jtu
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eqx_explorer import ExplorerError, format_path, parse_path
-from eqx_explorer._paths import STAR, STARSTAR, is_glob
+from eqx_explorer._paths import MAX_PATH_CHARS, STAR, STARSTAR, PrintedKey, is_glob
 
-identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True)
+
+class Color(enum.IntEnum):
+    RED = 1
+
+
+identifiers = st.one_of(
+    st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,8}", fullmatch=True),
+    st.sampled_from(["x·y", "ключ", "αβ", "_℘", "a١"]),  # unicode identifiers
+)
 literal_keys = st.one_of(
     st.text(max_size=8),  # quotes, backslashes, newlines, unicode
-    st.integers(-1000, 1000),
-    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(-(10**40), 10**40),
+    st.floats(),  # inf, -inf and nan included
+    st.complex_numbers(),
     st.booleans(),
     st.none(),
     st.binary(max_size=4),
     st.tuples(st.integers(0, 9), st.text(max_size=3)),
+    st.recursive(st.integers(0, 3), lambda t: st.tuples(t, t), max_leaves=4),
+    st.just(Color.RED),
 )
 keys = st.one_of(
     identifiers.map(jtu.GetAttrKey),
@@ -67,6 +80,43 @@ def test_globs():
     # A quoted star is a literal dict key, not a wildcard.
     assert parse_path('d["*"]') == (jtu.GetAttrKey("d"), jtu.DictKey("*"))
     assert not is_glob(parse_path('d["*"]'))
+
+
+def test_keys_that_print_as_their_repr_read_back_as_printed_keys():
+    (key,) = parse_path("[<Color.RED: 1>]")
+    assert key == jtu.DictKey(PrintedKey("<Color.RED: 1>"))
+    assert format_path((key,)) == jtu.keystr((jtu.DictKey(Color.RED),))
+
+
+def test_numbers_as_repr_writes_them():
+    assert parse_path("[inf][-inf][(1+2j)][-0.0]") == tuple(
+        map(jtu.DictKey, (float("inf"), float("-inf"), 1 + 2j, -0.0))
+    )
+    assert format_path(parse_path("[(-0-1j)]")) == "[(-0-1j)]"  # the sign of zero is kept
+    # An int too large for a list index is an int dict key (it prints the same).
+    assert parse_path("[99999999999999999999]") == (jtu.DictKey(99999999999999999999),)
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("..layers", r"position 1 \(near '\.layers'\): `\.` must be followed by a field name"),
+        ("a.[0]", r"position 2"),
+        ("a[" + "9" * 5000 + "]", r"a 5,000-digit number"),
+        ("a[" + "-" * 1000 + "1]", r"position 2 .*not a literal key"),
+        ("a[" + "(" * 100 + ")" * 100 + "]", r"nest at most 32 deep"),
+        ("a[<flat index 99999999999>]", r"larger than any index"),
+        ("a[1, 2]", r"one key per `\[\.\.\.\]`"),
+        ("a['it's]", r"position 6 .*unexpected text after the key"),
+        ("a['it's']", r"unterminated string"),
+        ("a[inf0]", r"not a literal key"),
+        ("x" * (MAX_PATH_CHARS + 1), r"has 100,001 characters, more than the 100,000"),
+    ],
+)
+def test_bad_paths_name_the_position_and_quote_the_path_shortened(bad, message):
+    with pytest.raises(ExplorerError, match=message) as info:
+        parse_path(bad)
+    assert len(str(info.value)) < 400
 
 
 @pytest.mark.parametrize(
