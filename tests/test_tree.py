@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from eqx_explorer import ExplorerError, ModelTree
+from eqx_explorer import ExplorerError, ModelTree, _tree
 from eqx_explorer._examples import example_model
 from eqx_explorer._tree import array_summary
 from tests.strategies import models
@@ -195,3 +195,24 @@ def test_array_summary_is_the_rows_text():
     node = tree.find("blocks[0].mlp.layers[0].weight")
     assert array_summary(tree.objects[node]) == tree.summary(node) == "float32[32, 16]"
     assert array_summary(jnp.array(True)) == "bool[]"  # e.g. a BatchNorm state flag
+
+
+def test_lookup_reads_each_key_once(monkeypatch):
+    # A path that is not a printed one (a leading dot) is walked key by key: the work grows
+    # with its length, not with its square (each prefix re-printed, as the lookup once did).
+    depth = 400
+    model: list = [jnp.ones(1)]
+    for _ in range(depth - 1):
+        model = [model]
+    tree = ModelTree(model)
+    calls = []
+    real = _tree.format_key
+    monkeypatch.setattr(_tree, "format_key", lambda key: calls.append(key) or real(key))
+    path = "." + "[0]" * depth
+    assert tree.find(path) == depth
+    assert len(calls) <= 2 * depth  # one per key read, one per child indexed
+    calls.clear()
+    unknown = r"no node at path `\[0\]\[1\]\[0\].*…\(6,000 characters\)`"
+    with pytest.raises(ExplorerError, match=unknown):
+        tree.find("[0][1]" + "[0]" * 1998)
+    assert len(calls) <= 4
