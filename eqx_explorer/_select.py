@@ -7,6 +7,7 @@ its whole sub-tree. Errors name the target and say how to fix it.
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import equinox as eqx
@@ -15,10 +16,10 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._errors import ExplorerError, short_repr, shorten
-from ._paths import STAR, STARSTAR, format_key, is_glob, parse_path
+from ._paths import STARSTAR, format_key, is_glob, parse_path
 from ._tree import ModelTree
 
-__all__ = ["Selection", "select", "describe"]
+__all__ = ["Selection", "select", "describe", "match_nodes"]
 
 
 class Selection:
@@ -47,11 +48,12 @@ def _positional_arity(fn: Any) -> int | None:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return None
-    kinds = [p.kind for p in sig.parameters.values()]
-    if inspect.Parameter.VAR_POSITIONAL in kinds:
+    params = sig.parameters.values()
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
         return None
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return sum(k in positional for k in kinds)
+    # Parameters with defaults are not part of the call: `lambda m, k=1: ...` is a `where`.
+    return sum(p.kind in positional and p.default is p.empty for p in params)
 
 
 def _mask_of_nodes(tree: ModelTree, nodes: list[int]) -> np.ndarray:
@@ -61,50 +63,135 @@ def _mask_of_nodes(tree: ModelTree, nodes: list[int]) -> np.ndarray:
     return mask
 
 
-def _glob_nodes(tree: ModelTree, pattern: tuple) -> list[int]:
-    """Nodes whose key path matches `pattern`, by running the pattern as an NFA down the tree."""
-    texts = [None if k is STAR or k is STARSTAR else format_key(k) for k in pattern]
-    end = len(pattern)
+def _highest(tree: ModelTree, nodes: list[int]) -> list[int]:
+    """The `nodes` (in tree order) not under another one: a node's sub-tree goes with it."""
+    picked: set[int] = set()
+    for n in nodes:
+        p = tree.parent[n]
+        while p >= 0 and p not in picked:
+            p = tree.parent[p]
+        if p < 0:
+            picked.add(n)
+    return [n for n in nodes if n in picked]
+
+
+def _key_text(key: Any) -> str:
+    """One key as a pattern token is written: `attn`, `[0]`, `['a']` (no leading dot)."""
+    text = format_key(key)
+    return text[1:] if text.startswith(".") else text
+
+
+def _pattern_tokens(pattern: str) -> list[Any]:
+    """The keys of a glob: `STARSTAR`, or a test on one key's text (`_key_text`)."""
+    tokens: list[Any] = []
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == ".":
+            i += 1
+            continue
+        if pattern.startswith("**", i):
+            tokens.append(STARSTAR)
+            i += 2
+            continue
+        if pattern[i] == "[":  # to the closing bracket, skipping quoted text
+            j, quote = i + 1, None
+            while j < n and (quote or pattern[j] != "]"):
+                if pattern[j] in "'\"" and (quote is None or quote == pattern[j]):
+                    quote = None if quote else pattern[j]
+                j += 1
+            text, i = pattern[i : j + 1], j + 1
+        else:
+            j = i
+            while j < n and pattern[j] not in ".[":
+                j += 1
+            text, i = pattern[i:j], j
+        if "*" in text:
+            regex = re.compile(".*".join(re.escape(part) for part in text.split("*")))
+            tokens.append(regex.fullmatch)
+        else:  # a plain key, written as the user likes (`["a"]` for `['a']`)
+            (key,) = parse_path(text)
+            tokens.append(_key_text(key).__eq__)
+    # One key alone matches at any depth: `norm*` finds `blocks[3].norm1`.
+    if len(tokens) == 1 and tokens[0] is not STARSTAR:
+        tokens.insert(0, STARSTAR)
+    return tokens
+
+
+def _glob_matches(tree: ModelTree, pattern: str) -> list[int]:
+    """Every node whose key path matches the glob, by running it as an NFA down the tree."""
+    tokens = _pattern_tokens(pattern)
+    end = len(tokens)
 
     def closure(states: set[int]) -> frozenset[int]:
         out = set(states)
         todo = list(states)
         while todo:
             p = todo.pop()
-            if p < end and pattern[p] is STARSTAR and p + 1 not in out:
+            if p < end and tokens[p] is STARSTAR and p + 1 not in out:
                 out.add(p + 1)
                 todo.append(p + 1)
         return frozenset(out)
 
     states: list[frozenset[int]] = [frozenset()] * len(tree)
     states[0] = closure({0})
-    matched = []
-    if end in states[0]:
-        return [0]
+    matched = [0] if end in states[0] else []
     for i in range(1, len(tree)):
         before = states[tree.parent[i]]
         if not before:
             continue
-        step = format_key(tree.keys[i][-1])
+        step = _key_text(tree.keys[i][-1])
         nxt = set()
         for p in before:
             if p == end:
                 continue
-            tok = pattern[p]
+            tok = tokens[p]
             if tok is STARSTAR:
                 nxt.add(p)
-            elif tok is STAR or texts[p] == step:
+            elif tok(step):
                 nxt.add(p + 1)
         states[i] = closure(nxt) if nxt else frozenset()
         if end in states[i]:
             matched.append(i)
-    # Keep only the highest matches: a node's sub-tree is selected with it.
-    highest, covered_to = [], -1
-    for n in matched:
-        if tree.lo[n] >= covered_to or tree.hi[n] == tree.lo[n]:
-            highest.append(n)
-            covered_to = max(covered_to, int(tree.hi[n]))
-    return highest
+    return matched
+
+
+def match_nodes(tree: ModelTree, pattern: str) -> list[int]:
+    """Every node a search `pattern` matches, in tree order (the widget's search box).
+
+    The pattern language, shared by `FilterSpec.freeze` / `unfreeze` / `select`:
+
+    - a node's path (`blocks[0].attn`, `layers[-1]`) matches that node;
+    - with `*`, a glob over keys: `*` within a key (`norm*`, `*attn*`, `blocks[*]`), `**`
+      any number of keys (`**.bias`); a pattern of one key matches it at any depth;
+    - other well-formed path text matches every path containing it, ignoring case (`attn`,
+      `Norm`); malformed text (`layers[0`) is an error, though the search box, matching as
+      one types, shows the paths containing it.
+
+    >>> from eqx_explorer._examples import example_model
+    >>> tree = ModelTree(example_model())
+    >>> [tree.paths[i] for i in match_nodes(tree, "norm*")]
+    ['blocks[0].norm', 'blocks[1].norm', 'blocks[2].norm']
+    """
+    pattern = pattern.strip()
+    node = tree.index_of(pattern)
+    if node is not None:
+        return [node]
+    try:
+        keys = parse_path(pattern)
+    except ExplorerError:
+        if "*" in pattern:  # `norm*`, `*attn*`: globs within a key are not path text
+            return _glob_matches(tree, pattern)
+        raise  # malformed path text is an error here, not a search
+    if is_glob(keys):
+        return _glob_matches(tree, pattern)
+    try:
+        return [tree.find(pattern)]
+    except ExplorerError as not_a_path:
+        needle = pattern.lower()
+        found = [i for i, path in enumerate(tree.paths) if needle in path.lower()]
+        if not found:
+            raise not_a_path from None
+        return found
 
 
 class _Marker:
@@ -220,18 +307,16 @@ def select(tree: ModelTree, target: Any) -> Selection:
         node = tree.index_of(target)  # every printed path, whatever its keys
         if node is not None:
             return Selection(_mask_of_nodes(tree, [node]), [node], f"`{shorten(target)}`")
-        keys = parse_path(target)
-        if is_glob(keys):
-            nodes = _glob_nodes(tree, keys)
-            if not nodes:
-                raise ExplorerError(
-                    f"the glob `{shorten(target)}` matches no node. `*` stands for exactly one "
-                    "key and `**` for any number, e.g. `blocks[*].attn` or `**.bias`; "
-                    f"top-level names are: {', '.join(tree.paths[c] for c in tree.children[0][:8])}"
-                )
-            return Selection(_mask_of_nodes(tree, nodes), nodes, f"`{shorten(target)}`")
-        node = tree.find(target)
-        return Selection(_mask_of_nodes(tree, [node]), [node], f"`{shorten(tree.paths[node])}`")
+        nodes = _highest(tree, match_nodes(tree, target))
+        if not nodes:
+            raise ExplorerError(
+                f"the glob `{shorten(target)}` matches no node. `*` stands for any text within "
+                "one key and `**` for any number of keys, e.g. `norm*`, `blocks[*].attn` or "
+                f"`**.bias`; top-level names are: "
+                f"{', '.join(tree.paths[c] for c in tree.children[0][:8])}"
+            )
+        label = tree.paths[nodes[0]] if len(nodes) == 1 and "*" not in target else target
+        return Selection(_mask_of_nodes(tree, nodes), nodes, f"`{shorten(label)}`")
     if isinstance(target, type):
         nodes = _class_nodes(tree, target)
         if not nodes:

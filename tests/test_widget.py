@@ -21,6 +21,7 @@ from eqx_explorer._audit import LeafReport, StepReport
 from eqx_explorer._codegen import STYLES, to_code
 from eqx_explorer._constraints import RULE_NAMES
 from eqx_explorer._examples import StatefulNet, example_model, stateful_loss
+from eqx_explorer._select import match_nodes
 from eqx_explorer._steps import StepProgress
 from eqx_explorer._widget import KINDS, METHODS, NO_STATUS, STATES, STATUSES, Explorer
 from tests.strategies import models, random_edits
@@ -962,3 +963,34 @@ def test_inference_message_and_python_method_set_the_spec(stateful):
         assert w.error and w.spec is spec
     w._handle_message({"type": "inference", "path": "lin", "on": True})
     assert "no layer with an `inference` field" in w.error
+
+
+# -- the search box's pattern language (also FilterSpec's) ---------------------------------------
+MLP_KEYS = ("layers", "activation", "final_activation")
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("norm*", ["blocks[0].norm", "blocks[1].norm", "blocks[2].norm"]),
+        ("*ttn*", ["blocks[0].attn", "blocks[1].attn", "blocks[2].attn"]),
+        ("blocks[*].mlp.*", [f"blocks[{i}].mlp.{k}" for i in range(3) for k in MLP_KEYS]),
+        ("blocks[1].NORM", ["blocks[1].norm", "blocks[1].norm.weight", "blocks[1].norm.bias"]),
+        ("head", ["head"]),  # a path is that node, not every path containing it
+        ("blocks[-1].norm", ["blocks[2].norm"]),
+    ],
+)
+def test_search_patterns_match_what_people_type(widget, pattern, expected):
+    tree = widget.spec.model_tree
+    assert [tree.paths[i] for i in match_nodes(tree, pattern)] == expected
+
+
+def test_freeze_takes_partial_key_globs_and_substrings(model):
+    spec = FilterSpec(model)
+    assert spec.freeze("norm*") == spec.freeze("blocks[*].norm")
+    assert spec.freeze("attn") == spec.freeze("blocks[*].attn")
+    assert spec.select("attn").nodes == spec.select("blocks[*].attn").nodes
+    with pytest.raises(ExplorerError, match="no node at path `atn`"):
+        spec.freeze("atn")  # contained in no path: the unknown-path error, with suggestions
+    with pytest.raises(ExplorerError, match="unbalanced"):
+        spec.freeze("blocks[0")  # malformed path text is an error, not a search

@@ -153,6 +153,16 @@ function setHTML(el, html) {
   }
 }
 
+// treescope draws in shadow roots on a white box: put its figures on the theme's background
+// (custom properties inherit into shadow trees; its own style comes later, hence !important).
+const TREESCOPE_THEME = `.treescope_root { background-color: var(--eqxe-bg) !important;
+  color: var(--eqxe-fg) !important; }`;
+function themeTreescope(el) {
+  for (const c of el.querySelectorAll("treescope-container")) {
+    if (c.shadowRoot) c.shadowRoot.append(h("style", { text: TREESCOPE_THEME }));
+  }
+}
+
 async function copyText(text) {
   try {
     await navigator.clipboard.writeText(text);
@@ -1169,6 +1179,7 @@ class ExplorerView {
       const box = h("div", { class: "eqxe-ts" });
       el.append(h("div", { class: "eqxe-subtitle", text: title }), box);
       setHTML(box, d[key]);
+      themeTreescope(box);
     }
     this.paintSelected();
   }
