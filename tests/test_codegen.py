@@ -704,16 +704,25 @@ def test_random_learning_rate_groups_round_trip_in_every_style(tmp_path):
                 assert ("NOTE: this spec trains" in code) == groups  # never dropped silently
                 continue
             assert ("with_lr_factors" in ns) == groups
-            if not groups:
-                continue
-            assert jtu.tree_leaves(ns["lr_factors"]) == spec.lr_factors.tolist()
-            # The labels and scales: an optimizer passing gradients through, on gradient 1.
-            params, _ = eqx.partition(model, ns["filter_spec"])
-            optimizer = ns["with_lr_factors"](optax.identity())
+            if groups:
+                assert jtu.tree_leaves(ns["lr_factors"]) == spec.lr_factors.tolist()
+            # Labels and scales as the user's optimizer meets them: a pass-through optimizer
+            # on gradient 1 returns each optimized leaf's factor.
+            if style == "optax":
+                optimized = spec.model_tree.inexact
+                params = eqx.filter(model, eqx.is_inexact_array)
+                optimizer = ns["make_optimizer"](optax.identity())
+                opt_state = optimizer.init(params)
+            else:
+                optimized = spec.mask
+                params, _ = eqx.partition(model, ns["filter_spec"])
+                # The step's optimizer, and a state from `init_opt_state` (which must wrap it).
+                optimizer = ns["with_lr_factors"](optax.identity()) if groups else optax.identity()
+                opt_state = ns["init_opt_state"](optax.identity(), model)
             ones = jtu.tree_map(jnp.ones_like, params)
-            updates, _ = optimizer.update(ones, optimizer.init(params), params)
+            updates, _ = optimizer.update(ones, opt_state, params)
             got = jtu.tree_leaves(updates)
-            for u, f in zip(got, spec.lr_factors[spec.mask], strict=True):
+            for u, f in zip(got, spec.lr_factors[optimized], strict=True):
                 assert np.array_equal(u, np.full(u.shape, f, u.dtype))
 
     check()
