@@ -151,6 +151,17 @@ def test_notebook_is_clean_and_complete(path: Path):
     assert titles == [first.source.splitlines()[0]], f"one title per notebook, not {titles}"
 
 
+def test_tour_and_readme_point_to_every_lesson():
+    tour = nbformat.read(NOTEBOOK_DIR / "00_tour.ipynb", as_version=4)
+    tour_text = "\n".join(c.source for c in tour.cells if c.cell_type == "markdown")
+    readme = (ROOT / "README.md").read_text()
+    for path in NOTEBOOKS[1:]:
+        assert f"`{path.stem}`" in tour_text, f"the tour's 'Where next' misses {path.stem}"
+        assert f"`{path.stem}`" in readme, f"README's notebook table misses {path.stem}"
+    for path in MARIMO_NOTEBOOKS:
+        assert f"notebooks/{path.name}" in readme, f"README does not mention {path.name}"
+
+
 def test_kernel_named_python3_is_this_venv(tmp_path: Path):
     """`python3`, as Jupyter resolves it (the kernelspec `make` installs with --sys-prefix),
     is this interpreter: JupyterLab (`make demo`, the browser tests) must run the venv."""
