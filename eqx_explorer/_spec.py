@@ -543,7 +543,16 @@ class FilterSpec:
 
     def set_mask(self, mask: Any) -> FilterSpec:
         """A new spec from a bool array over leaves (True = trainable)."""
-        mask = np.asarray(mask, dtype=bool)
+        try:
+            array = np.asarray(mask)
+        except ValueError:  # ragged nested lists
+            array = None
+        if array is None or array.dtype != bool:  # 0.5 or "no" must not read as True
+            raise ExplorerError(
+                f"set_mask takes a bool array over the model's {self._mask.shape[0]} leaves "
+                f"(True = trainable), got {short_repr(mask, 40)}; e.g. edit spec.mask.copy()"
+            )
+        mask = array
         if mask.shape != self._mask.shape:
             raise ExplorerError(
                 f"mask has shape {mask.shape} but the model has {self._mask.shape[0]} leaves"
@@ -757,10 +766,10 @@ class FilterSpec:
         """Python code that rebuilds this spec from `model`; see `eqx_explorer._codegen`."""
         from ._codegen import STYLES, to_code
 
-        if not isinstance(style, str):
+        if not isinstance(style, str) or style not in STYLES:
             raise ExplorerError(
-                f"to_code(style) takes a style name, got {short_repr(style, 40)} "
-                f"({type(style).__name__}); one of {', '.join(map(repr, STYLES))}"
+                f"unknown code style {short_repr(style, 40)} ({type(style).__name__}); "
+                f"to_code(style) takes one of {', '.join(map(repr, STYLES))}"
             )
 
         return to_code(self, style)

@@ -351,6 +351,9 @@ CASES += [
         r"node\(index\) takes an int node index, got str",
     ),
     ("set_mask-shape", lambda m: spec_of(m).set_mask([True]), r"mask has shape \(1,\)"),
+    ("set_mask-floats", lambda m: spec_of(m).set_mask(np.full(8, 0.5)), r"takes a bool array"),
+    ("set_mask-ragged", lambda m: spec_of(m).set_mask([[1], [1, 2]]), r"got \[\[1\], \[1, 2\]\]"),
+    ("set_mask-str", lambda m: spec_of(m).set_mask("abc"), r"over the model's \d+ leaves"),
     (
         "set_mask-int-leaf",
         lambda m: spec_of(m).set_mask(np.ones(spec_of(m).mask.shape, bool)),
@@ -375,9 +378,18 @@ CASES += [
     (
         "to_code-list",
         lambda m: spec_of(m).to_code(["tree_at"]),
-        r"to_code\(style\) takes a style name, got \['tree_at'\] \(list\)",
+        r"unknown code style \['tree_at'\] \(list\)",
     ),
-    ("to_code-unknown", lambda m: spec_of(m).to_code("x" * 300), r"unknown code style"),
+    (
+        "to_code-unknown",
+        lambda m: spec_of(m).to_code("x" * 10_000),
+        r"unknown code style 'x+…\(10,002 characters\) \(str\)",
+    ),
+    (
+        "where-default-arg",
+        lambda m: spec_of(m).freeze(lambda m_, k=1: m_.layers[0].weight.T),
+        r"`where` function.*failed",
+    ),
     (
         "summary-spec-str",
         lambda m: summary(m, "x"),
@@ -486,6 +498,8 @@ def test_one_argument_leaf_filters_select_the_leaves_they_accept(net):
     spec = FilterSpec(net).freeze(lambda x: eqx.is_array(x) and x.ndim == 2)
     assert spec.frozen_paths() == ["layers[0].weight", "layers[1].weight"]
     assert FilterSpec(net).freeze(eqx.is_inexact_array).counts["trainable_params"] == 0
+    # A parameter with a default is not part of the call: this is a `where`, not a predicate.
+    assert FilterSpec(net).freeze(lambda m, k=0: m.layers[k]) == FilterSpec(net).freeze("layers[0]")
 
 
 def test_to_json_is_strict_json_and_an_open_interval_round_trips(net):
