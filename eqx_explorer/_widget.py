@@ -29,10 +29,10 @@ One anywidget model per explorer, not one widget per node. What goes over the wi
 
 Every piece of state is a trait, so a view displayed later, a reopened saved notebook and an
 nbconvert HTML export (no kernel) draw the current state. Custom messages carry events only:
-from the browser, all validated in `_handle_message`: `toggle`, `glob`, `match`, `select`,
+from the browser, all validated in `_handle_message`: `toggle`, `glob`, `select`,
 `constrain`, `inference`, `style`, `method`, `step`, `stop`, `reset`, `dismiss`, each with
-an optional integer `id` answered by an `ack`; from Python, `ack` and `matches` (the reply
-to `match`).
+an optional integer `id` answered by an `ack`; from Python, `ack`. The search box matches in
+the browser, in the pattern language of `FilterSpec.select` (`_select.match_nodes`).
 
 Steps started from the page run in a worker thread, so the kernel keeps answering the page
 (a toggle while steps run reaches the runner at the next Step); `w.step(n)` from Python runs
@@ -100,7 +100,6 @@ def _is_rule(value: Any) -> bool:
 _MESSAGES: dict[str, dict[str, Any]] = {
     "toggle": {"path": str, "frozen": bool},
     "glob": {"pattern": str, "action": ("freeze", "unfreeze")},
-    "match": {"pattern": str},
     "select": {"path": str},
     "constrain": {"path": str, "rule": _is_rule},
     "style": {"style": str},
@@ -111,7 +110,6 @@ _MESSAGES: dict[str, dict[str, Any]] = {
     "reset": {},
     "dismiss": {},
 }
-_MAX_MATCHES = 2_000
 
 
 def _finite_or_none(x: Any) -> float | None:
@@ -732,7 +730,7 @@ class Explorer(anywidget.AnyWidget):
     def _apply_message(self, msg: Any) -> None:
         kind, args = self._validate(msg)
         getattr(self, f"_on_{kind}")(**args)
-        if kind not in ("match", "step"):
+        if kind != "step":
             self.error = ""
 
     def _to_banner(self, action: Any, *args: Any) -> bool:
@@ -790,17 +788,6 @@ class Explorer(anywidget.AnyWidget):
 
     def _on_glob(self, pattern: str, action: str) -> None:
         self.freeze(pattern) if action == "freeze" else self.unfreeze(pattern)
-
-    def _on_match(self, pattern: str) -> None:
-        reply: dict[str, Any] = {"type": "matches", "pattern": pattern}
-        try:
-            sel = self._spec.select(pattern)
-        except ExplorerError as e:
-            reply.update(nodes=[], leaves=0, error=str(e))
-        else:
-            reply.update(nodes=sel.nodes[:_MAX_MATCHES], count=len(sel.nodes))
-            reply["leaves"] = int(sel.mask.sum())
-        self.send(reply)
 
     def _on_select(self, path: str) -> None:
         self.select(path)

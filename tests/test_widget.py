@@ -171,18 +171,12 @@ def test_glob_freeze_and_unfreeze_matches(widget, model):
     widget._handle_message({"type": "glob", "pattern": "blocks[*].norm", "action": "unfreeze"})
     assert widget.spec == FilterSpec(model).freeze("**.bias").unfreeze("blocks[*].norm")
     assert widget.code == to_code(widget.spec, "tree_at")
-
-
-def test_match_replies_with_nodes_and_leaf_count(widget):
-    sent = Sent(widget)
-    widget._handle_message({"type": "match", "pattern": "blocks[*].norm"})
-    widget._handle_message({"type": "match", "pattern": "nothing[*]"})
-    (ok, _), (bad, _) = sent.of_type("matches")
-    tree = widget.spec.model_tree
-    assert ok["nodes"] == [tree.find(f"blocks[{i}].norm") for i in range(3)]
-    assert ok["count"] == 3 and ok["leaves"] == 6
-    assert bad["nodes"] == [] and "matches no node" in bad["error"]
-    assert widget.error == ""  # typing a partial pattern is not an error
+    # What people type in the search box: a substring, a glob within a key.
+    widget._handle_message({"type": "glob", "pattern": "ATTN", "action": "freeze"})
+    widget._handle_message({"type": "glob", "pattern": "norm*", "action": "freeze"})
+    assert widget.error == ""
+    expected = FilterSpec(model).freeze("**.bias").unfreeze("blocks[*].norm")
+    assert widget.spec == expected.freeze("blocks[*].attn", "blocks[*].norm")
 
 
 # -- code pane ---------------------------------------------------------------------------------

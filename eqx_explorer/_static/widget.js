@@ -78,7 +78,12 @@ const SEVERITY = { kept: 0, frozen: 1, unchanged: 1, updated: 2, stalled: 3, lea
 const ALARM = 4;
 const NO_STATUS = 255;
 const INITIAL_ROWS = 60;
-const MATCH_EXPAND = 200;
+// Virtual rows: every row is ROW_H pixels high, and only the rows in view plus MARGIN_ROWS
+// on each side exist in the DOM.
+const ROW_H = 22;
+const MARGIN_ROWS = 150;
+const TREE_H = 460; // the tree's height before it is laid out (CSS max-height)
+const MAX_VALUE_PX = 420;
 const WAIT_SHOW_MS = 400;
 const NOTE_CHARS = 240;
 const WAIT_LONG_MS = 8000;
@@ -178,6 +183,90 @@ async function copyText(text) {
   }
 }
 
+// The search pattern language of eqx_explorer/_select.py (`match_nodes`), run here so that
+// typing answers at once: a node's path is that node; with `*`, a glob over keys (`*` within
+// one key, `**` any number of keys, one key alone at any depth); other text matches every path
+// containing it, ignoring case. "Freeze matches" sends the pattern to Python, which matches
+// the same way.
+const STARSTAR = null;
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
+
+function patternTokens(pattern) {
+  const tokens = [];
+  const n = pattern.length;
+  let i = 0;
+  while (i < n) {
+    if (pattern[i] === ".") {
+      i += 1;
+      continue;
+    }
+    if (pattern.startsWith("**", i)) {
+      tokens.push(STARSTAR);
+      i += 2;
+      continue;
+    }
+    let j = i;
+    if (pattern[i] === "[") {
+      // to the closing bracket, skipping quoted text
+      let quote = null;
+      for (j = i + 1; j < n && (quote || pattern[j] !== "]"); j++) {
+        if ((pattern[j] === "'" || pattern[j] === '"') && (quote === null || quote === pattern[j])) {
+          quote = quote ? null : pattern[j];
+        }
+      }
+      j += 1;
+    } else {
+      while (j < n && pattern[j] !== "." && pattern[j] !== "[") j += 1;
+    }
+    const text = pattern.slice(i, j);
+    tokens.push(new RegExp(`^${text.split("*").map(escapeRegExp).join(".*")}$`));
+    i = j;
+  }
+  if (tokens.length === 1 && tokens[0] !== STARSTAR) tokens.unshift(STARSTAR);
+  return tokens;
+}
+
+// Every node (in tree order) whose keys match the glob: an NFA run down the tree, its states
+// a bit mask per node (bit p: the first p tokens matched).
+function globMatches(tree, pattern) {
+  const tokens = patternTokens(pattern);
+  const end = tokens.length;
+  if (end > 30) return [];
+  const closure = (mask) => {
+    for (let p = 0; p < end; p++) if (mask & (1 << p) && tokens[p] === STARSTAR) mask |= 1 << (p + 1);
+    return mask;
+  };
+  const { n, parent, step, hidden } = tree;
+  const states = new Int32Array(n);
+  states[0] = closure(1);
+  const out = states[0] & (1 << end) ? [0] : [];
+  for (let i = 1; i < n; i++) {
+    const before = states[parent[i]];
+    if (!before || hidden.has(i)) continue;
+    const key = step[i].startsWith(".") ? step[i].slice(1) : step[i];
+    let next = 0;
+    for (let p = 0; p < end; p++) {
+      if (!(before & (1 << p))) continue;
+      if (tokens[p] === STARSTAR) next |= 1 << p;
+      else if (tokens[p].test(key)) next |= 1 << (p + 1);
+    }
+    states[i] = next && closure(next);
+    if (states[i] & (1 << end)) out.push(i);
+  }
+  return out;
+}
+
+function matchNodes(tree, pattern) {
+  const exact = tree.index.get(pattern);
+  if (exact !== undefined) return [exact];
+  if (pattern.includes("*")) return globMatches(tree, pattern);
+  if (!tree.lower) tree.lower = tree.path.map((p) => p.toLowerCase());
+  const needle = pattern.toLowerCase();
+  const out = [];
+  for (let i = 0; i < tree.n; i++) if (!tree.hidden.has(i) && tree.lower[i].includes(needle)) out.push(i);
+  return out;
+}
+
 /**
  * The rows from Python's columns: paths, depths, children and each row's slot in the status
  * buffers. Model nodes keep their index (0..table.n-1); the state arrays follow as rows
@@ -207,7 +296,8 @@ function buildTree(table, options) {
     if (kind[i] === "array" || kind[i] === "leaf" || kind[i] === "state") leafOf[i] = leaves++;
   }
   const modal = new Set(table.inference);
-  return { n, kind, parent, step, summary, path, depth, children, leafOf, leaves, modal, table };
+  const index = new Map(path.map((p, i) => [p, i]));
+  return { n, kind, parent, step, summary, path, depth, children, leafOf, leaves, modal, table, hidden, index };
 }
 
 class ExplorerView {
@@ -226,8 +316,14 @@ class ExplorerView {
     this.modes = model.get("_modes"); // {node: true} for modules in inference mode
     this.pop = null; // the open row menu: {node, kind: "rule" | "mode", el, picks}
     this.expanded = new Uint8Array(n);
-    this.rows = new Map();
-    this.matches = new Set();
+    this.rows = new Map(); // node -> its row element, for the rows in the DOM only
+    this.visible = []; // the nodes of the rows, in order, whose ancestors are expanded
+    this.indexOf = new Int32Array(n).fill(-1); // node -> its position in `visible`
+    this.cursor = 0; // the keyboard's row
+    this.matches = []; // the search's matches, in tree order
+    this.matchSet = new Set();
+    this.current = -1; // the match Enter jumped to
+    this.savedExpansion = null; // the user's expansion while a search shows its matches
     this.pending = new Map();
     this.listeners = [];
     this.sharded = Object.keys(this.tree.table.sharding).length > 0;
@@ -281,7 +377,8 @@ class ExplorerView {
 
   destroy() {
     for (const [event, fn] of this.listeners) this.model.off(event, fn);
-    clearTimeout(this.matchTimer);
+    cancelAnimationFrame(this.searchFrame);
+    cancelAnimationFrame(this.scrollFrame);
     clearTimeout(this.waitTimer);
     clearInterval(this.ticker);
   }
@@ -305,8 +402,6 @@ class ExplorerView {
         this.pending.delete(msg.id);
         fn(msg.ok);
       }
-    } else if (msg.type === "matches") {
-      this.showMatches(msg);
     }
   }
 
@@ -448,13 +543,22 @@ class ExplorerView {
     this.filter = h("input", {
       class: "eqxe-filter",
       type: "search",
-      placeholder: "glob, e.g. blocks[*].attn or **.bias",
-      oninput: () => {
-        clearTimeout(this.matchTimer);
-        this.matchTimer = setTimeout(() => this.requestMatches(), 200);
-      },
+      placeholder: "search: attn, norm*, blocks[*].mlp, **.bias",
+      "aria-label": "search paths",
+      title: "text: paths containing it (any case); * any text within a key; ** any keys. Enter: next match, Shift+Enter: previous",
     });
-    this.matchInfo = h("span", { class: "eqxe-match-info" });
+    this.filter.addEventListener("input", () => {
+      cancelAnimationFrame(this.searchFrame);
+      this.searchFrame = requestAnimationFrame(() => this.search());
+    });
+    this.filter.addEventListener("keydown", (e) => {
+      if (e.key !== "Enter") return;
+      e.preventDefault();
+      cancelAnimationFrame(this.searchFrame);
+      if (this.filter.value.trim() !== this.searched) this.search();
+      this.jump(e.shiftKey ? -1 : 1);
+    });
+    this.matchInfo = h("span", { class: "eqxe-match-info", role: "status" });
     const glob = (action) => () => {
       const pattern = this.filter.value.trim();
       if (pattern) this.send({ type: "glob", pattern, action });
@@ -479,9 +583,23 @@ class ExplorerView {
       h("span", { class: "eqxe-rulecell", text: "rule / mode" }),
       h("span", { text: "" }),
     );
-    this.treeEl = h("div", { class: "eqxe-tree", role: "tree" });
+    this.crumb = h("div", { class: "eqxe-crumb", "aria-label": "ancestors of the top row" });
+    this.rowsEl = h("div", { class: "eqxe-rows" });
+    this.treeEl = h(
+      "div",
+      { class: "eqxe-tree", role: "tree", tabindex: "0", "aria-label": "model tree" },
+      this.rowsEl,
+    );
     this.treeEl.addEventListener("click", (e) => this.onTreeClick(e));
-    return h("div", { class: "eqxe-pane eqxe-tree-pane" }, toolbar, this.matchInfo, columns, this.treeEl);
+    this.treeEl.addEventListener("keydown", (e) => this.onTreeKey(e));
+    this.treeEl.addEventListener("scroll", () => {
+      if (this.scrollFrame) return;
+      this.scrollFrame = requestAnimationFrame(() => {
+        this.scrollFrame = 0;
+        this.paintWindow(false);
+      });
+    });
+    return h("div", { class: "eqxe-pane eqxe-tree-pane" }, toolbar, this.matchInfo, columns, this.crumb, this.treeEl);
   }
 
   isContainer(i) {
@@ -513,58 +631,238 @@ class ExplorerView {
     this.renderRows();
   }
 
-  visibleNodes() {
-    const out = [];
-    const stack = [0];
+  // The model of rows: which nodes show, in order. Only `paintWindow` touches the DOM.
+  renderRows() {
     const { children } = this.tree;
+    const visible = [];
+    const stack = [0];
     while (stack.length) {
       const i = stack.pop();
-      out.push(i);
+      visible.push(i);
       if (this.expanded[i]) for (let j = children[i].length - 1; j >= 0; j--) stack.push(children[i][j]);
     }
-    return out;
+    this.indexOf.fill(-1);
+    for (let k = 0; k < visible.length; k++) this.indexOf[visible[k]] = k;
+    this.visible = visible;
+    this.rowsEl.style.height = `${visible.length * ROW_H}px`;
+    this.paintWindow(true);
   }
 
-  renderRows() {
-    // Moving rows into the fragment empties the tree, which clamps its scroll to 0: keep it.
+  // The rows in view plus a margin: rows leaving it are dropped, rows entering it are built.
+  paintWindow(repaint) {
     const top = this.treeEl.scrollTop;
-    const frag = document.createDocumentFragment();
-    for (const i of this.visibleNodes()) {
+    const height = this.treeEl.clientHeight || TREE_H;
+    const first = Math.max(0, Math.floor(top / ROW_H) - MARGIN_ROWS);
+    const last = Math.min(this.visible.length, Math.ceil((top + height) / ROW_H) + MARGIN_ROWS);
+    for (const [i, row] of this.rows) {
+      const k = this.indexOf[i];
+      if (k < first || k >= last) {
+        row.remove();
+        this.rows.delete(i);
+      }
+    }
+    const fresh = document.createDocumentFragment();
+    for (let k = first; k < last; k++) {
+      const i = this.visible[k];
       let row = this.rows.get(i);
       if (!row) {
         row = this.makeRow(i);
         this.rows.set(i, row);
+        fresh.append(row);
+        this.paintRow(i);
+      } else if (repaint) {
+        this.paintRow(i);
       }
-      this.paintRow(i);
-      frag.append(row);
+      if (row._eqxeAt !== k) {
+        row.style.top = `${k * ROW_H}px`;
+        row._eqxeAt = k;
+      }
     }
-    this.treeEl.replaceChildren(frag);
-    this.treeEl.scrollTop = top;
+    this.rowsEl.append(fresh);
     if (this.pop) {
-      const row = this.rows.get(this.pop.node);
-      if (row && row.isConnected) row.after(this.pop.el);
+      const k = this.indexOf[this.pop.node];
+      if (this.rows.has(this.pop.node)) this.pop.el.style.top = `${(k + 1) * ROW_H}px`;
       else this.closePop(false);
     }
+    if (!this.columnsFit && this.root.isConnected && this.rows.size) this.fitColumns();
+    this.paintCrumb();
     this.paintSelected();
+  }
+
+  // Shapes, dtypes and counts are never cut: their columns are as wide as their longest text.
+  fitColumns() {
+    const row = this.rows.values().next().value;
+    const ctx = document.createElement("canvas").getContext("2d");
+    const widest = (el, texts) => {
+      const style = getComputedStyle(el);
+      ctx.font = `${style.fontStyle} ${style.fontWeight} ${style.fontSize} ${style.fontFamily}`;
+      let w = 0;
+      for (const t of texts) w = Math.max(w, ctx.measureText(t).width);
+      return Math.ceil(w) + 8;
+    };
+    const { table, children } = this.tree;
+    const kids = Math.max(...children.map((c) => c.length));
+    const value = widest(row.querySelector(".eqxe-summary"), [...table.summaries, `${kids} children`, "value"]);
+    const params = widest(row.querySelector(".eqxe-params"), [fmtInt(Math.max(...table.params)), "params"]);
+    this.root.style.setProperty("--eqxe-w-value", `${Math.min(value, MAX_VALUE_PX)}px`);
+    this.root.style.setProperty("--eqxe-w-params", `${params}px`);
+    this.columnsFit = true;
+  }
+
+  // The ancestors of the row at the top of the view, so that a deep row is never anonymous.
+  paintCrumb() {
+    const k = Math.min(this.visible.length - 1, Math.floor(this.treeEl.scrollTop / ROW_H));
+    const { parent, path } = this.tree;
+    const chain = [];
+    for (let p = parent[this.visible[Math.max(0, k)]]; p > 0; p = parent[p]) chain.push(p);
+    chain.reverse();
+    const key = chain.join(",");
+    if (key === this.crumbKey) return;
+    this.crumbKey = key;
+    this.crumb.replaceChildren(
+      ...chain.flatMap((p, j) => [
+        ...(j ? [h("span", { class: "eqxe-crumb-sep", text: " › " })] : []),
+        h("button", { class: "eqxe-crumb-key", text: this.label(p), title: path[p], onclick: () => this.reveal(p, true) }),
+      ]),
+    );
+  }
+
+  label(i) {
+    return i === 0 ? "(root)" : this.tree.step[i].replace(/^\./, "");
+  }
+
+  // Expand the ancestors of node `i` and scroll its row into view (to the top with `atTop`).
+  reveal(i, atTop = false) {
+    let opened = false;
+    for (let p = this.tree.parent[i]; p >= 0; p = this.tree.parent[p]) {
+      if (!this.expanded[p]) opened = this.expanded[p] = 1;
+    }
+    if (opened) this.renderRows();
+    const y = this.indexOf[i] * ROW_H;
+    const view = this.treeEl.clientHeight || TREE_H;
+    const top = this.treeEl.scrollTop;
+    if (atTop) this.treeEl.scrollTop = y;
+    else if (y < top || y + ROW_H > top + view) this.treeEl.scrollTop = Math.max(0, y - Math.floor(view / 3));
+    this.paintWindow(false);
+  }
+
+  // -- search: matched here (see matchNodes); the user's expansion comes back when cleared ----
+  search() {
+    const pattern = this.filter.value.trim();
+    this.searched = pattern;
+    const before = [...this.matchSet];
+    this.current = -1;
+    if (!pattern) {
+      this.matches = [];
+      this.matchSet = new Set();
+      this.matchInfo.textContent = "";
+      if (this.savedExpansion) {
+        this.expanded = this.savedExpansion;
+        this.savedExpansion = null;
+      }
+      this.renderRows();
+      return;
+    }
+    if (!this.savedExpansion) this.savedExpansion = this.expanded.slice();
+    this.matches = matchNodes(this.tree, pattern);
+    this.matchSet = new Set(this.matches);
+    // Show every match: the user's expansion plus the ancestors of the matches.
+    this.expanded = this.savedExpansion.slice();
+    const seen = new Uint8Array(this.tree.n);
+    for (const i of this.matches) {
+      for (let p = this.tree.parent[i]; p >= 0 && !seen[p]; p = this.tree.parent[p]) {
+        seen[p] = 1;
+        this.expanded[p] = 1;
+      }
+    }
+    this.paintMatchInfo();
+    for (const i of before) if (this.rows.has(i)) this.paintRow(i);
+    this.renderRows();
+    if (this.matches.length) this.reveal(this.matches[0]);
+  }
+
+  jump(direction) {
+    const count = this.matches.length;
+    if (!count) return;
+    const old = this.matches[this.current];
+    this.current = this.current < 0 && direction < 0 ? count - 1 : (this.current + direction + count) % count;
+    const i = this.matches[this.current];
+    this.cursor = i;
+    this.reveal(i);
+    for (const j of [old, i]) if (this.rows.has(j)) this.paintRow(j);
+    this.paintMatchInfo();
+  }
+
+  paintMatchInfo() {
+    const count = this.matches.length;
+    const which = this.current >= 0 ? `${fmtInt(this.current + 1)} of ` : "";
+    this.matchInfo.textContent = count
+      ? `${which}${fmtInt(count)} match${count === 1 ? "" : "es"} · Enter: next, Shift+Enter: previous`
+      : "no match";
+  }
+
+  // -- keyboard: arrows move, space toggles, left / right collapse / expand ---------------------
+  onTreeKey(e) {
+    if (e.target.closest(".eqxe-pop")) return;
+    const { parent } = this.tree;
+    let i = this.cursor;
+    while (this.indexOf[i] < 0) i = parent[i]; // its row was collapsed away
+    const k = this.indexOf[i];
+    const open = this.isContainer(i) && this.expanded[i];
+    if (e.key === "ArrowDown") this.moveCursor(k + 1);
+    else if (e.key === "ArrowUp") this.moveCursor(k - 1);
+    else if (e.key === "Home") this.moveCursor(0);
+    else if (e.key === "End") this.moveCursor(this.visible.length - 1);
+    else if (e.key === "ArrowRight" && this.isContainer(i) && !open) this.setExpanded(i, 1);
+    else if (e.key === "ArrowRight") this.moveCursor(open ? k + 1 : k);
+    else if (e.key === "ArrowLeft" && open && i !== 0) this.setExpanded(i, 0);
+    else if (e.key === "ArrowLeft") this.moveCursor(i ? this.indexOf[parent[i]] : 0);
+    else if (e.key === " ") this.toggle(i);
+    else if (e.key === "Enter") this.send({ type: "select", path: this.tree.path[i] });
+    else return;
+    e.preventDefault();
+  }
+
+  moveCursor(k) {
+    const old = this.cursor;
+    this.cursor = this.visible[Math.max(0, Math.min(this.visible.length - 1, k))];
+    if (this.rows.has(old)) this.paintRow(old);
+    this.reveal(this.cursor);
+    if (this.rows.has(this.cursor)) this.paintRow(this.cursor);
+  }
+
+  setExpanded(i, open) {
+    this.cursor = i;
+    this.expanded[i] = open;
+    this.renderRows();
+  }
+
+  // Python decides: a checkbox shows the new state once its trait arrives.
+  toggle(i) {
+    const state = this.tree.kind[i] === "state" ? "state" : this.options.states[this.states[i]];
+    if (state === "static" || state === "state") return;
+    this.send({ type: "toggle", path: this.tree.path[i], frozen: state === "trainable" });
   }
 
   makeRow(i) {
     const { kind, path, depth, step, table } = this.tree;
     const container = this.isContainer(i);
     const isState = kind[i] === "state";
-    const label = i === 0 ? "(root)" : step[i].replace(/^\./, "");
+    const label = this.label(i);
     const cls = isState ? "State" : table.classes[table.cls[i]];
     const kids = this.tree.children[i].length;
     const summary = container ? `${kids} children` : table.summaries[this.tree.summary[i]];
     const sharding = table.sharding[i] || "";
     const staticText = table.static[i];
     const params = !isState && table.params[i];
+    const clsText = staticText ? `${cls}(${staticText})` : cls;
     const row = h("div", {
       class: "eqxe-row",
       role: "treeitem",
       "data-node": String(i),
       "data-path": path[i],
       "data-kind": kind[i],
+      "aria-level": String(depth[i] + 1),
     });
     row.style.setProperty("--depth", depth[i]);
     const twisty = container
@@ -607,7 +905,7 @@ class ExplorerView {
     row.append(
       ...[
         h("span", { class: "eqxe-namecell" }, twisty, check, h("span", { class: "eqxe-name", text: label })),
-      h("span", { class: "eqxe-cls", text: staticText ? `${cls}(${staticText})` : cls }),
+      h("span", { class: "eqxe-cls", text: clsText, title: clsText }),
       h("span", { class: "eqxe-summary", text: summary }),
       h("span", { class: "eqxe-params", text: params ? fmtInt(params) : "" }),
         this.sharded ? h("span", { class: "eqxe-sharding", text: sharding }) : null,
@@ -655,7 +953,9 @@ class ExplorerView {
       twisty.textContent = open ? "▾" : "▸";
       twisty.setAttribute("aria-expanded", String(open));
     }
-    row.classList.toggle("eqxe-match", this.matches.has(i));
+    row.classList.toggle("eqxe-match", this.matchSet.has(i));
+    row.classList.toggle("eqxe-current", this.matches[this.current] === i);
+    row.classList.toggle("eqxe-cursor", this.cursor === i);
     this.paintBadge(i, badge);
     if (rule) this.paintRule(i, row, rule, state);
     if (mode) {
@@ -736,7 +1036,8 @@ class ExplorerView {
     });
     const row = this.rows.get(i);
     row._eqxe[kind].menu.setAttribute("aria-expanded", "true");
-    row.after(el);
+    el.style.top = `${(this.indexOf[i] + 1) * ROW_H}px`; // over the rows below, which keep their places
+    this.rowsEl.append(el);
     el.scrollIntoView({ block: "nearest" });
     this.pop = { node: i, kind, el, picks };
     this.paintPop();
@@ -876,6 +1177,10 @@ class ExplorerView {
     const row = e.target.closest(".eqxe-row");
     if (!row || !this.treeEl.contains(row)) return;
     const i = Number(row.dataset.node);
+    const old = this.cursor;
+    this.cursor = i;
+    if (old !== i && this.rows.has(old)) this.paintRow(old);
+    this.treeEl.focus({ preventScroll: true }); // the keys act from the clicked row on
     const menu = ["rule", "mode"].find((k) => e.target.classList.contains(`eqxe-${k}-menu`));
     if (menu) {
       if (this.pop && this.pop.node === i && this.pop.kind === menu) this.closePop(true);
@@ -884,11 +1189,8 @@ class ExplorerView {
       this.expanded[i] = this.expanded[i] ? 0 : 1;
       this.renderRows();
     } else if (e.target.classList.contains("eqxe-check")) {
-      // Python decides: keep the box as it is until the state delta arrives.
-      e.preventDefault();
-      const state = row.dataset.state;
-      if (state === "static" || state === "state") return;
-      this.send({ type: "toggle", path: this.tree.path[i], frozen: state === "trainable" });
+      e.preventDefault(); // the box keeps its state until Python's arrives
+      this.toggle(i);
     } else {
       this.send({ type: "select", path: this.tree.path[i] });
     }
@@ -900,34 +1202,6 @@ class ExplorerView {
     if (!("path" in d)) return;
     const row = this.treeEl.querySelector(`.eqxe-row[data-path="${CSS.escape(d.path)}"]`);
     if (row) row.classList.add("eqxe-selected");
-  }
-
-  requestMatches() {
-    const pattern = this.filter.value.trim();
-    if (!pattern) {
-      this.matches = new Set();
-      this.matchInfo.textContent = "";
-      for (const i of this.rows.keys()) this.paintRow(i);
-      return;
-    }
-    this.send({ type: "match", pattern });
-  }
-
-  showMatches(msg) {
-    if (msg.pattern !== this.filter.value.trim()) return; // a stale answer
-    this.matchInfo.classList.toggle("eqxe-match-error", !!msg.error);
-    if (msg.error) {
-      this.matches = new Set();
-      this.matchInfo.textContent = msg.error;
-    } else {
-      this.matches = new Set(msg.nodes);
-      const more = msg.count > msg.nodes.length ? ` (first ${msg.nodes.length} shown)` : "";
-      this.matchInfo.textContent = `${fmtInt(msg.count)} node(s) match, ${fmtInt(msg.leaves)} leaves${more}`;
-      for (const i of msg.nodes.slice(0, MATCH_EXPAND)) {
-        for (let p = this.tree.parent[i]; p >= 0; p = this.tree.parent[p]) this.expanded[p] = 1;
-      }
-    }
-    this.renderRows();
   }
 
   // -- code pane ---------------------------------------------------------------------
