@@ -3,7 +3,7 @@
 Run: `python benchmarks/bench_tree.py` (or `make bench` for every benchmark).
 Targets: at 10,000 leaves our build is >= 10x faster than treescope's render, and freezing one
 block costs <= 5% of a full build. Bad paths: an unknown path 10x longer takes <= 20x longer
-(linear: 10x; the quadratic lookup it replaced: 100x), and a 1 MB path is refused without being
+(linear: 10x; the quadratic lookup it replaced: 100x), and a 1 MB glob is refused without being
 parsed: <= 100x a 4-character unknown path (hashing the text once; the issue's bound is 1 s).
 """
 
@@ -70,21 +70,19 @@ def bad_paths() -> list[dict]:
     from eqx_explorer import FilterSpec
 
     spec = FilterSpec(stack_model(100))
-    short, long = (
-        _error_time(lambda k=k: spec.freeze("blocks" + "[0]" * k)) for k in (3_000, 30_000)
-    )
+    short, long = (_error_time(lambda k=k: spec.freeze("blocks" + "[0]" * k)) for k in (300, 3_000))
     tiny = _error_time(lambda: spec.freeze("nope"), repeat=20)
-    huge = _error_time(lambda: spec.freeze("blocks" + "[0]" * 350_000))
+    huge = _error_time(lambda: spec.freeze("*" * 1_000_000))
     return [
         {
-            "benchmark": "unknown path of 30,000 keys (90 KB) / of 3,000 keys (9 KB)",
+            "benchmark": "unknown path of 3,000 keys (9 KB) / of 300 keys (0.9 KB)",
             "ours": long,
             "baseline": short,
             "ratio": long / short,
             "target": "<= 20",
         },
         {
-            "benchmark": "a 1 MB path refused / a short unknown path",
+            "benchmark": "a 1 MB glob refused / a short unknown path",
             "ours": huge,
             "baseline": tiny,
             "ratio": huge / tiny,

@@ -29,6 +29,7 @@ from ._errors import ExplorerError, shorten
 __all__ = [
     "MAX_PATH_CHARS",
     "PrintedKey",
+    "check_length",
     "STAR",
     "STARSTAR",
     "format_key",
@@ -37,8 +38,9 @@ __all__ = [
     "is_glob",
 ]
 
-# Far above any real path (a 1,000-layer model's deepest path is a few hundred characters).
-MAX_PATH_CHARS = 100_000
+# Far above any real path (a 1,000-layer model's deepest path is a few hundred characters);
+# a path the library printed is found by its text whatever its length (`ModelTree.find`).
+MAX_PATH_CHARS = 10_000
 _MAX_NESTING = 32  # tuple keys nested deeper than this are refused (recursion bound)
 _MAX_DIGITS = sys.get_int_max_str_digits() or 4300  # Python cannot print longer ints
 _MAX_INDEX = 2**31 - 1  # `SequenceKey` and `FlattenedIndexKey` hold a C int
@@ -344,6 +346,16 @@ def _keys(text: str) -> list:
     return keys
 
 
+def check_length(text: str) -> None:
+    """`ExplorerError` if `text` is longer than a path or pattern may be (`MAX_PATH_CHARS`)."""
+    if len(text) > MAX_PATH_CHARS:
+        raise ExplorerError(
+            f"path {shorten(text)!r} has {len(text):,} characters, more than the "
+            f"{MAX_PATH_CHARS:,} a path may have; pass a shorter path or a glob such as "
+            "`layers[*]`"
+        )
+
+
 def parse_path(text: str) -> tuple:
     """Key path of a path string; inverse of `format_path`.
 
@@ -359,12 +371,7 @@ def parse_path(text: str) -> tuple:
             f"a path must be a string, got {type(text).__name__}; write it as "
             '`blocks[0].attn` or `table["key"]`'
         )
-    if len(text) > MAX_PATH_CHARS:
-        raise ExplorerError(
-            f"path {shorten(text)!r} has {len(text):,} characters, more than the "
-            f"{MAX_PATH_CHARS:,} a path may have; pass a shorter path or a glob such as "
-            "`layers[*]`"
-        )
+    check_length(text)
     try:
         return tuple(_keys(text))
     except _Error as e:

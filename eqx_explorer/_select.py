@@ -16,7 +16,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._errors import ExplorerError, short_repr, shorten
-from ._paths import STARSTAR, format_key, is_glob, parse_path
+from ._paths import STARSTAR, check_length, format_key, is_glob, parse_path
 from ._tree import ModelTree
 
 __all__ = ["Selection", "select", "describe", "match_nodes"]
@@ -176,6 +176,7 @@ def match_nodes(tree: ModelTree, pattern: str) -> list[int]:
     node = tree.index_of(pattern)
     if node is not None:
         return [node]
+    check_length(pattern)  # before any glob work: a glob's cost grows with its length
     try:
         keys = parse_path(pattern)
     except ExplorerError:

@@ -75,12 +75,14 @@ def spec_of(m):
 HUGE = "layers" + "[0]" * (MAX_PATH_CHARS // 3 + 1)
 # Bad path text, and what the message must say about it.
 BAD_PATHS = [
-    ("layers" + "[0]" * 4000, r"no node at path `layers\[0\]\[0\]\[0\].*…\(12,006 characters\)`"),
-    (HUGE, r"more than the 100,000 a path may have"),
+    ("layers" + "[0]" * 3000, r"no node at path `layers\[0\]\[0\]\[0\].*…\(9,006 characters\)`"),
+    (HUGE, r"more than the 10,000 a path may have"),
+    ("*" * 1_000_000, r"1,000,000 characters, more than the 10,000"),
+    ("a*" * 500_000, r"1,000,000 characters"),
     ("x" * 1_000_000, r"1,000,000 characters"),
     ("layers[" + "9" * 5000 + "]", r"5,000-digit number"),
     ("layers[99999999999999999999]", r"no node at path `layers\[99999999999999999999\]`"),
-    ("layers[" + "-" * 100_000 + "1]", r"more than the 100,000"),
+    ("layers[" + "-" * 100_000 + "1]", r"more than the 10,000"),
     ("layers[" + "-" * 1000 + "1]", r"not a literal key"),
     ("layers[" + "(" * 1000 + ")" * 1000 + "]", r"nest at most 32 deep"),
     ("..layers", r"position 1.*must be followed by a field name"),
