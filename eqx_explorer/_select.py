@@ -7,7 +7,6 @@ its whole sub-tree. Errors name the target and say how to fix it.
 from __future__ import annotations
 
 import inspect
-import re
 from typing import Any
 
 import equinox as eqx
@@ -81,6 +80,29 @@ def _key_text(key: Any) -> str:
     return text[1:] if text.startswith(".") else text
 
 
+def _wildcard(text: str) -> Any:
+    """A test of a key's text against `text` with `*` wildcards, in one left-to-right pass.
+
+    Each part between stars is found leftmost in turn (enough for `*`-only globs); a regex
+    `a.*b.*c` backtracks exponentially in the number of stars on a key that almost matches.
+    """
+    first, *middle, last = text.split("*")
+
+    def test(key: str) -> bool:
+        end = len(key) - len(last)
+        if end < len(first) or not (key.startswith(first) and key.endswith(last)):
+            return False
+        i = len(first)
+        for part in middle:
+            i = key.find(part, i, end)
+            if i < 0:
+                return False
+            i += len(part)
+        return True
+
+    return test
+
+
 def _pattern_tokens(pattern: str) -> list[Any]:
     """The keys of a glob: `STARSTAR`, or a test on one key's text (`_key_text`)."""
     tokens: list[Any] = []
@@ -106,8 +128,7 @@ def _pattern_tokens(pattern: str) -> list[Any]:
                 j += 1
             text, i = pattern[i:j], j
         if "*" in text:
-            regex = re.compile(".*".join(re.escape(part) for part in text.split("*")))
-            tokens.append(regex.fullmatch)
+            tokens.append(_wildcard(text))
         else:  # a plain key, written as the user likes (`["a"]` for `['a']`)
             (key,) = parse_path(text)
             tokens.append(_key_text(key).__eq__)

@@ -26,6 +26,7 @@ import eqx_explorer as ex
 from eqx_explorer import ExplorerError, FilterSpec, ModelTree, parse_path, summary
 from eqx_explorer._constraints import make_rule
 from eqx_explorer._paths import MAX_PATH_CHARS, format_path
+from eqx_explorer._select import _wildcard
 
 
 class Net(eqx.Module):
@@ -547,3 +548,32 @@ def test_every_printed_path_parses_back_to_the_same_node(pairs):
         assert tree.find(path) == i
         if tree.kind[i] == "array":
             assert FilterSpec(tree.model).freeze(path).frozen_paths() == [path]
+
+
+class CountingKey(str):
+    """A key's text that counts the part look-ups made on it."""
+
+    finds = 0
+
+    def find(self, *args):
+        CountingKey.finds += 1
+        return super().find(*args)
+
+
+def test_a_glob_within_a_key_looks_each_part_up_once():
+    # `*a*a...*b` on `aaa...b` with one `a` too few: a regex `.*a.*a...b` backtracks through
+    # every split of the key (C(12, 6) and more); part by part it is 12 look-ups.
+    CountingKey.finds = 0
+    assert not _wildcard("*a" * 12 + "*b")(CountingKey("a" * 11 + "b"))
+    assert CountingKey.finds <= 12
+    assert _wildcard("*a" * 12 + "*b")("a" * 12 + "b")
+
+
+@given(
+    st.from_regex(r"[ab*]{0,6}\*[ab*]{0,6}", fullmatch=True),
+    st.from_regex(r"[ab]{0,8}", fullmatch=True),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_glob_within_a_key_matches_as_star_means_any_text(pattern, key):
+    as_regex = ".*".join(re.escape(part) for part in pattern.split("*"))
+    assert _wildcard(pattern)(key) == (re.fullmatch(as_regex, key) is not None)
