@@ -1,5 +1,8 @@
 """The Explorer widget in marimo: notebooks/marimo_tour.py served by `marimo run`, in Chromium.
 
+The widget renders, a click on a checkbox freezes the node (the new state, counts and code come
+back from Python), and Step brings the report's badges.
+
 marimo renders an anywidget inside a shadow root; Playwright's CSS locators pierce it, so
 the rows are found with the same selectors as in JupyterLab. marimo's configuration, cache
 and state go to a temporary directory (never the user's), and it neither opens a browser nor
@@ -24,6 +27,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 TOUR = ROOT / "notebooks" / "marimo_tour.py"
 RENDER_MS = 300_000  # the app runs every cell (JAX import, model) before the widget shows
+STEP_MS = 180_000  # the first Step compiles
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +95,7 @@ def marimo_page(browser, request):
         context.close()
 
 
-def test_tour_in_marimo_renders_and_a_click_freezes(marimo_page, marimo_url):
+def test_tour_in_marimo_renders_a_click_freezes_and_step_reports(marimo_page, marimo_url):
     page = marimo_page
     page.goto(marimo_url)
     embed = page.locator(row("embed"))
@@ -112,3 +116,12 @@ def test_tour_in_marimo_renders_and_a_click_freezes(marimo_page, marimo_url):
     expect(code).not_to_have_text(before[1], timeout=ACTION_MS)
     assert "embed" in code.inner_text()
     shot(page, "marimo-2-embed-frozen")
+
+    # Step runs in a worker thread whose progress and report reach the page too.
+    page.locator(".eqxe-root .eqxe-step").click()
+    head = page.locator(f"{row('head.weight')} .eqxe-badge")
+    expect(head).to_have_attribute("data-status", "updated", timeout=STEP_MS)
+    expect(page.locator(f"{row('embed.weight')} .eqxe-badge")).to_have_attribute(
+        "data-status", "frozen"
+    )
+    shot(page, "marimo-3-after-step")
