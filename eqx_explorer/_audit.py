@@ -404,6 +404,11 @@ def audit_step(
 
     If `step_fn` raises, the report has no leaves and `error` holds the exception.
     """
+    if not callable(step_fn):
+        raise ExplorerError(
+            f"audit_step(step_fn, model, ...) takes your step function first, got "
+            f"{type(step_fn).__name__}; e.g. audit_step(train_step, model, opt_state, batch)"
+        )
     checked = _check_spec(spec, model, "audit_step")
     tree = checked.model_tree
     trainable = checked.mask

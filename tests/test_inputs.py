@@ -407,6 +407,11 @@ CASES += [
     ("summary-max-rows-bool", lambda m: summary(m, max_rows=True), r"got True"),
     # -- runner arguments -------------------------------------------------------------------
     (
+        "audit_step-not-callable",
+        lambda m: ex.audit_step("train_step", m),
+        r"takes your step function first, got str",
+    ),
+    (
         "runner-optimizer-str",
         lambda m: ex.StepRunner(m, spec_of(m), mse, BATCH, optimizer="adam"),
         r"optimizer must be an optax GradientTransformation.*got str",
