@@ -582,3 +582,17 @@ def test_a_glob_within_a_key_looks_each_part_up_once():
 def test_a_glob_within_a_key_matches_as_star_means_any_text(pattern, key):
     as_regex = ".*".join(re.escape(part) for part in pattern.split("*"))
     assert _wildcard(pattern)(key) == (re.fullmatch(as_regex, key) is not None)
+
+
+def test_a_spec_from_another_instance_with_another_static_field_is_read_by_its_leaves():
+    # eqx-llama's `cache_key = str(id(self))`: same leaves, another treedef.
+    class Cached(eqx.Module):
+        w: jax.Array
+        cache_key: str = eqx.field(static=True)
+
+    spec = FilterSpec(Cached(jnp.ones(2), "a")).freeze("w")
+    other = Cached(jnp.ones(2), "b")
+    assert spec.for_model(other).state("w") == "frozen"
+    assert "frozen" in summary(other, spec)
+    runner = ex.StepRunner(other, spec, lambda m, b: jnp.sum(m.w), None)
+    assert runner.spec.state("w") == "frozen"
