@@ -24,7 +24,7 @@ from typing import Any
 
 import jax.tree_util as jtu
 
-from ._errors import ExplorerError, shorten
+from ._errors import ExplorerError, short_repr, shorten
 
 __all__ = [
     "MAX_PATH_CHARS",
@@ -96,7 +96,11 @@ def format_key(key: Any) -> str:
         return ".*"
     if key is STARSTAR:
         return ".**"
-    return str(key)
+    raise ExplorerError(
+        f"{short_repr(key, 40)} ({type(key).__name__}) is not a key of a key path; keys are "
+        "jax.tree_util.GetAttrKey, SequenceKey, DictKey or FlattenedIndexKey, as "
+        "jax.tree_util.tree_flatten_with_path returns them"
+    )
 
 
 def format_path(keys: tuple) -> str:
@@ -105,6 +109,11 @@ def format_path(keys: tuple) -> str:
     >>> format_path((jtu.GetAttrKey("blocks"), jtu.SequenceKey(3), jtu.GetAttrKey("w")))
     'blocks[3].w'
     """
+    if not isinstance(keys, tuple | list):
+        raise ExplorerError(
+            f"format_path takes a key path (a tuple of keys), got {type(keys).__name__}; "
+            "e.g. a path from jax.tree_util.tree_flatten_with_path"
+        )
     text = "".join(format_key(k) for k in keys)
     return text[1:] if text.startswith(".") else text
 

@@ -405,6 +405,8 @@ CASES += [
     ),
     ("summary-max-rows-negative", lambda m: summary(m, max_rows=-5), r"got -5"),
     ("summary-max-rows-bool", lambda m: summary(m, max_rows=True), r"got True"),
+    ("format_path-str", lambda m: format_path("layers"), r"takes a key path .*got str"),
+    ("format_path-not-keys", lambda m: format_path(("layers",)), r"'layers' \(str\) is not a key"),
     # -- runner arguments -------------------------------------------------------------------
     (
         "audit_step-not-callable",
