@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -145,8 +146,9 @@ class ModelTree:
             raise ExplorerError(
                 f"JAX cannot flatten this {type(model).__name__} ({type(cause).__name__}: "
                 f"{shorten(first_line)}); a model must be a "
-                "pytree: each dict's keys of one sortable type (all str or all int), and no "
-                "container inside itself"
+                "pytree: each dict's keys of one sortable type (all str or all int), no "
+                "container inside itself, and fewer nested levels than Python's recursion "
+                f"limit ({sys.getrecursionlimit():,})"
             ) from None
         paths: list[str] = []
         keys: list[tuple] = []

@@ -343,6 +343,11 @@ CASES += [
         r"RecursionError.*no container inside itself",
     ),
     (
+        "model-too-deep",
+        lambda m: ModelTree(functools.reduce(lambda t, _: [t], range(5000), jnp.ones(1))),
+        r"RecursionError.*fewer nested levels than Python's recursion limit",
+    ),
+    (
         "node-out-of-range",
         lambda m: ModelTree(m).node(999),
         r"node index 999 is out of range: this tree has \d+ nodes",
