@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from eqx_explorer import ExplorerError, FilterSpec
 from eqx_explorer._paths import MAX_PATH_CHARS
@@ -132,3 +134,47 @@ def test_a_spec_for_another_instance_with_a_different_static_field_is_accepted()
     spec = FilterSpec(Cached(jnp.ones(2), "a")).freeze("w")
     other = Cached(jnp.ones(2), "b")
     assert Explorer(other, spec=spec).spec.state("w") == "frozen"
+
+
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(10**30), 10**30),
+        st.floats(),
+        st.text(max_size=12),
+        st.sampled_from(["['layers'][0]", "['layers'][*]", "**", "none", "interval", "positive"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+message_types = st.sampled_from(
+    [
+        "toggle",
+        "glob",
+        "select",
+        "constrain",
+        "style",
+        "method",
+        "inference",
+        "step",
+        "reset",
+        "dismiss",
+        "x",
+    ]
+)
+field_names = st.sampled_from(
+    ["path", "frozen", "pattern", "action", "rule", "style", "method", "on", "n", "id"]
+)
+
+
+@given(message_types, st.dictionaries(field_names, json_values, max_size=3))
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+def test_no_message_from_the_page_is_an_internal_error(widget, kind, fields):
+    widget._handle_message({"type": kind, **fields})
+    assert not widget.error.startswith("internal error"), widget.error
+    assert len(widget.error) < 500
