@@ -490,7 +490,7 @@ def assert_frozen_safe(
     if parts:
         lines.append(report.table(only=BAD_STATUSES))
     lines.append(
-        "leaked = a frozen leaf changed (freeze by partition or optax.multi_transform with "
+        "leaked = a frozen leaf changed (freeze by eqx.partition or optax.partition with "
         "set_to_zero, not stop_gradient/optax.masked); lost = a leaf became None or changed "
         "type (apply updates to the full model, not eqx.filter(model, eqx.is_array))."
     )

@@ -547,12 +547,10 @@ def make_optimizer(inner):
 '''
 
 _OPTAX_RETURN = """\
-    return optax.multi_transform(
-        {"trainable": inner, "frozen": optax.set_to_zero()}, lambda _: labels
-    )"""
+    return optax.partition({"trainable": inner, "frozen": optax.set_to_zero()}, lambda _: labels)"""
 
 _OPTAX_RETURN_GROUPS = """\
-    frozen_apart = optax.multi_transform(
+    frozen_apart = optax.partition(
         {"trainable": inner, "frozen": optax.set_to_zero()}, lambda _: labels
     )
     return with_lr_factors(frozen_apart)"""

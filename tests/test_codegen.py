@@ -733,7 +733,7 @@ def test_group_table_lists_the_highest_sub_tree_of_each_factor():
     code = to_code(SPECS["tiny_llrd"], "optax")
     table = code.split("LR_FACTORS = ")[1].split("\n")[0]
     assert table == '{".blocks[0]": 0.25, ".blocks[1]": 0.5, ".head.bias": 2.0}'
-    assert "optax.multi_transform" in code and "with_lr_factors(frozen_apart)" in code
+    assert "optax.partition" in code and "with_lr_factors(frozen_apart)" in code
 
 
 def _pytorch_groups(params, grads, factors, lr, step_fn, clip):
