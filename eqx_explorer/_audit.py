@@ -489,9 +489,10 @@ def assert_frozen_safe(
         lines.append(f"error: {report.error}")
     if parts:
         lines.append(report.table(only=BAD_STATUSES))
-    lines.append(
-        "leaked = a frozen leaf changed (freeze by eqx.partition or optax.partition with "
-        "set_to_zero, not stop_gradient/optax.masked); lost = a leaf became None or changed "
-        "type (apply updates to the full model, not eqx.filter(model, eqx.is_array))."
-    )
+    lines += [  # one line each, readable in a terminal or a notebook
+        "leaked = a frozen leaf changed: freeze by eqx.partition or optax.partition with",
+        "  set_to_zero, not stop_gradient or optax.masked.",
+        "lost = a leaf became None or changed type: apply the updates to the full model,",
+        "  not to eqx.filter(model, eqx.is_array).",
+    ]
     raise AssertionError("\n".join(lines))
