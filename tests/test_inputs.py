@@ -603,3 +603,51 @@ def test_a_spec_from_another_instance_with_another_static_field_is_read_by_its_l
     assert "frozen" in summary(other, spec)
     runner = ex.StepRunner(other, spec, lambda m, b: jnp.sum(m.w), None)
     assert runner.spec.state("w") == "frozen"
+
+
+any_value = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(10**30), 10**30),
+        st.floats(),
+        st.text(max_size=16),
+        st.text(alphabet="[]().*'\"\\<>-0123456789abjz_ ", max_size=16),
+        st.sampled_from(["layers[0]", "layers[*]", "**.bias", "none", "table", "step", "act"]),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=4), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+ENTRY_POINTS = {
+    "freeze": lambda s, v: s.freeze(v),
+    "unfreeze": lambda s, v: s.unfreeze(v),
+    "select": lambda s, v: s.select(v),
+    "state": lambda s, v: s.state(v),
+    "constrain": lambda s, v: s.constrain(v, "unit_norm"),
+    "rule": lambda s, v: s.constrain("table", v),
+    "inference": lambda s, v: s.inference(v),
+    "to_code": lambda s, v: s.to_code(v),
+    "from_json": lambda s, v: FilterSpec.from_json(
+        s.model, v if isinstance(v, str) else saved(trainable=v)
+    ),
+    "from_json_field": lambda s, v: FilterSpec.from_json(s.model, saved(constraints=v)),
+    "from_tree": lambda s, v: FilterSpec.from_tree(s.model, v),
+    "summary": lambda s, v: summary(s.model, max_rows=v),
+    "parse_path": lambda s, v: parse_path(v),
+}
+
+
+@given(st.sampled_from(sorted(ENTRY_POINTS)), any_value)
+@settings(max_examples=400, deadline=None)
+def test_any_value_at_any_entry_point_works_or_raises_explorer_error(entry, value):
+    model = make_net()
+    leaves, values = snapshot(model)
+    try:
+        ENTRY_POINTS[entry](FilterSpec(model), value)
+    except ExplorerError as e:
+        assert len(str(e)) < 1_000
+    after = jtu.tree_leaves(model)
+    assert all(a is b for a, b in zip(after, leaves, strict=True))
+    assert all(np.array_equal(a, v) for a, v in zip(after, values) if eqx.is_array(a))
