@@ -26,6 +26,15 @@ def _int_in(lo: int, hi: int, what: str):
     return parse
 
 
+def _style(text: str) -> str:
+    """An argparse type: a code style (argparse's `choices` would quote a long value whole)."""
+    if text not in STYLES:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {shorten(text, 40)!r} (choose from {', '.join(STYLES)})"
+        )
+    return text
+
+
 def _demo(args: argparse.Namespace) -> int:
     import jax
 
@@ -49,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     # jax.random.key takes a seed that fits in 32 bits.
     demo.add_argument("--seed", type=_int_in(0, 2**32 - 1, "a seed"), default=0)
     demo.add_argument("--max-rows", type=_int_in(1, 10**6, "a row count"), default=80)
-    demo.add_argument("--style", default="tree_at", choices=STYLES, help="code style")
+    demo.add_argument(
+        "--style", default="tree_at", type=_style, help=f"code style: {', '.join(STYLES)}"
+    )
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     return args.run(args)
