@@ -110,6 +110,7 @@ def test_numbers_as_repr_writes_them():
         ("a['it's]", r"position 6 .*unexpected text after the key"),
         ("a['it's']", r"unterminated string"),
         ("a[inf0]", r"not a literal key"),
+        ("a[" + "9" * 9000 + "x]", r"position 2 .*not a literal key"),
         ("x" * (MAX_PATH_CHARS + 1), rf"has {MAX_PATH_CHARS + 1:,} characters, more than"),
     ],
 )
