@@ -471,26 +471,8 @@ STATE_ON_TRAINABLE = (PARTITION, OPTAX_MASK)
 DEFAULT_SLOTS = 2.0
 
 
-def optimizer_slots(model: Any, optimizer: Any = None) -> float:
-    """Optimizer-state bytes per float-parameter byte of `optimizer` on `model`.
-
-    Measured with `jax.eval_shape(optimizer.init, ...)` (nothing is allocated); `None` is the
-    runner's default Adam, `DEFAULT_SLOTS`.
-    """
-    if optimizer is None:
-        return DEFAULT_SLOTS
-    params = eqx.filter(model, eqx.is_inexact_array)
-    nbytes = lambda tree: sum(  # noqa: E731
-        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
-        for x in jtu.tree_leaves(tree)
-        if hasattr(x, "dtype")
-    )
-    total = nbytes(params)
-    return nbytes(jax.eval_shape(optimizer.init, params)) / total if total else 0.0
-
-
 def opt_state_bytes(spec: FilterSpec, method: str, slots: float, layout: str = MASKED) -> int:
-    """Estimated optimizer-state bytes of a `StepRunner` (see `optimizer_slots`).
+    """Estimated optimizer-state bytes of a `StepRunner` (see `_slots.optimizer_slots`).
 
     The masked layout holds state for every float leaf; the structural one, under
     `"partition"` and `"optax_mask"`, only for the trainable ones.

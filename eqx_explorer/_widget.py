@@ -57,6 +57,7 @@ import traitlets as t
 from ._audit import STATUSES
 from ._constraints import RULE_NAMES
 from ._errors import ExplorerError, short_repr
+from ._slots import optimizer_slots
 from ._spec import STATES, FilterSpec, _inference_leaves
 from ._state import state_entries
 from ._steps import (
@@ -67,7 +68,6 @@ from ._steps import (
     _check_layout,
     _check_method,
     opt_state_bytes,
-    optimizer_slots,
 )
 from ._tree import array_summary
 

@@ -22,6 +22,7 @@ from eqx_explorer._codegen import STYLES, to_code
 from eqx_explorer._constraints import RULE_NAMES
 from eqx_explorer._examples import StatefulNet, example_model, stateful_loss
 from eqx_explorer._select import match_nodes
+from eqx_explorer._slots import optimizer_slots
 from eqx_explorer._steps import StepProgress
 from eqx_explorer._widget import KINDS, METHODS, NO_STATUS, STATES, STATUSES, Explorer
 from tests.strategies import models, random_edits
@@ -988,3 +989,36 @@ def test_freeze_takes_partial_key_globs_and_substrings(model):
         spec.freeze("atn")  # contained in no path: the unknown-path error, with suggestions
     with pytest.raises(ExplorerError, match="unbalanced"):
         spec.freeze("blocks[0")  # malformed path text is an error, not a search
+
+
+# -- the optimizer-state estimate, measured on one array per leaf kind ------------------------
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        optax.adamw(1e-3),
+        optax.sgd(0.1, momentum=0.9),
+        optax.adafactor(1e-3, min_dim_size_to_factor=8),  # factored: not proportional to size
+        optax.chain(optax.clip_by_global_norm(1.0), optax.lion(1e-4)),
+    ],
+    ids=["adamw", "sgd-momentum", "adafactor", "clip+lion"],
+)
+def test_optimizer_slots_of_a_proxy_equal_a_trace_of_the_whole_model(model, optimizer):
+    params = eqx.filter(model, eqx.is_inexact_array)
+    nbytes = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(params))
+    state = jax.eval_shape(optimizer.init, params)
+    expected = sum(x.size * x.dtype.itemsize for x in jtu.tree_leaves(state)) / nbytes
+    assert optimizer_slots(model, optimizer) == pytest.approx(expected, rel=1e-12)
+
+
+def test_optimizer_slots_fall_back_to_the_model_when_init_needs_its_structure(model):
+    # Labels as a pytree of the model's own structure (in a dict: a callable Module would be
+    # called by optax as a labelling function).
+    labels = jtu.tree_map(lambda _: "sgd", eqx.filter(model, eqx.is_inexact_array))
+    to_adam = lambda sub: jtu.tree_map(lambda _: "adam", sub)  # noqa: E731
+    labels = {"m": eqx.tree_at(lambda m: m.head, labels, replace_fn=to_adam)}
+    optimizer = optax.multi_transform({"sgd": optax.sgd(0.1), "adam": optax.adam(1e-3)}, labels)
+    head = model.head.weight.nbytes + model.head.bias.nbytes
+    params = eqx.filter(model, eqx.is_inexact_array)
+    total = sum(x.nbytes for x in jtu.tree_leaves(params))
+    # Adam's two moments for the head only (plus its count), nothing for the rest.
+    assert optimizer_slots({"m": model}, optimizer) == pytest.approx((2 * head + 4) / total)

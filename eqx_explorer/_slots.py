@@ -1,0 +1,67 @@
+"""How much optimizer state an optimizer keeps per parameter byte, measured on a small proxy.
+
+Tracing `optimizer.init` over a whole model costs seconds on thousands of leaves, and the
+widget only needs the header's estimate. Optimizers keep per-leaf state whose size depends on
+the leaf's shape and dtype alone (Adam's two moments, Adafactor's factored rows and columns),
+plus a few scalars for the whole tree (a step count), so one array per distinct
+(shape, dtype) tells the size of every leaf of that kind. An optimizer whose `init` needs the
+model's own structure (`optax.multi_transform` or `optax.masked` given a pytree of labels)
+fails on the proxy and is traced over the whole model instead; one given a labelling
+*function* of paths is measured as it labels the proxy (an estimate, as the header says).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import numpy as np
+
+from ._steps import DEFAULT_SLOTS
+
+__all__ = ["optimizer_slots"]
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(
+        int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        for x in jtu.tree_leaves(tree)
+        if hasattr(x, "dtype")
+    )
+
+
+def _state_bytes(optimizer: Any, params: Any) -> int:
+    return _nbytes(jax.eval_shape(optimizer.init, params))
+
+
+def optimizer_slots(model: Any, optimizer: Any = None) -> float:
+    """Optimizer-state bytes per float-parameter byte of `optimizer` on `model`.
+
+    Nothing is allocated (`jax.eval_shape`); `None` is the runner's default Adam,
+    `DEFAULT_SLOTS`.
+
+    >>> import optax
+    >>> from eqx_explorer._examples import example_model
+    >>> round(optimizer_slots(example_model(), optax.adam(1e-3)), 3)  # two moments (+ a count)
+    2.0
+    """
+    if optimizer is None:
+        return DEFAULT_SLOTS
+    params = eqx.filter(model, eqx.is_inexact_array)
+    leaves = [x for x in jtu.tree_leaves(params) if hasattr(x, "dtype")]
+    total = _nbytes(leaves)
+    if not total:
+        return 0.0
+    kinds = Counter((tuple(x.shape), np.dtype(x.dtype)) for x in leaves)
+    try:
+        shared = _state_bytes(optimizer, [])
+        state = shared + sum(
+            count * (_state_bytes(optimizer, [jax.ShapeDtypeStruct(shape, dtype)]) - shared)
+            for (shape, dtype), count in kinds.items()
+        )
+    except Exception:  # an init that needs the model's structure: trace the model itself
+        state = _state_bytes(optimizer, params)
+    return state / total
