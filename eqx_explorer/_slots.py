@@ -37,11 +37,12 @@ def _state_bytes(optimizer: Any, params: Any) -> int:
     return _nbytes(jax.eval_shape(optimizer.init, params))
 
 
-def optimizer_slots(model: Any, optimizer: Any = None) -> float:
+def optimizer_slots(model: Any, optimizer: Any = None, leaves: list | None = None) -> float:
     """Optimizer-state bytes per float-parameter byte of `optimizer` on `model`.
 
     Nothing is allocated (`jax.eval_shape`); `None` is the runner's default Adam,
-    `DEFAULT_SLOTS`.
+    `DEFAULT_SLOTS`. `leaves` are the model's leaves when the caller has them already
+    (`ModelTree.leaves`): flattening a big model costs more than the measurement.
 
     >>> import optax
     >>> from eqx_explorer._examples import example_model
@@ -50,18 +51,18 @@ def optimizer_slots(model: Any, optimizer: Any = None) -> float:
     """
     if optimizer is None:
         return DEFAULT_SLOTS
-    params = eqx.filter(model, eqx.is_inexact_array)
-    leaves = [x for x in jtu.tree_leaves(params) if hasattr(x, "dtype")]
-    total = _nbytes(leaves)
+    if leaves is None:
+        leaves = jtu.tree_leaves(model)
+    kinds = Counter((x.shape, x.dtype) for x in leaves if eqx.is_inexact_array(x))
+    total = sum(n * _nbytes(jax.ShapeDtypeStruct(*kind)) for kind, n in kinds.items())
     if not total:
         return 0.0
-    kinds = Counter((tuple(x.shape), np.dtype(x.dtype)) for x in leaves)
     try:
         shared = _state_bytes(optimizer, [])
         state = shared + sum(
-            count * (_state_bytes(optimizer, [jax.ShapeDtypeStruct(shape, dtype)]) - shared)
-            for (shape, dtype), count in kinds.items()
+            n * (_state_bytes(optimizer, [jax.ShapeDtypeStruct(*kind)]) - shared)
+            for kind, n in kinds.items()
         )
     except Exception:  # an init that needs the model's structure: trace the model itself
-        state = _state_bytes(optimizer, params)
+        state = _state_bytes(optimizer, eqx.filter(model, eqx.is_inexact_array))
     return state / total

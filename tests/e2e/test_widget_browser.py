@@ -1,9 +1,10 @@
 """The Explorer widget in a real browser: the tour in JupyterLab and in Notebook 7.
 
 JupyterLab: open notebooks/00_tour.ipynb (a copy), run all cells, then use the widget as a
-student would: click a module's checkbox (the header counts and the code pane follow), reset
-and Step (rows get status badges: frozen rows stay frozen, trainable rows are updated), and
-Copy (the clipboard holds the code pane's text). Notebook 7: the tour's widget renders.
+student would: it shows the model as built; click a module's checkbox (the header counts and
+the code pane follow), Step (rows get status badges: frozen rows stay frozen, trainable rows
+are updated), and Copy (the clipboard holds the code pane's text). Notebook 7: the tour's
+widget renders.
 
 Every wait is on a condition (the kernel's state through `window.jupyterapp`, the widget's
 DOM), never a fixed sleep. Screenshots go to test-artifacts/.
@@ -23,10 +24,15 @@ def test_tour_in_jupyterlab(page, jupyter_server):
     root = page.locator(".eqxe-root").first
     shot(page, "lab-1-after-run-all")
 
-    # The tour froze `embed` and `blocks[0]` from Python; the widget shows it.
-    assert page.get_attribute(row("embed"), "data-state") == "frozen"
-    assert page.get_attribute(row("blocks"), "data-state") == "mixed"
-    assert page.get_attribute(row("head"), "data-state") == "trainable"
+    # After Run All the tour's widget shows the model as built (the cells after it drive their
+    # own explorer): everything trainable, no badges.
+    for path in ("embed", "blocks", "blocks[0]", "head"):
+        assert page.get_attribute(row(path), "data-state") == "trainable", path
+    assert page.get_attribute(row("step_count"), "data-state") == "static"
+    first_badges = root.locator(".eqxe-tree .eqxe-badge").evaluate_all(
+        "bs => bs.map((b) => b.dataset.status).filter(Boolean)"
+    )
+    assert first_badges == []
 
     # 1. Click a module's checkbox: `head` becomes frozen; counts and code follow.
     trainable = root.locator(".eqxe-header [data-testid=trainable]")
@@ -51,17 +57,9 @@ def test_tour_in_jupyterlab(page, jupyter_server):
     assert after[1] != before[1], f"frozen count unchanged: {before[1]!r}"
     assert f"{after[0]} of " in after[2], (after[0], after[2][:200])
     assert not page.is_checked(f"{row('head')} .eqxe-check")
-    # The tour's badges were earned under the old spec: they are dimmed as stale.
-    assert "eqxe-stale" in (root.get_attribute("class") or "")
     shot(page, "lab-2-head-frozen")
 
-    # 2. Reset clears the badges of the tour's own steps; Step brings new ones.
-    page.click(".eqxe-root .eqxe-reset")
-    page.wait_for_function(
-        """() => [...document.querySelectorAll('.eqxe-root .eqxe-tree .eqxe-badge')]
-                 .every((b) => !b.dataset.status)""",
-        timeout=ACTION_MS,
-    )
+    # 2. Step: every row gets a badge.
     page.click(".eqxe-root .eqxe-step")
     page.wait_for_function(
         f"""() => !!document.querySelector('{row("head.weight")} .eqxe-badge').dataset.status""",
@@ -70,9 +68,9 @@ def test_tour_in_jupyterlab(page, jupyter_server):
     expected = {
         "head.weight": "frozen",  # just clicked
         "head.bias": "frozen",
-        "embed.weight": "frozen",  # frozen by the tour
-        "blocks[0].norm.weight": "frozen",
-        "blocks[1].norm.weight": "updated",  # trainable
+        "embed.weight": "updated",  # trainable
+        "blocks[0].norm.weight": "updated",
+        "blocks[1].norm.weight": "updated",
         "blocks[1].norm.bias": "updated",
         "step_count": "frozen",  # an int array: never trains
     }
@@ -121,5 +119,5 @@ def test_tour_in_notebook7(page, jupyter_server):
     assert root.locator(".eqxe-row").count() > 5
     assert root.locator(".eqxe-header [data-testid=trainable]").inner_text().strip()
     assert "filter_spec" in root.locator(".eqxe-code").inner_text()
-    assert page.get_attribute(row("embed"), "data-state") == "frozen"
+    assert page.get_attribute(row("embed"), "data-state") == "trainable"  # as built
     shot(page, "notebook7-after-run-all")
