@@ -6,6 +6,7 @@ The root is the empty string. A leading dot is accepted on input.
 
 Globs add two wildcards that stand where a key stands: `*` (exactly one key, written `.*`,
 `[*]` or `*` at the start) and `**` (zero or more keys). A quoted `"*"` is a literal dict key.
+(`_select.match_nodes` also reads `*` within a key, `norm*`, before parsing.)
 
 Parsing never evaluates user text and is linear in its length (one left-to-right scan; paths
 longer than `MAX_PATH_CHARS` are refused before any work). Dict keys are Python literals as
