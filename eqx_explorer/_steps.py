@@ -178,27 +178,43 @@ def _times(factor: Any, u: jax.Array) -> jax.Array:
     return u * factor.astype(u.dtype)
 
 
+def _split(leaves: list) -> tuple[list, tuple]:
+    """The arrays of `leaves` (a jit's data) and the rest (static; `None` where an array was:
+    no pytree leaf is `None`)."""
+    arrays = [x for x in leaves if eqx.is_array(x)]
+    return arrays, tuple(None if eqx.is_array(x) else x for x in leaves)
+
+
+def _join(arrays: list, static: tuple) -> list:
+    """`_split` undone."""
+    it = iter(arrays)
+    return [next(it) if x is None else x for x in static]
+
+
 class _Static:
     """Everything the program is specialised on; a change recompiles.
 
-    One opaque, hashable object (its hash computed once), not a pytree: `filter_jit` would
-    otherwise hash each of its thousands of parts (one rule, five masks, several optimizer
-    slots per leaf) on every dispatch.
+    One opaque, hashable object (its hash computed once per call of `_run`), not a pytree:
+    the program's data are flat lists of arrays, so a dispatch flattens no module (an
+    Equinox module flattens in Python: on a BERT, flattening the arguments cost a third of
+    a warm step's overhead), and the static parts are hashed here once, not per part.
+    `treedef`, `diff` (the optimized leaves' indices) and `rest` (the other leaves, `None`
+    for arrays) rebuild the model; `opt`, `state` and `batch` are (treedef, static leaves).
     """
 
-    __slots__ = ("loss_fn", "optimizer", "stateful", "rules", "masks", "factors", "slot_cols")
-    __slots__ += ("pins", "_key", "_hash")
+    __slots__ = ("loss_fn", "optimizer", "rules", "masks", "factors", "slot_cols", "pins")
+    __slots__ += ("treedef", "diff", "rest", "opt", "state", "batch", "_key", "_hash")
 
-    def __init__(self, loss_fn, optimizer, stateful, rules, masks, factors, slot_cols, pins):
+    def __init__(self, loss_fn, optimizer, rules, masks, factors, slot_cols, pins, parts):
         self.loss_fn: Callable = loss_fn
         self.optimizer: Any = optimizer
-        self.stateful: bool = stateful
         self.rules: tuple = rules  # one `Rule` or None per optimized leaf
         self.masks: tuple | None = masks  # baked-in masks, or None: an argument
         self.factors: tuple | None = factors  # baked-in learning-rate factors, or None
         self.slot_cols: tuple = slot_cols  # optimizer-state leaf -> its leaf (-1: shared)
         self.pins: tuple | None = pins  # output shardings of (params, opt_state), if sharded
-        self._key = (loss_fn, optimizer, stateful, rules, masks, factors, slot_cols, pins)
+        self.treedef, self.diff, self.rest, self.opt, self.state, self.batch = parts
+        self._key = (loss_fn, optimizer, rules, masks, factors, slot_cols, pins, parts)
         self._hash = hash(self._key)
 
     def __hash__(self) -> int:
@@ -211,20 +227,37 @@ class _Static:
 
 
 def _make_program(on_trace: Callable[[], None]) -> Callable:
-    """A fresh `filter_jit` step; its cache belongs to one runner.
+    """A fresh jitted step; its cache belongs to one runner.
 
-    `program(params, rest, opt_state, state, batch, masks, factors, *, st)` runs one step and
-    returns the new arrays, the loss and the gradients, like a hand-written step (a call of
-    `n` steps dispatches it `n` times back to back). The masks (`_method_masks`) are data,
-    one uint8 code per leaf, and so are the learning-rate factors (one float32 per leaf, the
-    update's multiplier), unless `st` bakes them in; then the leaves the masks keep unchanged
-    (and the gradients they never use) are `None` outputs, and the caller keeps its arrays.
+    `program(params, rest, opt, state, batch, masks, factors, *, st)` takes flat lists of
+    arrays (the optimized leaves, the model's other arrays, the optimizer state's, the
+    model state's, the batch's; `st` rebuilds the trees), runs one step and returns the new
+    arrays, the loss and the gradients, like a hand-written step (a call of `n` steps
+    dispatches it `n` times back to back). The masks (`_method_masks`) are data, one uint8
+    code per leaf, and so are the learning-rate factors (one float32 per leaf, the update's
+    multiplier), unless `st` bakes them in; then the leaves the masks keep unchanged are
+    `None` outputs (the caller keeps its arrays) and the gradients come back reduced.
     """
 
-    def program(params, rest, opt_state, state, batch, masks, factors, *, st):
+    def program(params, rest, opt, state, batch, masks, factors, *, st):
         on_trace()  # runs only when JAX traces: counts compilations
-        treedef = jtu.tree_structure(params)
-        k = treedef.num_leaves
+        k, every = len(params), st.treedef.num_leaves
+        rest_index = sorted(set(range(every)) - set(st.diff))
+
+        def tree(optimized: list, others: list | None) -> Any:
+            # The model (`others`: its other leaves), or the optimizer's view (None there).
+            leaves = [None] * every
+            for i, x in zip(rest_index, others or []):
+                leaves[i] = x
+            for i, x in zip(st.diff, optimized):
+                leaves[i] = x
+            return jtu.tree_unflatten(st.treedef, leaves)
+
+        others = _join(rest, st.rest)
+        opt_state = jtu.tree_unflatten(st.opt[0], _join(opt, st.opt[1]))
+        batch = jtu.tree_unflatten(st.batch[0], _join(batch, st.batch[1]))
+        if st.state is not None:
+            state = jtu.tree_unflatten(st.state[0], _join(state, st.state[1]))
         if st.masks is not None:
             m = st.masks
         else:  # one uint8 code per leaf, bit r = row r (a mask array sliced per leaf
@@ -236,13 +269,12 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
 
         def objective(p):
             if st.masks is not None:  # not differentiated at all, as in a partition
-                leaves = [
+                p = [
                     x if m[_GRAD][j] or m[_SEEN][j] else jax.lax.stop_gradient(x)
-                    for j, x in enumerate(jtu.tree_leaves(p))
+                    for j, x in enumerate(p)
                 ]
-                p = jtu.tree_unflatten(treedef, leaves)
-            model = eqx.combine(p, rest)
-            if st.stateful:
+            model = tree(p, others)
+            if st.state is not None:
                 out = st.loss_fn(model, state, batch)
                 if not (isinstance(out, tuple) and len(out) == 2):
                     raise _StepFailure(
@@ -250,6 +282,12 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
                         f"(loss, new_state); it returned {type(out).__name__}."
                     )
                 loss, new_state = out
+                if jtu.tree_structure(new_state) != st.state[0]:
+                    raise _StepFailure(
+                        "with `state=`, loss_fn(model, state, batch) must return "
+                        "(loss, new_state) with new_state an eqx.nn.State like the one it "
+                        f"was given; it returned {type(new_state).__name__} as new_state."
+                    )
             else:
                 loss, new_state = st.loss_fn(model, batch), state
             if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
@@ -260,13 +298,13 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
                 )
             return loss.astype(jnp.float32), new_state
 
-        (loss, new_state), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        old, g = jtu.tree_leaves(params), jtu.tree_leaves(grads)
+        (loss, new_state), g = jax.value_and_grad(objective, has_aux=True)(list(params))
+        old = params
         fed = [
             _zero_unless(m[_GRAD][j], g[j] if r is None else r.grad(x, g[j]))
             for j, (x, r) in enumerate(zip(old, st.rules))
         ]
-        updates, new_opt = st.optimizer.update(jtu.tree_unflatten(treedef, fed), opt_state, params)
+        updates, new_opt = st.optimizer.update(tree(fed, None), opt_state, tree(old, None))
         new = []
         for j, (x, u, r) in enumerate(zip(old, jtu.tree_leaves(updates), st.rules)):
             u = _zero_unless(m[_UPD][j], _times(f[j], u))
@@ -278,15 +316,16 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
             y if c < 0 else _select(m[_SLOT][c], y, x)
             for x, y, c in zip(jtu.tree_leaves(opt_state), jtu.tree_leaves(new_opt), st.slot_cols)
         ]
-        new_params = jtu.tree_unflatten(treedef, new)
-        new_opt = jtu.tree_unflatten(jtu.tree_structure(new_opt), slots)
+        # The optimizer state's arrays, and the optimized leaf each is a slot of.
+        o_out, cols = _split(slots)[0], [c for c, x in zip(st.slot_cols, st.opt[1]) if x is None]
         if st.pins is not None:  # sharded inputs: outputs keep exactly the inputs' shardings
-            new_params, new_opt = _pin((new_params, new_opt), st.pins)
-
-        p_out, o_out = jtu.tree_leaves(new_params), jtu.tree_leaves(new_opt)
+            pinned = _pin(new + o_out, st.pins)
+            new, o_out = pinned[:k], pinned[k:]
+        p_out = new
         if st.masks is not None:  # baked: leaves known unchanged are no outputs (a copy each)
-            p_out = [x if m[_TOUCH][j] else None for j, x in enumerate(p_out)]
-            o_out = [y if c < 0 or m[_SLOT][c] else None for y, c in zip(o_out, st.slot_cols)]
+            p_out = [x if m[_TOUCH][j] else None for j, x in enumerate(new)]
+            o_out = [y if c < 0 or m[_SLOT][c] else None for y, c in zip(o_out, cols)]
+        s_out = _split(jtu.tree_leaves(new_state))[0] if st.state is not None else []
         if st.masks is not None:
             # Reduced here: returning the gradients of every step (to audit the last) would
             # allocate them anew each step, 6% of a step on a 4M-parameter MLP.
@@ -294,9 +333,9 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
         else:  # returned, not reduced: hundreds of small reductions would make the masked
             # program take a third longer to compile; the audit reduces the last ones
             g_out = [x if j in seen else None for j, x in enumerate(g)]
-        return p_out, o_out, new_state, loss, g_out
+        return p_out, o_out, s_out, loss, g_out
 
-    return eqx.filter_jit(program)
+    return jax.jit(program, static_argnames="st")
 
 
 def _grad_rows(grads: list) -> jax.Array:
@@ -407,7 +446,7 @@ def _arrays(tree: Any) -> list:
 class _Chunk(NamedTuple):
     """Steps dispatched back to back, on the host: where they ended and what they saw."""
 
-    arrays: tuple  # (params, opt_state, state) after the last step
+    arrays: tuple  # (optimized leaves, optimizer state's arrays, state) after the last step
     losses: list
     audit: np.ndarray  # `_CHANGED`... of the call up to the last step
     state_audit: np.ndarray
@@ -438,14 +477,12 @@ def _pins(tree: Any) -> tuple | None:
     return pins if any(p is not None for p in pins) else None
 
 
-def _pin(tree: Any, pins: tuple) -> Any:
+def _pin(arrays: list, pins: tuple) -> list:
     # XLA's propagation may pick another layout for an output (seen: a replicated bias
     # coming back sharded); a constraint per leaf keeps the model as the user laid it out.
-    leaves, treedef = jtu.tree_flatten(tree)
-    pinned = [
-        x if p is None else jax.lax.with_sharding_constraint(x, p) for x, p in zip(leaves, pins)
+    return [
+        x if p is None else jax.lax.with_sharding_constraint(x, p) for x, p in zip(arrays, pins)
     ]
-    return jtu.tree_unflatten(treedef, pinned)
 
 
 def _check_method(method: str) -> str:
@@ -551,6 +588,8 @@ class _Layout(NamedTuple):
     factors: np.ndarray  # per optimized leaf: its updates' multiplier (float32)
     optimizer: Any
     rules: tuple  # per optimized leaf: its update rule or None
+    rest_index: list  # the other model leaves, in order
+    diff_key: tuple  # `diff_index` as a tuple of ints (hashable, for the program)
 
 
 def _slot_cols(opt_state: Any, params: Any) -> tuple:
@@ -681,8 +720,8 @@ class StepRunner:
         self._inference: set[int] = set()  # leaves whose `inference` flag a spec has set
         self._set_inference(spec)
         self._layout = self._layout_for(spec, method)
-        self._opt_state = self._fresh_opt_state(self._layout)
-        self._slot_cols = _slot_cols(self._opt_state, self._params(self._layout))
+        self._set_opt_state(self._fresh_opt_state(self._layout))
+        self._slot_cols = _slot_cols(self.opt_state, self._params(self._layout))
         self._notes: list[str] = []
         self._fresh: set[int] = set()
         self._steps_on_layout = 0
@@ -712,7 +751,17 @@ class StepRunner:
     def opt_state(self) -> Any:
         """The optimizer state: over every float leaf (masked layout), or over the leaves
         the current method optimizes (structural layout)."""
-        return self._opt_state
+        if self._opt_tree is None:  # held flat between steps: built when read
+            self._opt_tree = jtu.tree_unflatten(self._opt[0], _join(self._opt_arrays, self._opt[1]))
+        return self._opt_tree
+
+    def _set_opt_state(self, tree: Any) -> None:
+        leaves, treedef = jtu.tree_flatten(tree)
+        self._opt_arrays, static = _split(leaves)
+        self._opt, self._opt_tree = (treedef, static), tree
+
+    def _set_opt_arrays(self, arrays: list) -> None:
+        self._opt_arrays, self._opt_tree = arrays, None
 
     @property
     def spec(self) -> FilterSpec:
@@ -783,7 +832,19 @@ class StepRunner:
         # A frozen leaf keeps factor 1: what moves it anyway (a `stop_gradient` leaf under
         # weight decay, every leaf under "none") is the method's doing, shown as it is.
         factors = np.where(mask, spec.lr_factors, 1.0)[diff_index].astype(np.float32)
-        return _Layout(spec, method, trainable, diff, diff_index, masks, factors, optimizer, rules)
+        return _Layout(
+            spec,
+            method,
+            trainable,
+            diff,
+            diff_index,
+            masks,
+            factors,
+            optimizer,
+            rules,
+            np.flatnonzero(~diff).tolist(),
+            tuple(diff_index.tolist()),
+        )
 
     def _labelled_optimizer(self, mask: np.ndarray) -> Any:
         key = mask.tobytes()
@@ -810,14 +871,13 @@ class StepRunner:
             owned[layout.diff_index] = layout.masks[_SLOT]
         return owned
 
+    def _arrays_of(self, layout: _Layout) -> tuple:
+        """What a chunk carries: (the optimized leaves, the optimizer state's arrays, state)."""
+        return [self._leaves[i] for i in layout.diff_index], self._opt_arrays, self._state
+
     def _params(self, layout: _Layout) -> Any:
         return jtu.tree_unflatten(
             self._treedef, [x if d else None for x, d in zip(self._leaves, layout.diff)]
-        )
-
-    def _rest(self, layout: _Layout) -> Any:
-        return jtu.tree_unflatten(
-            self._treedef, [None if d else x for x, d in zip(self._leaves, layout.diff)]
         )
 
     def _fresh_opt_state(self, layout: _Layout) -> Any:
@@ -829,7 +889,7 @@ class StepRunner:
 
     def _carry_masked(self, old: _Layout, new: _Layout) -> None:
         """Masked layout: reset the slots the structural version would have (re)started."""
-        if not jtu.tree_leaves(self._opt_state):
+        if not jtu.tree_leaves(self.opt_state):
             return  # a stateless optimizer: nothing to carry
         old_owned, new_owned = self._owned(old), self._owned(new)
         fresh_state = self._fresh_opt_state(new)
@@ -838,7 +898,7 @@ class StepRunner:
         if (old.method == OPTAX_MASK) != (new.method == OPTAX_MASK):
             # In a user's loop the state's structure changes (optax.partition wraps it):
             # all of it starts again, whatever it had and whatever it will hold.
-            self._opt_state = fresh_state
+            self._set_opt_state(fresh_state)
             had = shared or (slots and old_owned.any())
             has = shared or (slots and new_owned.any())
             self._tell_carry(old, new, rebuilt=had and has, had=had, has=has)
@@ -852,20 +912,20 @@ class StepRunner:
         leaves = [
             y if c in reset else x
             for x, y, c in zip(
-                jtu.tree_leaves(self._opt_state), jtu.tree_leaves(fresh_state), self._slot_cols
+                jtu.tree_leaves(self.opt_state), jtu.tree_leaves(fresh_state), self._slot_cols
             )
         ]
-        self._opt_state = jtu.tree_unflatten(jtu.tree_structure(self._opt_state), leaves)
+        self._set_opt_state(jtu.tree_unflatten(jtu.tree_structure(self.opt_state), leaves))
         self._tell_carry(old, new, rebuilt=False, had=True, has=True)
 
     def _carry_structural(self, old: _Layout, new: _Layout) -> None:
-        """Structural layout: move `self._opt_state` to `new`'s structure, by key path."""
+        """Structural layout: move `self.opt_state` to `new`'s structure, by key path."""
         if old.optimizer is new.optimizer and np.array_equal(old.diff, new.diff):
             return  # same optimizer over the same leaves: the state carries over unchanged
         fresh_state = self._fresh_opt_state(new)
         # Optimizer state leaves are keyed by their path (e.g. `[0].mu.layers[1].weight`),
         # which does not depend on which other leaves are None: equal paths = same slot.
-        old_by_path = {tuple(p): x for p, x in jtu.tree_flatten_with_path(self._opt_state)[0]}
+        old_by_path = {tuple(p): x for p, x in jtu.tree_flatten_with_path(self.opt_state)[0]}
         flat, treedef = jtu.tree_flatten_with_path(fresh_state)
         leaves, carried, started = [], 0, 0
         for path, x in flat:
@@ -881,7 +941,7 @@ class StepRunner:
             else:
                 leaves.append(x)
                 started += 1
-        self._opt_state = jtu.tree_unflatten(treedef, leaves)
+        self._set_opt_state(jtu.tree_unflatten(treedef, leaves))
         regroup = (old.method == OPTAX_MASK) != (new.method == OPTAX_MASK)
         self._tell_carry(
             old,
@@ -951,7 +1011,7 @@ class StepRunner:
                 self._carry_masked(self._layout, new)
             else:
                 self._carry_structural(self._layout, new)
-                self._slot_cols = _slot_cols(self._opt_state, self._params(new))
+                self._slot_cols = _slot_cols(self.opt_state, self._params(new))
             if not np.array_equal(new.masks, self._layout.masks):
                 self._steps_on_layout = 0
             self._set_inference(spec)
@@ -964,7 +1024,7 @@ class StepRunner:
             self._inference = set()
             self._set_inference(self._layout.spec)
             self._state = self._initial_state
-            self._opt_state = self._fresh_opt_state(self._layout)
+            self._set_opt_state(self._fresh_opt_state(self._layout))
             self._notes = ["reset: initial model, fresh optimizer state"]
             self._fresh = set()
 
@@ -1010,7 +1070,7 @@ class StepRunner:
 
     def _step(self, n: int, progress: Callable | None) -> StepReport:
         layout = self._layout
-        begin = (self._params(layout), self._opt_state, self._state)
+        begin = self._arrays_of(layout)
         compiles, t0 = self._counter[0], time.perf_counter()
 
         def tell(phase: str, done: int, loss: float | None) -> None:
@@ -1069,8 +1129,9 @@ class StepRunner:
                     self._specialise(layout)
 
         self._steps_on_layout += len(losses)
-        params, self._opt_state, self._state = current
-        for i, x, touched in zip(layout.diff_index, jtu.tree_leaves(params), layout.masks[_TOUCH]):
+        params, opt_arrays, self._state = current
+        self._set_opt_arrays(opt_arrays)
+        for i, x, touched in zip(layout.diff_index, params, layout.masks[_TOUCH]):
             if touched:  # an untouched leaf comes back bit-identical: keep the very object
                 self._leaves[i] = x
         key = self._special_key(layout)
@@ -1128,33 +1189,34 @@ class StepRunner:
     ) -> _Chunk:
         """`n` steps dispatched back to back, like a hand-written loop, then the audit of the
         call so far (`first`: `arrays` are the call's start). One wait, at the end."""
-        params, opt_state, state = arrays
+        p_leaves, o_leaves, state_tree = arrays
+        rest, rest_static = _split([self._leaves[i] for i in layout.rest_index])
+        batch, batch_static = _split(jtu.tree_leaves(self.batch))
+        state, state_static = _split(jtu.tree_leaves(state_tree))
         st = _Static(
             self.loss_fn,
             layout.optimizer,
-            self._stateful,
             layout.rules,
             baked,
             None if baked is None else tuple(float(f) for f in layout.factors),
             self._slot_cols,
-            _pins((params, opt_state)) if self._sharded else None,
+            _pins(p_leaves + o_leaves) if self._sharded else None,
+            (
+                self._treedef,
+                layout.diff_key,
+                rest_static,
+                self._opt,
+                (jtu.tree_structure(state_tree), state_static) if self._stateful else None,
+                (jtu.tree_structure(self.batch), batch_static),
+            ),
         )
         masks, factors = (None, None) if baked is not None else self._codes(layout)
-        p_def, o_def = jtu.tree_structure(params), jtu.tree_structure(opt_state)
-        p_leaves, o_leaves = jtu.tree_leaves(params), jtu.tree_leaves(opt_state)
-        rest, losses, before, grads = self._rest(layout), [], p_leaves, []
+        losses, before, grads = [], p_leaves, []
         for k in range(n):
             before = p_leaves
             try:
                 p_out, o_out, state, loss, grads = self._program(
-                    jtu.tree_unflatten(p_def, p_leaves),
-                    rest,
-                    jtu.tree_unflatten(o_def, o_leaves),
-                    state,
-                    self.batch,
-                    masks,
-                    factors,
-                    st=st,
+                    p_leaves, rest, o_leaves, state, batch, masks, factors, st=st
                 )
             except Exception as e:
                 if k:  # the program was built: this is the run failing
@@ -1164,7 +1226,8 @@ class StepRunner:
             p_leaves = [x if y is None else y for x, y in zip(p_leaves, p_out)]
             o_leaves = [x if y is None else y for x, y in zip(o_leaves, o_out)]
             losses.append(loss)
-        params, opt_state = jtu.tree_unflatten(p_def, p_leaves), jtu.tree_unflatten(o_def, o_leaves)
+        if self._stateful:
+            state_tree = jtu.tree_unflatten(st.state[0], _join(state, state_static))
         # Leaves a baked program never writes are the very same arrays: nothing to compare;
         # gradients it never uses are zero: nothing to reduce.
         if baked is not None:  # the program reduced the gradients it used
@@ -1177,12 +1240,12 @@ class StepRunner:
             grads = [grads[j] for j in seen]
         try:  # the one wait of the chunk
             audit, grad_rows, state_audit = self._auditor(index, seen if baked is None else [])(
-                _subset(jtu.tree_leaves(begin[0]), index),
+                _subset(begin[0], index),
                 _subset(before, index),
                 _subset(p_leaves, index),
                 grads,
                 _arrays(begin[2]),
-                _arrays(state),
+                state,
                 np.bool_(first and n == 1),
             )
             losses, audit, grad_rows, state_audit = jax.device_get(
@@ -1195,7 +1258,10 @@ class StepRunner:
         full[:4, slice(None) if index is None else index] = audit
         full[_GRAD_NORM:, seen] = grad_rows
         return _Chunk(
-            (params, opt_state, state), [float(x) for x in losses], full, np.asarray(state_audit)
+            (p_leaves, o_leaves, state_tree),
+            [float(x) for x in losses],
+            full,
+            np.asarray(state_audit),
         )
 
     def _codes(self, layout: _Layout) -> tuple[list, list]:
@@ -1312,8 +1378,9 @@ class StepRunner:
 
     def _warm_audit(self, index: np.ndarray | None, seen: list, ready: threading.Event) -> None:
         # Compiling the audit program by running it once on the current arrays.
-        leaves = _subset(jtu.tree_leaves(self._params(self._layout)), index)
-        grads = [jtu.tree_leaves(self._params(self._layout))[j] for j in seen]
+        optimized = self._arrays_of(self._layout)[0]
+        leaves = _subset(optimized, index)
+        grads = [optimized[j] for j in seen]
         state = _arrays(self._state)
         try:
             _audit_call(leaves, leaves, leaves, grads, state, state, np.bool_(True))
@@ -1325,7 +1392,7 @@ class StepRunner:
     def _warm_masked(self) -> None:
         # Builds the masked program (and the audit) by running one step, thrown away.
         layout = self._layout
-        arrays = (self._params(layout), self._opt_state, self._state)
+        arrays = self._arrays_of(layout)
         try:
             self._run(layout, None, arrays, arrays, 1, first=True)
         except Exception:  # noqa: BLE001 - a step in the foreground will report it
@@ -1339,7 +1406,7 @@ class StepRunner:
             return
         self._special[key] = "compiling"
         baked = tuple(tuple(bool(b) for b in row) for row in layout.masks)
-        arrays = (self._params(layout), self._opt_state, self._state)
+        arrays = self._arrays_of(layout)
 
         def work() -> None:
             start = time.perf_counter()
