@@ -4,9 +4,10 @@ Statuses, per leaf of the model (`jtu.tree_leaves` order):
 
 - `updated`: a trainable array that changed.
 - `stalled`: a trainable array that stayed bit-identical (no gradient, or a zero step, reached it).
-- `frozen`: a frozen array, or an int/bool array, that stayed bit-identical.
-- `leaked`: a frozen array, or an int/bool array, that changed.
-- `kept`: a non-array leaf that is the same object, or an equal one.
+- `frozen`: a frozen float array that stayed bit-identical.
+- `leaked`: a frozen float array, or an int/bool array, that changed.
+- `kept`: a leaf that can never train (`static` in the tree and the summary) that came back
+  the same: a non-array leaf (the same object, or an equal one) or an int/bool array.
 - `lost`: a leaf that became `None` or changed type (dtype/shape for arrays), or a non-array
   leaf whose value changed.
 - `unchanged`: an array of the model's state (`eqx.nn.State`, `StepReport.state_leaves`)
@@ -389,8 +390,8 @@ def audit_step(
 
     `step_fn` is any user step (jitted or not) returning the new model or a tuple whose first
     element is the model. With `spec`, frozen arrays that changed are `leaked`; without one,
-    every float array counts as trainable (`updated`/`stalled`). Int/bool arrays are always
-    `frozen` or `leaked`. Non-array leaves are `kept` or `lost`. Neither `model` nor the
+    every float array counts as trainable (`updated`/`stalled`). Int/bool arrays are `kept`
+    or `leaked`; non-array leaves `kept` or `lost`. Neither `model` nor the
     arguments are changed by the audit.
 
     ```python
@@ -450,6 +451,8 @@ def audit_step(
         else:
             was_changed, d = by_index[i]
             status = array_status(train, was_changed)
+            if status == FROZEN and not tree.inexact[i]:
+                status = KEPT  # an int/bool array: never trainable
             detail = ""
             if status == LEAKED:
                 detail = "frozen but changed" if tree.inexact[i] else f"{old.dtype} array changed"

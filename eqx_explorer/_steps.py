@@ -91,11 +91,11 @@ from ._audit import (
     stack,
     sumsq,
 )
-from ._errors import ExplorerError
+from ._errors import ExplorerError, short_repr, shorten
 from ._spec import FROZEN as FROZEN_STATE
 from ._spec import STATIC as STATIC_STATE
 from ._spec import FilterSpec
-from ._state import state_entries
+from ._state import has_state, state_entries
 
 __all__ = ["StepRunner", "StepProgress", "METHODS", "LAYOUTS"]
 
@@ -290,6 +290,18 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
                     )
             else:
                 loss, new_state = st.loss_fn(model, batch), state
+            if isinstance(loss, tuple | list):
+                raise _StepFailure(
+                    f"loss_fn returned a {type(loss).__name__} of {len(loss)} values; it must "
+                    "return the loss alone, a float scalar"
+                    + (
+                        " (with `state=`, the pair (loss, new_state))."
+                        if st.state is not None
+                        else ". Drop auxiliary outputs, or, for a stateful model, pass "
+                        "`state=` and return (loss, new_state)."
+                    )
+                )
+            loss = jnp.asarray(loss)  # a constant Python float is a loss too
             if jnp.shape(loss) != () or not jnp.issubdtype(jnp.result_type(loss), jnp.floating):
                 raise _StepFailure(
                     "loss_fn must return a float scalar; it returned "
@@ -304,7 +316,14 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
             _zero_unless(m[_GRAD][j], g[j] if r is None else r.grad(x, g[j]))
             for j, (x, r) in enumerate(zip(old, st.rules))
         ]
-        updates, new_opt = st.optimizer.update(tree(fed, None), opt_state, tree(old, None))
+        try:
+            updates, new_opt = st.optimizer.update(tree(fed, None), opt_state, tree(old, None))
+        except Exception as e:  # the user's optimizer, not their loss: say so
+            raise _StepFailure(
+                f"the optimizer's update raised {type(e).__name__}: {shorten(str(e), 300)}. "
+                "Check the optimizer (call optimizer.update(grads, opt_state, params) once "
+                "outside the runner to see the full traceback)."
+            ) from e
         new = []
         for j, (x, u, r) in enumerate(zip(old, jtu.tree_leaves(updates), st.rules)):
             u = _zero_unless(m[_UPD][j], _times(f[j], u))
@@ -485,19 +504,30 @@ def _pin(arrays: list, pins: tuple) -> list:
     ]
 
 
-def _check_method(method: str) -> str:
-    if method not in METHODS:
+def check_optimizer(optimizer: Any) -> Any:
+    """`optimizer`, if it is an optax `GradientTransformation` (anything with init/update)."""
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise ExplorerError(
-            f"unknown method {method!r}; use one of {', '.join(repr(m) for m in METHODS)}"
+            "optimizer must be an optax GradientTransformation (with .init and .update), "
+            f"got {type(optimizer).__name__}; e.g. optax.adam(1e-3)"
+        )
+    return optimizer
+
+
+def _check_method(method: str) -> str:
+    if not (isinstance(method, str) and method in METHODS):
+        raise ExplorerError(
+            f"unknown method {short_repr(method)}; use one of "
+            + ", ".join(repr(m) for m in METHODS)
         )
     return method
 
 
 def _check_layout(layout: str) -> str:
-    if layout not in LAYOUTS:
+    if not (isinstance(layout, str) and layout in LAYOUTS):
         raise ExplorerError(
-            f"unknown layout {layout!r}; use {MASKED!r} (one compilation for every spec and "
-            f"method) or {STRUCTURAL!r} (optimizer state only for trainable leaves)"
+            f"unknown layout {short_repr(layout)}; use {MASKED!r} (one compilation for every "
+            f"spec and method) or {STRUCTURAL!r} (optimizer state only for trainable leaves)"
         )
     return layout
 
@@ -524,6 +554,13 @@ def opt_state_bytes(spec: FilterSpec, method: str, slots: float, layout: str = M
 def _check_loss_fn(loss_fn: Callable, model: Any, state: Any, batch: Any) -> None:
     if not callable(loss_fn):
         raise ExplorerError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if state is None and has_state(model):
+        raise ExplorerError(
+            "the model holds eqx.nn.StateIndex markers (a BatchNorm or another stateful "
+            "layer), so it needs an eqx.nn.State: build it with "
+            "`model, state = eqx.nn.make_with_state(Model)(...)`, pass `state=state`, and "
+            "write loss_fn(model, state, batch) -> (loss, new_state)."
+        )
     try:
         signature = inspect.signature(loss_fn)
     except (TypeError, ValueError):  # builtins and some C callables have no signature
@@ -675,12 +712,7 @@ class StepRunner:
         _check_method(method)
         self._kind = _check_layout(layout)
         _check_loss_fn(loss_fn, model, state, batch)
-        optimizer = optax.adam(1e-3) if optimizer is None else optimizer
-        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
-            raise ExplorerError(
-                f"optimizer must be an optax GradientTransformation (with .init and .update), "
-                f"got {type(optimizer).__name__}; e.g. optax.adam(1e-3)"
-            )
+        optimizer = check_optimizer(optax.adam(1e-3) if optimizer is None else optimizer)
         self.loss_fn = loss_fn
         self.batch = batch
         self.optimizer = optimizer
@@ -1454,6 +1486,9 @@ class StepRunner:
                 continue
             train = bool(layout.trainable[i])
             factor = lr[i] if self._inexact[i] else None
+            if not self._inexact[i]:  # an int/bool array: never optimized, the same object
+                reports.append(LeafReport(path, KEPT, detail=detail))
+                continue
             j = column.get(i)
             if j is None or not masks[:, j].any():
                 # Never optimized (a partition's frozen leaf, an int array): the runner keeps

@@ -68,12 +68,12 @@ def test_seed_003_bug_is_lost(model, grads, optim):
     assert lost["scale"] == "became None (was 1.5)"
     assert lost["mlp.activation"] == "became None (was custom_jvp relu)"
     assert report.statuses()["mlp.layers[0].weight"] == "updated"
-    assert report.statuses()["steps"] == "frozen"
+    assert report.statuses()["steps"] == "kept"  # an int array: never trainable
     assert not report.ok
 
     fixed = audit_step(good_step, model, opt_state, grads, optim)
     assert fixed.ok and fixed.by_status("lost") == []
-    assert set(fixed.by_status("kept")) == set(lost)
+    assert set(fixed.by_status("kept")) == {*lost, "steps"}
 
 
 def test_assert_frozen_safe_raises_with_a_table(model, grads):

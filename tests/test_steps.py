@@ -82,9 +82,8 @@ def test_statuses_partition_every_leaf_kind(net, batch, layout):
         "mlp.layers[0].bias",
         "mlp.layers[1].weight",
         "mlp.layers[1].bias",
-        "counter",
     }
-    for path in ("act", "temperature", "label", "dropout.p", "mlp.activation"):
+    for path in ("counter", "act", "temperature", "label", "dropout.p", "mlp.activation"):
         assert statuses[path] == "kept"
     frozen_leaf = next(r for r in report.leaves if r.path == "mlp.layers[0].weight")
     assert frozen_leaf.grad_norm is None  # partition: no gradient at all, not a zero one
@@ -134,7 +133,8 @@ def test_methods(net, batch, method, frozen_grad, frozen_status):
 def test_everything_frozen(net, batch, method):
     spec = FilterSpec(net).freeze("mlp", "head")
     report = StepRunner(net, spec, mse, batch, method=method).step(2)
-    assert report.ok and report.counts["frozen"] == 7 and report.counts["updated"] == 0
+    # Six float arrays frozen; the int buffer is kept (it can never train).
+    assert report.ok and report.counts["frozen"] == 6 and report.counts["updated"] == 0
 
 
 def test_adamw_leaks_under_stop_gradient_not_under_partition(net, batch):
@@ -313,6 +313,43 @@ def test_loss_that_raises_and_non_scalar_loss(net, batch):
     assert "loss_fn must return a float scalar" in report.error and "[8]" in report.error
     runner.loss_fn = mse
     assert runner.step().ok
+
+
+class RaisingOptimizer:
+    def init(self, params):
+        return optax.sgd(0.1).init(params)
+
+    def update(self, grads, state, params=None):
+        raise RuntimeError("boom in update")
+
+
+@pytest.mark.parametrize(
+    "loss_fn, optimizer, says",
+    [
+        (lambda m, b: (mse(m, b), 0.0), None, "returned a tuple of 2 values"),
+        (lambda m, b: mse(m, b), RaisingOptimizer(), "the optimizer's update raised RuntimeError"),
+    ],
+    ids=["tuple-loss", "raising-optimizer"],
+)
+def test_a_failing_step_names_its_cause(net, batch, loss_fn, optimizer, says):
+    runner = StepRunner(net, FilterSpec(net), loss_fn, batch, optimizer=optimizer)
+    report = runner.step(np.int64(2))
+    assert says in report.error and report.steps == 0 and leaves_equal(runner.model, net)
+
+
+def test_a_constant_python_float_is_a_loss(net, batch):
+    assert StepRunner(net, FilterSpec(net), lambda m, b: 3.0, batch).step(1).loss == [3.0]
+
+
+def test_stateful_model_needs_state_and_a_state_back():
+    model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch")
+    x = jnp.ones((4, 3))
+    with pytest.raises(ExplorerError, match=r"needs an eqx.nn.State.*state=state"):
+        StepRunner(model, FilterSpec(model), lambda m, b: 0.0, x)
+    runner = StepRunner(
+        model, FilterSpec(model), lambda m, s, b: (jnp.sum(m.weight), 5), x, state=state
+    )
+    assert "new_state an eqx.nn.State like the one it was given" in runner.step(1).error
 
 
 class JvpModel(eqx.Module):
