@@ -1508,6 +1508,9 @@ class StepRunner:
                 detail = "frozen but changed" + (f"; {detail}" if detail else "")
             seen = bool(masks[_SEEN, j])  # else the optimizer saw a zero gradient
             grad = float(audit[_GRAD_NORM, j]) if seen else 0.0
+            if status == UPDATED and grad == 0.0:  # e.g. an unused layer under weight decay
+                note = "zero gradient: moved by the optimizer alone (weight decay?), not the loss"
+                detail = note + (f"; {detail}" if detail else "")
             finite = (not seen or bool(audit[_GRAD_FINITE, j])) and (
                 broken is None or bool(broken[j])
             )

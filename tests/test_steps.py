@@ -708,3 +708,18 @@ def test_lr_factor_scales_the_update_and_is_reported():
     assert report.leaf("layers[2].bias").lr_factor == 0.0
     assert report.leaf("activation").lr_factor is None
     assert runner.compile_count == 1
+
+
+def test_a_dead_parameter_moved_by_weight_decay_is_flagged():
+    class Dead(eqx.Module):
+        used: jax.Array
+        unused: jax.Array
+
+    model = Dead(jnp.ones(3), jnp.ones(3))
+    loss = lambda m, b: jnp.sum(m.used * b)  # noqa: E731
+    report = StepRunner(
+        model, FilterSpec(model), loss, jnp.ones(3), optimizer=optax.adamw(0.1)
+    ).step()
+    dead, alive = report.leaf("unused"), report.leaf("used")
+    assert dead.status == alive.status == "updated" and dead.grad_norm == 0.0
+    assert "zero gradient" in dead.detail and "zero gradient" not in alive.detail
