@@ -67,7 +67,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -97,12 +97,18 @@ from ._spec import STATIC as STATIC_STATE
 from ._spec import FilterSpec
 from ._state import has_state, state_entries
 
-__all__ = ["StepRunner", "StepProgress", "METHODS", "LAYOUTS"]
+__all__ = ["StepRunner", "StepProgress", "Method", "Layout", "METHODS", "LAYOUTS"]
 
-PARTITION, STOP_GRADIENT, OPTAX_MASK, NONE = "partition", "stop_gradient", "optax_mask", "none"
-METHODS = (PARTITION, STOP_GRADIENT, OPTAX_MASK, NONE)
-MASKED, STRUCTURAL = "masked", "structural"
-LAYOUTS = (MASKED, STRUCTURAL)
+Method = Literal["partition", "stop_gradient", "optax_mask", "none"]
+Layout = Literal["masked", "structural"]
+PARTITION: Method = "partition"
+STOP_GRADIENT: Method = "stop_gradient"
+OPTAX_MASK: Method = "optax_mask"
+NONE: Method = "none"
+METHODS: tuple[Method, ...] = (PARTITION, STOP_GRADIENT, OPTAX_MASK, NONE)
+MASKED: Layout = "masked"
+STRUCTURAL: Layout = "structural"
+LAYOUTS: tuple[Layout, ...] = (MASKED, STRUCTURAL)
 
 # Rows of the per-leaf masks: the gradient reaches the optimizer; the raw gradient is
 # computed (and reported); the update applies; the leaf is written at all; its optimizer
@@ -144,7 +150,7 @@ class _Failure:
     message: str | None = None
 
 
-def _method_masks(method: str, trainable: np.ndarray) -> np.ndarray:
+def _method_masks(method: Method, trainable: np.ndarray) -> np.ndarray:
     """The `(5, k)` masks of `method` over `k` float leaves (`trainable`: the spec's mask)."""
     t, every = trainable, np.ones_like(trainable)
     rows = {
@@ -202,8 +208,10 @@ class _Static:
     for arrays) rebuild the model; `opt`, `state` and `batch` are (treedef, static leaves).
     """
 
-    __slots__ = ("loss_fn", "optimizer", "rules", "masks", "factors", "slot_cols", "pins")
-    __slots__ += ("treedef", "diff", "rest", "opt", "state", "batch", "_key", "_hash")
+    __slots__ = (
+        *("loss_fn", "optimizer", "rules", "masks", "factors", "slot_cols", "pins"),
+        *("treedef", "diff", "rest", "opt", "state", "batch", "_key", "_hash"),
+    )
 
     def __init__(self, loss_fn, optimizer, rules, masks, factors, slot_cols, pins, parts):
         self.loss_fn: Callable = loss_fn
@@ -514,7 +522,7 @@ def check_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def _check_method(method: str) -> str:
+def _check_method(method: Any) -> Method:
     if not (isinstance(method, str) and method in METHODS):
         raise ExplorerError(
             f"unknown method {short_repr(method)}; use one of "
@@ -523,7 +531,7 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _check_layout(layout: str) -> str:
+def _check_layout(layout: Any) -> Layout:
     if not (isinstance(layout, str) and layout in LAYOUTS):
         raise ExplorerError(
             f"unknown layout {short_repr(layout)}; use {MASKED!r} (one compilation for every "
@@ -617,7 +625,7 @@ class _Layout(NamedTuple):
     """How one (spec, method) maps the model's leaves onto the program."""
 
     spec: FilterSpec
-    method: str
+    method: Method
     trainable: np.ndarray  # per model leaf: should train under this method
     diff: np.ndarray  # per model leaf: passed to the program as an optimized leaf
     diff_index: np.ndarray
@@ -702,11 +710,11 @@ class StepRunner:
         loss_fn: Callable,
         batch: Any,
         optimizer: optax.GradientTransformation | None = None,
-        method: str = PARTITION,
+        method: Method = PARTITION,
         state: Any = None,
-        layout: str = MASKED,
+        layout: Layout = MASKED,
         specialise: bool = True,
-    ):
+    ) -> None:
         spec = _check_spec(spec, model, "StepRunner")
         tree = spec.model_tree
         _check_method(method)
@@ -746,12 +754,13 @@ class StepRunner:
         self._code_arrays: dict[int, jax.Array] = {}
         self._factor_arrays: dict[float, jax.Array] = {}
         self._step_seconds: dict[bool, float] = {}  # specialised? -> seconds per step
-        self._init_fn = None
+        self._init_fn: Callable | None = None
         self._leaves = list(self._initial_leaves)
         self._state = self._initial_state
         self._inference: set[int] = set()  # leaves whose `inference` flag a spec has set
         self._set_inference(spec)
         self._layout = self._layout_for(spec, method)
+        self._opt_tree: Any = None  # the optimizer state as a tree, when built
         self._set_opt_state(self._fresh_opt_state(self._layout))
         self._slot_cols = _slot_cols(self.opt_state, self._params(self._layout))
         self._notes: list[str] = []
@@ -766,7 +775,8 @@ class StepRunner:
             self._masked_ready.set()
         self._audits: dict[tuple, threading.Event] = {}  # leaves -> audit program built
         self._announced: set[bytes] = set()
-        self.program = None  # which program ran the last chunk: "masked", "specialised", ...
+        # Which program ran the last chunk: "masked", "specialised", "structural" (None: none).
+        self.program: str | None = None
 
     # -- public state -------------------------------------------------------------------
     @property
@@ -800,11 +810,11 @@ class StepRunner:
         return self._layout.spec
 
     @property
-    def method(self) -> str:
+    def method(self) -> Method:
         return self._layout.method
 
     @property
-    def layout(self) -> str:
+    def layout(self) -> Layout:
         """`"masked"` or `"structural"`: what the runner compiles (module docstring)."""
         return self._kind
 
@@ -845,7 +855,7 @@ class StepRunner:
             self._stop.set()
 
     # -- layouts and optimizer state -----------------------------------------------------
-    def _layout_for(self, spec: FilterSpec, method: str) -> _Layout:
+    def _layout_for(self, spec: FilterSpec, method: Method) -> _Layout:
         mask = np.asarray(spec.mask, bool)
         trainable = self._inexact.copy() if method == NONE else mask.copy()
         optimizer = self.optimizer
@@ -914,9 +924,10 @@ class StepRunner:
 
     def _fresh_opt_state(self, layout: _Layout) -> Any:
         if self._kind == MASKED:  # one structure for the runner's life: init is jitted once
-            if self._init_fn is None:
-                self._init_fn = jax.jit(lambda p: _strong(self.optimizer.init(p)))
-            return self._init_fn(self._params(layout))
+            init = self._init_fn
+            if init is None:
+                init = self._init_fn = jax.jit(lambda p: _strong(self.optimizer.init(p)))
+            return init(self._params(layout))
         return _strong(layout.optimizer.init(self._params(layout)))
 
     def _carry_masked(self, old: _Layout, new: _Layout) -> None:
@@ -931,8 +942,8 @@ class StepRunner:
             # In a user's loop the state's structure changes (optax.partition wraps it):
             # all of it starts again, whatever it had and whatever it will hold.
             self._set_opt_state(fresh_state)
-            had = shared or (slots and old_owned.any())
-            has = shared or (slots and new_owned.any())
+            had = shared or (slots and bool(old_owned.any()))
+            has = shared or (slots and bool(new_owned.any()))
             self._tell_carry(old, new, rebuilt=had and has, had=had, has=has)
             return
         fresh, dropped = new_owned & ~old_owned, old_owned & ~new_owned
@@ -1021,7 +1032,7 @@ class StepRunner:
                 "optimizer state started fresh for: " + listed([self._paths[i] for i in index])
             )
 
-    def set_spec(self, spec: FilterSpec, method: str | None = None) -> None:
+    def set_spec(self, spec: FilterSpec, method: Method | None = None) -> None:
         """Change what is frozen (and optionally the method) before the next step.
 
         No recompilation in the masked layout. The optimizer state follows the rules in the
@@ -1111,7 +1122,8 @@ class StepRunner:
 
         self._local.on_trace = lambda: tell("compiling", 0, None)
 
-        current, losses, moved, attempt = begin, [], None, None
+        losses: list[float] = []
+        current, moved, attempt = begin, None, None
         failure, broken, stopped, swapped = None, None, False, None
         while len(losses) < n:
             if losses and self._stop.is_set():
@@ -1126,10 +1138,10 @@ class StepRunner:
                 chunk = self._run(layout, baked, begin, current, size, first=not losses)
             except _Traced as e:  # the program could not be built: nothing ran
                 if baked is not None and self._kind == MASKED:  # the masked one may build
-                    self._special[self._special_key(layout)] = _Unbuilt(_explain(e.__cause__))
+                    self._special[self._special_key(layout)] = _Unbuilt(_explain(e.__cause__ or e))
                     swapped = None
                     continue
-                failure = _Failure(message=_explain(e.__cause__))
+                failure = _Failure(message=_explain(e.__cause__ or e))
                 break
             except _Ran:  # an error at run time (e.g. eqx.error_if): find the step
                 chunk = None
@@ -1323,12 +1335,13 @@ class StepRunner:
         stops at the step that broke and keeps everything before it. Returns (arrays, losses,
         last committed step, the failed step, broken, failure).
         """
-        losses, broken, failure, attempt = [], None, None, None
+        losses: list[float] = []
+        broken, failure, attempt = None, None, None
         for _ in range(n):
             try:
                 chunk = self._run(layout, baked, begin, current, 1, first=first and not losses)
             except (_Traced, _Ran) as e:
-                failure = _Failure(message=_explain(e.__cause__))
+                failure = _Failure(message=_explain(e.__cause__ or e))
                 break
             if not np.isfinite(chunk.losses[0]):
                 failure, attempt = _Failure(len(losses) + 1, loss=chunk.losses[0]), chunk
