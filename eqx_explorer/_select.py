@@ -16,7 +16,7 @@ import numpy as np
 
 from ._errors import ExplorerError, short_repr, shorten
 from ._paths import STARSTAR, check_length, format_key, is_glob, parse_path
-from ._tree import ModelTree
+from ._tree import NONE, ModelTree
 
 __all__ = ["Selection", "select", "describe", "match_nodes"]
 
@@ -314,21 +314,44 @@ def _instance_nodes(tree: ModelTree, target: Any) -> list[int]:
     return nodes
 
 
-def select(tree: ModelTree, target: Any) -> Selection:
-    """The leaves selected by `target`; raises `ExplorerError` when it selects nothing.
+def _nothing_message(tree: ModelTree, nodes: list[int], label: str, verb: str) -> str:
+    """Why `nodes` (picked by `label`, holding no leaf) leave nothing to `verb`, and a fix."""
+    node = nodes[0]
+    what = "None (an empty field)" if tree.kind[node] == NONE else f"an empty {tree.cls[node]}"
+    also = f", as are the other {len(nodes) - 1} nodes it matches" if len(nodes) > 1 else ""
+    kids = tree.children[0]
+    example = next((c for c in kids if tree.n_inexact(c)), kids[0] if kids else 0)
+    return (
+        f"`{shorten(tree.paths[node])}` is {what}: nothing to {verb} ({label} selects no "
+        f"leaves{also}); {verb} a module or an array instead, e.g. `{tree.paths[example]}`"
+    )
 
-    A module or array of the model itself (`model.layers[0]`) selects where it sits.
+
+def _of_nodes(tree: ModelTree, nodes: list[int], label: str, verb: str | None) -> Selection:
+    mask = _mask_of_nodes(tree, nodes)
+    if verb is not None and not mask.any():
+        raise ExplorerError(_nothing_message(tree, nodes, label, verb))
+    return Selection(mask, nodes, label)
+
+
+def select(tree: ModelTree, target: Any, verb: str | None = None) -> Selection:
+    """The leaves selected by `target`; raises `ExplorerError` when it names nothing.
+
+    A module or array of the model itself (`model.layers[0]`) selects where it sits. With a
+    `verb` (`"freeze"`, ...), a target naming only nodes without leaves (a `None` field, an
+    empty container) raises too, saying there is nothing to `verb`; a `(path, leaf)`
+    predicate is a filter and may select no leaf.
     """
     if isinstance(target, list | tuple | set | frozenset) and not isinstance(target, str):
         if not target:
             raise ExplorerError("an empty list of targets selects nothing: name at least one")
-        parts = [select(tree, t) for t in target]
+        parts = [select(tree, t, verb) for t in target]
         mask = np.logical_or.reduce([p.mask for p in parts])
         return Selection(mask, [n for p in parts for n in p.nodes], describe(list(target)))
     if isinstance(target, str):
         node = tree.index_of(target)  # every printed path, whatever its keys
         if node is not None:
-            return Selection(_mask_of_nodes(tree, [node]), [node], f"`{shorten(target)}`")
+            return _of_nodes(tree, [node], f"`{shorten(target)}`", verb)
         nodes = _highest(tree, match_nodes(tree, target))
         if not nodes:
             raise ExplorerError(
@@ -338,7 +361,7 @@ def select(tree: ModelTree, target: Any) -> Selection:
                 f"{', '.join(tree.paths[c] for c in tree.children[0][:8])}"
             )
         label = tree.paths[nodes[0]] if len(nodes) == 1 and "*" not in target else target
-        return Selection(_mask_of_nodes(tree, nodes), nodes, f"`{shorten(label)}`")
+        return _of_nodes(tree, nodes, f"`{shorten(label)}`", verb)
     if isinstance(target, type):
         nodes = _class_nodes(tree, target)
         if not nodes:
@@ -346,7 +369,7 @@ def select(tree: ModelTree, target: Any) -> Selection:
                 f"no node of class {target.__name__} in this model; pass a class the model "
                 "contains, e.g. `eqx.nn.Linear`"
             )
-        return Selection(_mask_of_nodes(tree, nodes), nodes, describe(target))
+        return _of_nodes(tree, nodes, describe(target), verb)
     if isinstance(target, eqx.Module | jax.Array | np.ndarray):
         nodes = _instance_nodes(tree, target)
         if not nodes:
@@ -355,7 +378,7 @@ def select(tree: ModelTree, target: Any) -> Selection:
                 '(a copy, or another model\'s); pass its path, e.g. `"layers[0]"`, or a '
                 "`where` function, e.g. `lambda m: m.layers[0]`"
             )
-        return Selection(_mask_of_nodes(tree, nodes), nodes, f"`{tree.paths[nodes[0]]}`")
+        return _of_nodes(tree, nodes, f"`{tree.paths[nodes[0]]}`", verb)
     if callable(target):
         arity = _positional_arity(target)
         if arity == 1:

@@ -194,7 +194,8 @@ class FilterSpec:
     turn on factor 1 (a frozen leaf remembers no factor) and leave trainable leaves' factors be.
 
     Edge cases: a stacked layer (`eqx.nn.MLP(..., scan=True)`) is one array leaf, so one bool
-    freezes all its layers at once; `eqx.nn.Shared` ties arrays so only the source is a leaf.
+    freezes all its layers at once; `eqx.nn.Shared` ties arrays so only the source is a leaf:
+    the tied place (a `SharedNode`) has its source's state, and editing it alone raises.
     """
 
     __slots__ = ("_model_tree", "_mask", "_factors", "_cum", "constraints", "_inference")
@@ -293,6 +294,19 @@ class FilterSpec:
                 f"{then} here); build it from this model, e.g. FilterSpec(model).freeze(...), or "
                 "FilterSpec.from_json(model, text)"
             )
+        flips = np.flatnonzero(self._model_tree.inexact != base._model_tree.inexact)
+        if len(flips):
+            leaf = int(flips[0])
+            there, here = (
+                t.summary(int(t.leaf_node[leaf])) for t in (self._model_tree, base._model_tree)
+            )
+            more = f" (and {len(flips) - 1} more leaves changed so)" if len(flips) > 1 else ""
+            raise ExplorerError(
+                f"this spec was built for a model whose `{shorten(mine[leaf])}` is {there}; "
+                f"here it is {here}{more}. A spec decides which float/complex arrays train, so "
+                "it does not fit this model: cast the leaf back, or build a spec for this model, "
+                "e.g. FilterSpec(model).freeze(...)"
+            )
         other = base.set_mask(self._mask)
         tree = other._model_tree
         for path, rule in self.constraints.items():
@@ -316,43 +330,96 @@ class FilterSpec:
         return self._mask
 
     def select(self, target: Any) -> Selection:
+        """The leaves `target` selects (any form `freeze` takes), as a bool mask over leaves."""
         return select(self._model_tree, target)
 
     def freeze(self, *targets: Any) -> FilterSpec:
-        """A new spec with every leaf under `targets` frozen (`self` is unchanged)."""
+        """A new spec with every leaf under `targets` frozen (`self` is unchanged).
+
+        A target that holds no leaf at all (a `None` field, an empty container) raises
+        `ExplorerError`, as does one holding a tied place (`eqx.nn.Shared`) whose source
+        stays trainable: it trains as its source does. Leaves that never train (int arrays,
+        functions) are simply left as they are.
+        """
         if not targets:
             raise ExplorerError("freeze() needs at least one target, e.g. spec.freeze('encoder')")
-        sel = self.select(list(targets) if len(targets) > 1 else targets[0])
+        sel = select(self._model_tree, list(targets) if len(targets) > 1 else targets[0], "freeze")
         mask = self._mask.copy()
         mask[sel.mask] = False
-        return self._replace(mask)
+        spec = self._replace(mask)
+        self._check_ties(sel, spec, "freeze", 0.0)
+        return spec
 
     def unfreeze(self, *targets: Any) -> FilterSpec:
         """A new spec with every float/complex array under `targets` trainable.
 
         Raises `ExplorerError` if a target holds no float/complex array (an int/bool array, a
-        function, a Python scalar): those can never train.
+        function, a Python scalar, a `None` field): those can never train; or if it holds a
+        tied place (`eqx.nn.Shared`) whose source stays frozen.
         """
         if not targets:
             raise ExplorerError("unfreeze() needs at least one target, e.g. spec.unfreeze('head')")
         tree = self._model_tree
         mask = self._mask.copy()
-        for target in targets:
-            sel = self.select(target)
+        sels = [select(tree, target, "unfreeze") for target in targets]
+        for sel in sels:
             hit = sel.mask & tree.inexact
-            if not hit.any():
+            if not hit.any() and not self._tied_in(sel):
                 raise ExplorerError(self._cannot_train_message(sel))
             mask[hit] = True
-        return self._replace(mask)
+        spec = self._replace(mask)
+        for sel in sels:
+            self._check_ties(sel, spec, "unfreeze")
+        return spec
+
+    def _tied_in(self, sel: Selection) -> list[int]:
+        """The tied places (`eqx.nn.Shared`) in `sel` whose traced sources hold float arrays."""
+        tree = self._model_tree
+        return [
+            leaf
+            for leaf, (_, sources) in tree.ties.items()
+            if sel.mask[leaf] and sources and tree.inexact[list(sources)].any()
+        ]
+
+    def _check_ties(
+        self, sel: Selection, spec: FilterSpec, verb: str, factor: float | None = None
+    ) -> None:
+        """`ExplorerError` if `spec` (`self` after `verb` on `sel`) leaves a tied place in `sel`
+        otherwise than asked: a tied place trains at its sources' factor (`factor`, or any
+        factor > 0 when None), so only editing the sources changes it."""
+        tree = self._model_tree
+        for leaf in self._tied_in(sel):
+            owner, sources = tree.ties[leaf]
+            sources = [k for k in sources if tree.inexact[k]]
+            factors = spec.lr_factors[sources]
+            if (factors > 0).all() if factor is None else (factors == factor).all():
+                continue
+            if not factors.any():
+                now = "frozen"
+            elif (factors == factors[0]).all():
+                at = factors[0] != 1 or factor  # the factor matters when scaling
+                now = "trainable" + (f" at factor {factors[0]:g}" if at else "")
+            else:
+                now = "partly frozen"
+            source = tree.tie_source(leaf)
+            shared = f"`{tree.paths[owner]}`" if owner else "the root"
+            rest = np.flatnonzero(sel.mask & tree.inexact & (spec.lr_factors != factors[0]))
+            others = (
+                f", or {verb} only the rest, e.g. `{tree.paths[tree.leaf_node[rest[0]]]}`"
+                if len(rest)
+                else ""
+            )
+            raise ExplorerError(
+                f"cannot {verb} {sel.label}: `{tree.paths[tree.leaf_node[leaf]]}` is tied to "
+                f"{source} by the eqx.nn.Shared at {shared}, which stays {now}. Equinox keeps "
+                "only the source as a parameter and rebuilds the tied place from it, so it "
+                f"trains as its source does. {verb.capitalize()} {source} instead (that "
+                f"{verb}s both){others}."
+            )
 
     def _cannot_train_message(self, sel: Selection, verb: str = "unfreeze") -> str:
         tree = self._model_tree
-        first = int(np.flatnonzero(sel.mask)[0]) if sel.mask.any() else None
-        if first is None:
-            return (
-                f"{sel.label} selects no leaves (it is `None` or an empty container), so there "
-                f"is nothing to {verb}; {verb} a module or an array instead"
-            )
+        first = int(np.flatnonzero(sel.mask)[0])
         node = int(tree.leaf_node[first])
         what = tree.summary(node)
         return (
@@ -384,19 +451,21 @@ class FilterSpec:
         spec.lr_factors          # 0 for embed's arrays, 0.1 for the blocks', 1 for the head's
         ```
         """
-        sel = self.select(target)
+        tree = self._model_tree
+        sel = select(tree, target, "scale")
         factor = _factor(factor, f"scale_lr({sel.label}, factor)", "factor", upper=math.inf)
         if factor == 0:
             return self.freeze(target)
-        tree = self._model_tree
         hit = sel.mask & tree.inexact
-        if not hit.any():
+        if not hit.any() and not self._tied_in(sel):
             raise ExplorerError(self._cannot_train_message(sel, "scale the learning rate of"))
         mask = self._mask.copy()
         mask[hit] = True
         factors = self._factors.copy()
         factors[hit] = factor
-        return self._replace(mask, factors=factors)
+        spec = self._replace(mask, factors=factors)
+        self._check_ties(sel, spec, "scale", factor)
+        return spec
 
     def layerwise_decay(self, target: Any, decay: float) -> FilterSpec:
         """A new spec with factors decaying down a list of layers (layer-wise LR decay, LLRD).
@@ -438,7 +507,7 @@ class FilterSpec:
     def _sequence_node(self, target: Any) -> int:
         """The one list/tuple node `target` names (a path, or a `where` returning the node)."""
         tree = self._model_tree
-        sel = self.select(target)
+        sel = select(tree, target, "decay")
         nodes = sel.nodes
         picked = np.flatnonzero(sel.mask)
         if not nodes and len(picked) and picked[-1] + 1 - picked[0] == len(picked):
@@ -476,7 +545,7 @@ class FilterSpec:
         ```
         """
         tree = self._model_tree
-        sel = self.select(where)
+        sel = select(tree, where, "constrain")
         hit = np.flatnonzero(sel.mask & tree.inexact)
         constraints = dict(self.constraints)
         if rule is None:
@@ -521,7 +590,7 @@ class FilterSpec:
         fields = _inference_leaves(tree)
         overrides = dict(self._inference)
         for target in targets:
-            sel = self.select(target)
+            sel = select(tree, target, "set to inference mode")
             hit = np.flatnonzero(sel.mask & fields)
             if not len(hit):
                 layers = [
@@ -594,33 +663,51 @@ class FilterSpec:
         """The filter spec: a pytree of Python bools with exactly the model's structure."""
         return jtu.tree_unflatten(self._model_tree.treedef, [bool(b) for b in self._mask])
 
-    def _cumsum(self) -> np.ndarray:
+    def _cumsum(self) -> tuple[np.ndarray, np.ndarray]:
+        """Prefix sums over leaves of trainable and of float arrays, for node states.
+
+        A tied place (`eqx.nn.Shared`) counts as its sources: it trains exactly as they do.
+        """
         if self._cum is None:
-            self._cum = np.concatenate([[0], np.cumsum(self._mask)])
+            tree = self._model_tree
+            if not tree.ties:
+                self._cum = (np.concatenate([[0], np.cumsum(self._mask)]), tree._cum_inexact)
+                return self._cum
+            trainable, inexact = self._mask.astype(np.int64), tree.inexact.astype(np.int64)
+            for leaf, (_, sources) in tree.ties.items():
+                if sources:
+                    trainable[leaf] = self._mask[list(sources)].sum()
+                    inexact[leaf] = tree.inexact[list(sources)].sum()
+            self._cum = tuple(np.concatenate([[0], np.cumsum(x)]) for x in (trainable, inexact))
         return self._cum
 
     def node_state(self, node: int) -> str:
+        """The state of the node at index `node` (see `state`); one node in O(1)."""
         tree = self._model_tree
+        trainable, inexact = self._cumsum()
         lo, hi = tree.lo[node], tree.hi[node]
-        n_inexact = tree.n_inexact(node)
+        n_inexact = int(inexact[hi] - inexact[lo])
         if n_inexact == 0:
             return STATIC
-        cum = self._cumsum()
-        n_true = int(cum[hi] - cum[lo])
+        n_true = int(trainable[hi] - trainable[lo])
         if n_true == n_inexact:
             return TRAINABLE
         return FROZEN if n_true == 0 else MIXED
 
     def state(self, path: str = "") -> str:
-        """`"trainable"`, `"frozen"`, `"mixed"`, or `"static"` (no float array below)."""
+        """`"trainable"`, `"frozen"`, `"mixed"`, or `"static"` (no float array below).
+
+        A tied place (`eqx.nn.Shared`) has its source's state, and so counts in the state of
+        the nodes above it: a head tied to a trainable embedding is never `"frozen"`.
+        """
         return self.node_state(self._model_tree.find(path))
 
     def state_codes(self) -> np.ndarray:
         """Every node's state at once, as uint8 indices into `STATES` (prefix sums, O(nodes))."""
         tree = self._model_tree
-        cum = self._cumsum()
-        n_true = cum[tree.hi] - cum[tree.lo]
-        n_inexact = tree._cum_inexact[tree.hi] - tree._cum_inexact[tree.lo]
+        trainable, inexact = self._cumsum()
+        n_true = trainable[tree.hi] - trainable[tree.lo]
+        n_inexact = inexact[tree.hi] - inexact[tree.lo]
         codes = np.where(n_true == n_inexact, 1, np.where(n_true == 0, 2, 3))
         return np.where(n_inexact == 0, 0, codes).astype(np.uint8)
 

@@ -43,6 +43,20 @@ def _group_lines(spec: FilterSpec) -> list[str]:
     ]
 
 
+def _ties_line(spec: FilterSpec) -> str:
+    """The tied places (`eqx.nn.Shared`): each trains as its source and is counted there."""
+    tree = spec.model_tree
+    ties = [
+        f"`{tree.paths[tree.leaf_node[leaf]]}` -> {tree.tie_source(leaf)}" for leaf in tree.ties
+    ]
+    more = f", and {len(ties) - 3} more" if len(ties) > 3 else ""
+    return (
+        "tied by eqx.nn.Shared (each trains as its source and is counted there): "
+        + ", ".join(ties[:3])
+        + more
+    )
+
+
 def _rows(spec: FilterSpec, max_rows: int) -> tuple[list[int], int]:
     tree = spec.model_tree
     if len(tree) <= max_rows:
@@ -72,7 +86,8 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
     Large models (more than `max_rows` nodes) show only what is needed to read the spec:
     sub-trees with one state are shown as one row. A spec with learning-rate groups (a
     trainable factor other than 1) adds an `lr` column (the factor, or its range below a
-    node) and one line per group at the end.
+    node) and one line per group at the end. Places tied by `eqx.nn.Shared` show their
+    source (`tied to ...`) and its state, and are listed in a last line.
     """
     if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
         raise ExplorerError(
@@ -135,4 +150,6 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
     )
     if grouped:
         lines += _group_lines(spec)
+    if tree.ties:
+        lines.append(_ties_line(spec))
     return "\n".join(lines)

@@ -16,11 +16,13 @@ import equinox as eqx
 import jax
 import jax.tree_util as jtu
 import numpy as np
+from equinox.nn._shared import SharedNode  # not exported; what `Shared` leaves in place
+from jax.extend.core import Var
 
 from ._errors import ExplorerError, short_repr, shorten
-from ._paths import format_key, format_path, is_glob, parse_path
+from ._paths import MAX_PATH_CHARS, format_key, format_path, is_glob, parse_path
 
-__all__ = ["ModelTree", "Node", "array_summary"]
+__all__ = ["ModelTree", "Node", "Tie", "array_summary"]
 
 # Node kinds.
 MODULE, LIST, TUPLE, NAMEDTUPLE, DICT, NODE = (
@@ -57,6 +59,18 @@ class Node(NamedTuple):
     trainable: bool
     static: dict
     summary: str
+    tied: str | None  # a tied leaf (`eqx.nn.Shared`): the path of its source
+
+
+class Tie(NamedTuple):
+    """A leaf that `eqx.nn.Shared` ties to another part of the model.
+
+    Equinox keeps only the source as a leaf: the tied place holds a `SharedNode` and is
+    rebuilt from the source by `get` on every call, so it trains exactly as its source does.
+    """
+
+    owner: int  # node index of the `eqx.nn.Shared`
+    sources: tuple[int, ...] | None  # leaf indices `get` reads; None if it could not be traced
 
 
 def array_summary(x: Any) -> str:
@@ -121,6 +135,68 @@ def _static_fields(obj: Any) -> dict:
     }
 
 
+class _Marker:
+    __slots__ = ("leaf",)
+
+    def __init__(self, leaf: int):
+        self.leaf = leaf
+
+
+def _depends_on(get: Any, pytree: Any, leaves: list, groups: int | None) -> list[set[int]]:
+    """For each value `get(pytree)` returns (`groups` of them, or one if None), the positions
+    in `leaves` (the leaves of `pytree`) of the arrays it is computed from.
+
+    Read from the jaxpr of `get` over the arrays, so a transposing `get` finds its source too.
+    """
+    at = [k for k, x in enumerate(leaves) if eqx.is_array(x)]
+    sizes: list[int] = []
+
+    def arrays_out(*arrays):
+        xs = list(leaves)
+        for k, a in zip(at, arrays):
+            xs[k] = a
+        out = get(jtu.tree_unflatten(jtu.tree_structure(pytree), xs))
+        parts = [out] if groups is None else list(out)
+        flat = [[x for x in jtu.tree_leaves(part) if eqx.is_array(x)] for part in parts]
+        sizes[:] = [len(f) for f in flat]
+        return [x for f in flat for x in f]
+
+    jaxpr = jax.make_jaxpr(arrays_out)(*[leaves[k] for k in at]).jaxpr
+    deps: dict[Any, frozenset[int]] = {v: frozenset([k]) for v, k in zip(jaxpr.invars, at)}
+    for eqn in jaxpr.eqns:
+        reads = frozenset().union(*(deps.get(v, ()) for v in eqn.invars if isinstance(v, Var)))
+        deps.update(dict.fromkeys(eqn.outvars, reads))
+    outs = [deps.get(v, frozenset()) if isinstance(v, Var) else frozenset() for v in jaxpr.outvars]
+    bounds = np.cumsum([0, *sizes])
+    return [set().union(*outs[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _shared_ties(tree: ModelTree, node: int) -> list[tuple[int, Tie]]:
+    """The tied places under the `eqx.nn.Shared` at `node`, each with the leaves it reads.
+
+    Its `where` run on the stored pytree (as `Shared.__call__` does) names the `SharedNode`
+    places in order, and its `get` gives their values in the same order.
+    """
+    shared = tree.objects[node]
+    (inner,) = [c for c in tree.children[node] if tree.keys[c][-1] == jtu.GetAttrKey("pytree")]
+    lo, hi = int(tree.lo[inner]), int(tree.hi[inner])
+    leaves = tree.leaves[lo:hi]
+    places = [lo + k for k, x in enumerate(leaves) if isinstance(x, SharedNode)]
+    try:
+        skeleton = jtu.tree_unflatten(
+            jtu.tree_structure(shared.pytree), [_Marker(lo + k) for k in range(hi - lo)]
+        )
+        picked = shared.where(skeleton)
+        single = isinstance(picked, _Marker)
+        order = [picked.leaf] if single else [m.leaf for m in picked]
+        reads = _depends_on(shared.get, shared.pytree, leaves, None if single else len(order))
+        if sorted(order) != places or len(reads) != len(order):
+            raise ValueError("`where` and `get` do not name the SharedNode places")
+    except Exception:  # a user's `where`/`get` the tracer cannot follow: tied, source unknown
+        return [(leaf, Tie(node, None)) for leaf in places]
+    return [(leaf, Tie(node, tuple(sorted(lo + k for k in r)))) for leaf, r in zip(order, reads)]
+
+
 class ModelTree:
     """The node table of a pytree: every module, container and leaf with its path.
 
@@ -130,8 +206,10 @@ class ModelTree:
     ```
 
     Static fields (`eqx.field(static=True)`) are listed in `node.static` of their module,
-    not as leaves. `None` fields are nodes of kind `"none"` with no leaves. The model is
-    only read, never copied or changed.
+    not as leaves. `None` fields are nodes of kind `"none"` with no leaves. A place tied by
+    `eqx.nn.Shared` is a `SharedNode` leaf: `ties` maps its leaf index to the leaves its
+    `get` reads, and its row says `tied to <source path>`. The model is only read, never
+    copied or changed.
     """
 
     def __init__(self, model: Any):
@@ -162,6 +240,7 @@ class ModelTree:
         leaves: list[Any] = []
         leaf_node: list[int] = []
         children: list[list[int]] = []
+        shared: list[int] = []
 
         stack: list[tuple[Any, tuple, str, int, int]] = [(model, (), "", -1, 0)]
         while stack:
@@ -180,6 +259,8 @@ class ModelTree:
             children.append([])
             if par >= 0:
                 children[par].append(index)
+            if isinstance(obj, eqx.nn.Shared):
+                shared.append(index)
             if kids is None:
                 if kind != NONE:
                     leaves.append(obj)
@@ -238,6 +319,10 @@ class ModelTree:
         # Prefix sums over leaves: sub-tree totals in O(1).
         self._cum_inexact = np.concatenate([[0], np.cumsum(self.inexact)])
         self._cum_params = np.concatenate([[0], np.cumsum(np.where(self.inexact, self.size, 0))])
+        # Leaf index of each tied place -> its Tie, in leaf order.
+        self.ties: dict[int, Tie] = dict(
+            sorted(tie for node in shared for tie in _shared_ties(self, node))
+        )
 
     # -- sizes --------------------------------------------------------------
     def __len__(self) -> int:
@@ -300,6 +385,7 @@ class ModelTree:
             trainable=bool(self.inexact[li]) if leaf else self.n_inexact(index) > 0,
             static=self.static[index],
             summary=self.summary(index),
+            tied=self.tie_source(li) if li in self.ties else None,
         )
 
     def summary(self, index: int) -> str:
@@ -308,10 +394,34 @@ class ModelTree:
         if kind == ARRAY:
             return array_summary(obj)
         if kind == LEAF:
-            return _short_repr(obj)
+            leaf = int(self.lo[index])
+            return f"tied to {self.tie_source(leaf)}" if leaf in self.ties else _short_repr(obj)
         if kind == NONE:
             return "None"
         return f"{len(self.children[index])} children"
+
+    def tie_source(self, leaf: int) -> str:
+        """What the tied place at leaf index `leaf` is tied to, as text: `shared.pytree[0].weight`.
+
+        Sources forming one sub-tree are named by its path (the lowest node holding exactly
+        them); a `get` that reads no array ties to a constant.
+        """
+        owner, sources = self.ties[leaf]
+        if sources is None:
+            return (
+                f"a value of `{self.paths[owner]}` (eqx.nn.Shared; its `get` could not be traced)"
+            )
+        if not sources:
+            return f"a constant (the `get` of `{self.paths[owner]}` reads no array)"
+        first, last = sources[0], sources[-1]
+        if last - first + 1 == len(sources):  # one run of leaves: the lowest node holding it
+            node = int(self.leaf_node[first])
+            while self.hi[node] <= last and self.parent[node] >= 0:
+                node = self.parent[node]
+            if (self.lo[node], self.hi[node]) == (first, last + 1):
+                return f"`{self.paths[node]}`"
+        named = [f"`{self.paths[self.leaf_node[k]]}`" for k in sources[:3]]
+        return ", ".join(named) + (", …" if len(sources) > 3 else "")
 
     def sharding(self, index: int) -> str | None:
         return _describe_sharding(self.objects[index]) if self.kind[index] == ARRAY else None
@@ -325,11 +435,19 @@ class ModelTree:
         """
         if isinstance(path, str) and path in self._index:
             return self._index[path]
-        keys = parse_path(path)
-        if is_glob(keys):
+        try:
+            keys = parse_path(path)
+            glob = is_glob(keys)
+        except ExplorerError:
+            # `norm*` is no path text, but a glob `freeze` and `select` read.
+            if not (isinstance(path, str) and "*" in path and len(path) <= MAX_PATH_CHARS):
+                raise
+            glob = True
+        if glob:
             raise ExplorerError(
-                f"`{shorten(path)}` is a glob (`*` or `**`), not the path of one node: pass it "
-                "to freeze/unfreeze/select, which take globs, or name one node, e.g. "
+                f"`{shorten(path)}` is a glob (`*` within a key, `**` for any keys), not the "
+                "path of one node: globs are accepted by freeze/unfreeze/select, e.g. "
+                f"spec.freeze({shorten(path)!r}); here name one node, e.g. "
                 f"`{self.paths[self.children[0][0]] if self.children[0] else ''}`"
             )
         node, depth, keys = self._walk(keys)

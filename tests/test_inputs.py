@@ -133,9 +133,33 @@ CASES += [
     (
         "target-none-constrain",
         lambda m: spec_of(m).constrain("none", "positive"),
-        r"`none` selects no leaves.*None",
+        r"`none` is None \(an empty field\): nothing to constrain \(`none` selects no leaves\)",
     ),
-    ("target-none-unfreeze", lambda m: spec_of(m).unfreeze("none"), r"`none` selects no leaves"),
+    (
+        "target-none-unfreeze",
+        lambda m: spec_of(m).unfreeze("none"),
+        r"`none` is None \(an empty field\): nothing to unfreeze",
+    ),
+    (
+        "target-none-freeze",
+        lambda m: spec_of(m).freeze("none"),
+        r"`none` is None \(an empty field\): nothing to freeze.*e\.g\. `layers`",
+    ),
+    (
+        "target-none-in-list",
+        lambda m: spec_of(m).freeze(["layers[0]", "none"]),
+        r"`none` is None \(an empty field\): nothing to freeze",
+    ),
+    (
+        "target-none-scale_lr",
+        lambda m: spec_of(m).scale_lr("none", 0.5),
+        r"`none` is None \(an empty field\): nothing to scale",
+    ),
+    (
+        "target-empty-glob-freeze",
+        lambda m: spec_of(m).freeze("non*"),
+        r"`none` is None \(an empty field\): nothing to freeze \(`non\*` selects no leaves\)",
+    ),
     ("target-int-array", lambda m: spec_of(m).unfreeze("step"), r"cannot unfreeze `step`.*int32"),
     (
         "target-glob-none",
@@ -143,6 +167,16 @@ CASES += [
         r"glob `layers\[\*\]\.conv` matches no node",
     ),
     ("target-glob-as-node", lambda m: ModelTree(m).find("layers[*]"), r"`layers\[\*\]` is a glob"),
+    (
+        "target-key-glob-as-node",
+        lambda m: ModelTree(m).find("lay*"),
+        r"`lay\*` is a glob.*accepted by freeze/unfreeze/select, e\.g\. spec\.freeze\('lay\*'\)",
+    ),
+    (
+        "target-key-glob-state",
+        lambda m: spec_of(m).state("layers[0].w*"),
+        r"`layers\[0\]\.w\*` is a glob.*accepted by freeze",
+    ),
     ("target-class-absent", lambda m: spec_of(m).freeze(eqx.nn.Conv2d), r"no node of class Conv2d"),
     (
         "target-three-args",
@@ -382,6 +416,11 @@ CASES += [
         lambda m: spec_of(m).for_model(eqx.nn.Linear(2, 2, key=jax.random.key(1))),
         r"another structure \(\d+ leaves there, 2 here; "
         r"leaf 0 is `layers\[0\]\.weight` there, `weight` here\)",
+    ),
+    (
+        "for_model-dtype",
+        lambda m: spec_of(m).for_model(eqx.tree_at(lambda n: n.table["it's"], m, jnp.ones(2, int))),
+        r"whose `table\[\"it's\"\]` is float32\[2\]; here it is int32\[2\]",
     ),
     (
         "to_code-list",

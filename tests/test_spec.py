@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from eqx_explorer import ExplorerError, FilterSpec, summary
 from eqx_explorer._examples import Hypernet, example_model
+from eqx_explorer._spec import STATES
 from tests.strategies import models, random_edits, random_lr_factors
 
 KEY = jax.random.key(0)
@@ -151,11 +152,22 @@ def test_model_never_mutated(model):
     assert before == [id(x) for x in jtu.tree_leaves(model)]
 
 
+def edits_of_nodes_with_leaves(tree) -> st.SearchStrategy:
+    """`random_edits` that freeze only nodes holding a leaf (freezing a None field raises)."""
+    return random_edits(tree).map(
+        lambda edits: [
+            (action, path)
+            for action, path in edits
+            if action == "unfreeze" or tree.lo[tree.find(path)] < tree.hi[tree.find(path)]
+        ]
+    )
+
+
 @given(data=st.data(), model=models)
 @settings(max_examples=60, deadline=None)
 def test_random_models_structure_round_trips(data, model):
     spec = FilterSpec(model)
-    for action, path in data.draw(random_edits(spec.model_tree)):
+    for action, path in data.draw(edits_of_nodes_with_leaves(spec.model_tree)):
         try:
             spec = getattr(spec, action)(path)
         except ExplorerError:
@@ -195,6 +207,134 @@ def test_spec_applies_to_another_instance_of_the_architecture(model):
     assert f"{head.size:,}" in summary(other, spec)
     with pytest.raises(ExplorerError, match="another structure"):
         spec.for_model(eqx.nn.Linear(2, 2, key=KEY))
+
+
+def test_for_model_keeps_the_spec_across_float_dtypes_and_names_a_leaf_that_left_them():
+    model = eqx.nn.Linear(2, 3, key=KEY)
+    spec = FilterSpec(model).freeze("bias")
+    half = jtu.tree_map(lambda x: x.astype(jnp.bfloat16), model)
+    assert np.array_equal(spec.for_model(half).mask, spec.mask)  # still float: same spec
+    as_int = eqx.tree_at(lambda m: m.weight, model, jnp.zeros((3, 2), jnp.int32))
+    with pytest.raises(
+        ExplorerError, match=r"`weight` is float32\[3, 2\]; here it is int32\[3, 2\]"
+    ):
+        spec.for_model(as_int)
+
+
+# -- empty targets and tied weights -------------------------------------------------------------
+class Lin(eqx.Module):
+    layer: eqx.nn.Linear
+    nothing: None
+    empty: list
+    step: jax.Array
+
+    def __init__(self):
+        self.layer = eqx.nn.Linear(2, 2, key=KEY)
+        self.nothing = None
+        self.empty = []
+        self.step = jnp.zeros((), jnp.int32)
+
+
+@pytest.mark.parametrize("action", ["freeze", "unfreeze"])
+def test_a_target_holding_no_leaf_raises_in_every_form(action):
+    spec = FilterSpec(Lin())
+    edit = getattr(spec, action)
+    with pytest.raises(
+        ExplorerError, match=rf"`nothing` is None \(an empty field\): nothing to {action}"
+    ):
+        edit("nothing")
+    with pytest.raises(ExplorerError, match=rf"`empty` is an empty list: nothing to {action}"):
+        edit("empty")
+    with pytest.raises(ExplorerError, match=r"selects no leaves \(it returned None\)"):
+        edit(lambda m: m.nothing)
+    with pytest.raises(ExplorerError, match=rf"`nothing` is None.*nothing to {action}"):
+        edit("layer", "nothing")
+
+
+def test_freezing_leaves_that_never_train_or_a_predicate_matching_none_changes_nothing():
+    spec = FilterSpec(Lin())
+    assert spec.freeze("step") == spec  # an int array is never trained
+    assert spec.freeze(lambda path, leaf: False) == spec  # a filter may pick nothing
+    with pytest.raises(ExplorerError, match="cannot unfreeze `step`"):
+        spec.unfreeze("step")
+
+
+class EmbedHead(eqx.Module):
+    """Equinox's tied embedding and head (`eqx.nn.Shared` docs)."""
+
+    shared: eqx.nn.Shared
+
+    def __init__(self, key):
+        k1, k2 = jax.random.split(key)
+        embedding = eqx.nn.Embedding(5, 3, key=k1)
+        linear = eqx.nn.Linear(3, 5, key=k2)
+        self.shared = eqx.nn.Shared(
+            (embedding, linear), lambda pair: pair[1].weight, lambda pair: pair[0].weight
+        )
+
+    def __call__(self, token):
+        embedding, linear = self.shared()
+        return linear(embedding(token))
+
+
+def head_weight_moves(spec: FilterSpec) -> bool:
+    """Whether one SGD step on `spec`'s trainable part changes the head's (tied) weight."""
+    model = spec.model
+    params, static = eqx.partition(model, spec.tree)
+    grads = jax.grad(lambda p: jnp.sum(eqx.combine(p, static)(1) ** 2))(params)
+    stepped = eqx.apply_updates(model, jtu.tree_map(lambda g: -0.1 * g, grads))
+    return not np.array_equal(stepped.shared()[1].weight, model.shared()[1].weight)
+
+
+def test_a_tied_place_has_its_source_state_which_is_what_training_does():
+    model = EmbedHead(KEY)
+    spec = FilterSpec(model)
+    frozen_source = spec.freeze("shared.pytree[0]")
+    for s, tied, head in [(spec, "trainable", "trainable"), (frozen_source, "frozen", "mixed")]:
+        assert s.state("shared.pytree[1].weight") == tied
+        assert s.state("shared.pytree[1]") == head
+        assert head_weight_moves(s) == (tied == "trainable")
+    bias_only = spec.freeze("shared.pytree[1].bias")
+    assert bias_only.state("shared.pytree[1]") == "mixed"  # not "frozen": its weight trains
+    assert head_weight_moves(bias_only)
+    assert list(spec.state_codes()) == [
+        STATES.index(spec.node_state(i)) for i in range(len(spec.model_tree))
+    ]
+
+
+def test_freezing_or_unfreezing_only_the_tied_side_raises_naming_the_source():
+    spec = FilterSpec(EmbedHead(KEY))
+    source = r"tied to `shared\.pytree\[0\]\.weight` by the eqx\.nn\.Shared at `shared`"
+    with pytest.raises(ExplorerError, match=source + r", which stays trainable.*Freeze `shared"):
+        spec.freeze("shared.pytree[1]")
+    with pytest.raises(
+        ExplorerError, match=r"freeze only the rest, e\.g\. `shared\.pytree\[1\]\.bias`"
+    ):
+        spec.freeze(eqx.nn.Linear)
+    with pytest.raises(ExplorerError, match=source):
+        spec.freeze("shared.pytree[1].weight")
+    with pytest.raises(ExplorerError, match=source + r", which stays trainable at factor 1\b"):
+        spec.scale_lr("shared.pytree[1]", 0.5)
+    frozen = spec.freeze("shared.pytree[0]")
+    with pytest.raises(ExplorerError, match=source + r", which stays frozen.*Unfreeze `shared"):
+        frozen.unfreeze("shared.pytree[1].weight")
+    # Asking for what the tie already does, or editing the source with it, is fine.
+    assert spec.unfreeze("shared.pytree[1].weight") == spec
+    assert spec.freeze("shared.pytree") == spec.freeze("shared.pytree[0]", "shared.pytree[1].bias")
+    assert frozen.freeze("shared.pytree[1]").state("shared.pytree[1]") == "frozen"
+
+
+def test_the_summary_shows_each_tie_and_its_source_state():
+    model = EmbedHead(KEY)
+    text = summary(model, FilterSpec(model).freeze("shared.pytree[0]"))
+    row = next(
+        line for line in text.splitlines() if line.strip().startswith("shared.pytree[1].weight")
+    )
+    assert "tied to `shared.pytree[0].weight`" in row and row.endswith("frozen")
+    assert text.splitlines()[-1] == (
+        "tied by eqx.nn.Shared (each trains as its source and is counted there): "
+        "`shared.pytree[1].weight` -> `shared.pytree[0].weight`"
+    )
 
 
 # -- inference mode -----------------------------------------------------------------------------

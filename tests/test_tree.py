@@ -96,6 +96,29 @@ def test_shared_weights_are_tied_once():
     assert r["shared.pytree[1].weight"].kind == "leaf"  # the tied copy holds no array
     assert r["shared.where"].kind == "leaf"
     assert tree.params(0) == 5 * 3 + 5  # embedding + linear bias; the tie is counted once
+    # The tied place names its source, in its row and its text.
+    assert r["shared.pytree[1].weight"].tied == "`shared.pytree[0].weight`"
+    assert r["shared.pytree[1].weight"].summary == "tied to `shared.pytree[0].weight`"
+    assert r["shared.pytree[1].bias"].tied is None
+    assert list(tree.ties.values()) == [(tree.find("shared"), (0,))]
+
+
+def test_a_tie_through_a_transposing_get_or_of_whole_modules_names_its_source():
+    a, b = eqx.nn.Linear(3, 2, key=KEY), eqx.nn.Linear(2, 3, key=KEY)
+    transposed = eqx.nn.Shared((a, b), lambda p: p[1].weight, lambda p: p[0].weight.T)
+    assert rows(ModelTree(transposed))["pytree[1].weight"].tied == "`pytree[0].weight`"
+    c = eqx.nn.Linear(3, 2, key=KEY)
+    modules = eqx.nn.Shared((a, c), lambda p: p[1], lambda p: p[0])
+    assert rows(ModelTree(modules))["pytree[1]"].tied == "`pytree[0]`"
+    # Two ties at once: `where` and `get` pair them in order.
+    two = eqx.nn.Shared(
+        (a, c), lambda p: (p[1].bias, p[1].weight), lambda p: (p[0].bias, p[0].weight)
+    )
+    r = rows(ModelTree(two))
+    assert (r["pytree[1].weight"].tied, r["pytree[1].bias"].tied) == (
+        "`pytree[0].weight`",
+        "`pytree[0].bias`",
+    )
 
 
 def test_stateful_batchnorm():
