@@ -5,10 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 HOST ?= 127.0.0.1
 PORT ?= 8888
-# Jupyter refuses to run as root without this flag (containers, CI machines).
-ifndef TOKEN
-TOKEN := $(shell $(PYTHON) -c "import secrets; print(secrets.token_hex(16))")
+# The demo's Jupyter token: a fresh one per run unless EQX_EXPLORER_TOKEN is set. A dedicated
+# name, as it is printed in the URL: a generic TOKEN in the environment is often another secret.
+ifndef EQX_EXPLORER_TOKEN
+EQX_EXPLORER_TOKEN := $(shell $(PYTHON) -c "import secrets; print(secrets.token_hex(16))")
 endif
+# Jupyter refuses to run as root without this flag (containers, CI machines).
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: demo test lint format bench chromium clean
@@ -26,9 +28,9 @@ chromium:
 
 demo: $(STAMP)
 	@echo "Starting JupyterLab. Open this URL (the tour notebook):"
-	@echo "    http://$(HOST):$(PORT)/lab/tree/notebooks/00_tour.ipynb?token=$(TOKEN)"
+	@echo "    http://$(HOST):$(PORT)/lab/tree/notebooks/00_tour.ipynb?token=$(EQX_EXPLORER_TOKEN)"
 	$(BIN)/jupyter lab --no-browser --ip=$(HOST) --port=$(PORT) $(ROOT_FLAG) \
-		--IdentityProvider.token=$(TOKEN) --ServerApp.root_dir=$(CURDIR) \
+		--IdentityProvider.token=$(EQX_EXPLORER_TOKEN) --ServerApp.root_dir=$(CURDIR) \
 		notebooks/00_tour.ipynb
 
 test: $(STAMP) chromium
