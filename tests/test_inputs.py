@@ -156,6 +156,11 @@ CASES += [
         r"`none` is None \(an empty field\): nothing to scale",
     ),
     (
+        "target-none-inference",
+        lambda m: spec_of(m).inference("none"),
+        r"`none` is None \(an empty field\): nothing to set to inference mode",
+    ),
+    (
         "target-empty-glob-freeze",
         lambda m: spec_of(m).freeze("non*"),
         r"`none` is None \(an empty field\): nothing to freeze \(`non\*` selects no leaves\)",

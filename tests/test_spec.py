@@ -226,12 +226,14 @@ class Lin(eqx.Module):
     layer: eqx.nn.Linear
     nothing: None
     empty: list
+    ident: eqx.nn.Identity
     step: jax.Array
 
     def __init__(self):
         self.layer = eqx.nn.Linear(2, 2, key=KEY)
         self.nothing = None
         self.empty = []
+        self.ident = eqx.nn.Identity()
         self.step = jnp.zeros((), jnp.int32)
 
 
@@ -245,6 +247,8 @@ def test_a_target_holding_no_leaf_raises_in_every_form(action):
         edit("nothing")
     with pytest.raises(ExplorerError, match=rf"`empty` is an empty list: nothing to {action}"):
         edit("empty")
+    with pytest.raises(ExplorerError, match=rf"`ident` is an empty Identity: nothing to {action}"):
+        edit(eqx.nn.Identity)
     with pytest.raises(ExplorerError, match=r"selects no leaves \(it returned None\)"):
         edit(lambda m: m.nothing)
     with pytest.raises(ExplorerError, match=rf"`nothing` is None.*nothing to {action}"):
