@@ -81,7 +81,7 @@ const INITIAL_ROWS = 60;
 // Virtual rows: every row is ROW_H pixels high, and only the rows in view plus MARGIN_ROWS
 // on each side exist in the DOM.
 const ROW_H = 22;
-const MARGIN_ROWS = 150;
+const MARGIN_ROWS = 40;
 const TREE_H = 460; // the tree's height before it is laid out (CSS max-height)
 const MAX_VALUE_PX = 420;
 const WAIT_SHOW_MS = 400;
@@ -110,7 +110,8 @@ function typed(Type, b) {
   return new Type(bytesOf(b).slice().buffer);
 }
 
-const fmtInt = (x) => Number(x).toLocaleString("en-US");
+const INTEGER = new Intl.NumberFormat("en-US");
+const fmtInt = (x) => INTEGER.format(x);
 
 function fmtBytes(x) {
   const units = ["B", "kB", "MB", "GB", "TB"];
@@ -420,9 +421,11 @@ class ExplorerView {
   }
 
   onStates() {
+    const start = performance.now();
     const old = this.states;
     this.states = typed(Uint8Array, this.model.get("_state_codes"));
     for (const i of this.rows.keys()) if (old[i] !== this.states[i]) this.paintRow(i);
+    performance.measure("eqxe:states", { start }); // read by benchmarks/bench_browser.py
   }
 
   // Four traits change together at a report: paint once.
@@ -685,7 +688,7 @@ class ExplorerView {
       else this.closePop(false);
     }
     if (!this.columnsFit && this.root.isConnected && this.rows.size) this.fitColumns();
-    this.paintCrumb();
+    this.paintCrumb(top); // the offset read before the rows changed: no forced layout
     this.paintSelected();
   }
 
@@ -710,8 +713,8 @@ class ExplorerView {
   }
 
   // The ancestors of the row at the top of the view, so that a deep row is never anonymous.
-  paintCrumb() {
-    const k = Math.min(this.visible.length - 1, Math.floor(this.treeEl.scrollTop / ROW_H));
+  paintCrumb(top) {
+    const k = Math.min(this.visible.length - 1, Math.floor(top / ROW_H));
     const { parent, path } = this.tree;
     const chain = [];
     for (let p = parent[this.visible[Math.max(0, k)]]; p > 0; p = parent[p]) chain.push(p);

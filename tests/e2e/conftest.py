@@ -12,6 +12,7 @@ the end (open a notebook and run all its cells, find a row, read a badge) serve 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -75,15 +76,15 @@ class Server:
             return ""
 
 
-@pytest.fixture(scope="session")
-def jupyter_server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("lab")
+@contextlib.contextmanager
+def lab_server(base: Path, copy_tour: bool = True):
+    """A JupyterLab server rooted at `base / "root"` (used by the tests and bench_browser)."""
     root = base / "root"
     root.mkdir()
-    # one copy per front end, so that each test gets its own kernel session
-    for front_end in ("lab", "notebook7"):
-        (root / front_end).mkdir()
-        shutil.copy(ROOT / "notebooks" / "00_tour.ipynb", root / front_end / "00_tour.ipynb")
+    if copy_tour:  # one copy per front end, so that each test gets its own kernel session
+        for front_end in ("lab", "notebook7"):
+            (root / front_end).mkdir()
+            shutil.copy(ROOT / "notebooks" / "00_tour.ipynb", root / front_end / "00_tour.ipynb")
 
     settings = base / "settings"
     for name, values in LAB_SETTINGS.items():
@@ -129,7 +130,7 @@ def jupyter_server(tmp_path_factory):
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"jupyter lab exited ({proc.returncode}):\n{server.log_tail()}")
+                raise RuntimeError(f"jupyter lab exited ({proc.returncode}):\n{server.log_tail()}")
             try:
                 status = f"{server.url}/api/status?token={token}"
                 with urllib.request.urlopen(status, timeout=5) as r:
@@ -138,7 +139,7 @@ def jupyter_server(tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(
+                raise RuntimeError(
                     f"jupyter lab did not answer in {SERVER_START_S} s:\n{server.log_tail()}"
                 )
             time.sleep(0.25)
@@ -150,8 +151,20 @@ def jupyter_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def jupyter_server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("lab")
+    try:
+        with lab_server(base) as server:
+            yield server
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    finally:
         ARTIFACTS.mkdir(exist_ok=True)
-        shutil.copy(log, ARTIFACTS / "jupyter-server.log")
+        if (base / "server.log").exists():
+            shutil.copy(base / "server.log", ARTIFACTS / "jupyter-server.log")
 
 
 @pytest.fixture(scope="session")

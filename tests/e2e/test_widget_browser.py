@@ -72,7 +72,7 @@ def test_tour_in_jupyterlab(page, jupyter_server):
         "blocks[0].norm.weight": "updated",
         "blocks[1].norm.weight": "updated",
         "blocks[1].norm.bias": "updated",
-        "step_count": "frozen",  # an int array: never trains
+        "step_count": "kept",  # an int array: never trains, kept as it was
     }
     assert "eqxe-stale" not in (root.get_attribute("class") or "")
     seen = {path: badge(page, path) for path in expected}
