@@ -223,7 +223,7 @@ class _Marker:
         self.index = index
 
 
-def _where_mask(tree: ModelTree, where: Any) -> np.ndarray:
+def _where_mask(tree: ModelTree, where: Any, verb: str | None) -> np.ndarray:
     # As `eqx.tree_at` does: run `where` on a copy of the structure whose leaves are
     # unique markers, then read which markers it returned.
     markers = [_Marker(i) for i in range(tree.num_leaves)]
@@ -245,8 +245,8 @@ def _where_mask(tree: ModelTree, where: Any) -> np.ndarray:
     if picked is None or not found:
         raise ExplorerError(
             f"the `where` function {describe(where)} selects no leaves (it returned "
-            f"{short_repr(picked)}); a `None` field or an empty container cannot be frozen. "
-            "Point it at a module or an array, e.g. `lambda m: m.encoder`."
+            f"{short_repr(picked)}): a `None` field or an empty container holds nothing to "
+            f"{verb or 'select'}. Point it at a module or an array, e.g. `lambda m: m.encoder`."
         )
     bad = [x for x in found if not isinstance(x, _Marker)]
     if bad:
@@ -382,7 +382,7 @@ def select(tree: ModelTree, target: Any, verb: str | None = None) -> Selection:
     if callable(target):
         arity = _positional_arity(target)
         if arity == 1:
-            return Selection(_where_mask(tree, target), [], describe(target))
+            return Selection(_where_mask(tree, target, verb), [], describe(target))
         if arity == 2:
             return Selection(_predicate_mask(tree, target), [], describe(target))
         raise ExplorerError(

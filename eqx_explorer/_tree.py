@@ -407,12 +407,11 @@ class ModelTree:
         them); a `get` that reads no array ties to a constant.
         """
         owner, sources = self.ties[leaf]
+        shared = f"the eqx.nn.Shared at {f'`{self.paths[owner]}`' if owner else 'the root'}"
         if sources is None:
-            return (
-                f"a value of `{self.paths[owner]}` (eqx.nn.Shared; its `get` could not be traced)"
-            )
+            return f"a value of {shared}, whose `get` could not be traced"
         if not sources:
-            return f"a constant (the `get` of `{self.paths[owner]}` reads no array)"
+            return f"a constant (the `get` of {shared} reads no array)"
         first, last = sources[0], sources[-1]
         if last - first + 1 == len(sources):  # one run of leaves: the lowest node holding it
             node = int(self.leaf_node[first])

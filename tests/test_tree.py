@@ -121,6 +121,19 @@ def test_a_tie_through_a_transposing_get_or_of_whole_modules_names_its_source():
     )
 
 
+def test_a_tie_whose_get_reads_no_array_or_cannot_be_traced_still_opens():
+    a, b = eqx.nn.Linear(3, 2, key=KEY), eqx.nn.Linear(3, 2, key=KEY)
+    constant = eqx.nn.Shared((a, b), lambda p: p[1].bias, lambda p: jnp.zeros(2))
+    row = rows(ModelTree(constant))["pytree[1].bias"]
+    assert row.tied == "a constant (the `get` of the eqx.nn.Shared at the root reads no array)"
+    # `get` is a leaf of the Shared: swapped afterwards, Equinox's own check never saw it.
+    host = eqx.tree_at(lambda s: s.get, constant, lambda p: jnp.asarray(np.asarray(p[0].bias)))
+    row = rows(ModelTree(host))["pytree[1].bias"]
+    assert row.summary == (
+        "tied to a value of the eqx.nn.Shared at the root, whose `get` could not be traced"
+    )
+
+
 def test_stateful_batchnorm():
     bn, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
     r = rows(ModelTree(bn))
