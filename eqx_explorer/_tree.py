@@ -259,7 +259,7 @@ class ModelTree:
             children.append([])
             if par >= 0:
                 children[par].append(index)
-            if isinstance(obj, eqx.nn.Shared):
+            if kind == MODULE and isinstance(obj, eqx.nn.Shared):
                 shared.append(index)
             if kids is None:
                 if kind != NONE:
