@@ -3,7 +3,8 @@
 One notebook shows a 12-block transformer and a 50,000-leaf model. On the transformer, as a
 user would: type a substring, jump between matches with Enter / Shift+Enter, clear the box
 (the expansion comes back), type a glob within a key and freeze its matches, read the
-breadcrumb of a deep row scrolled to the top, and drive the rows with the keyboard. The
+breadcrumb of a deep row scrolled to the top, drive the rows with the keyboard, and click while
+the kernel is busy with the widget (it says it waits). The
 expected matches are computed by Python's `match_nodes` on the same model. The 50,000-leaf
 model, fully expanded, keeps fewer than 500 rows in the DOM.
 """
@@ -17,7 +18,7 @@ from eqx_explorer._examples import TinyTransformer
 from eqx_explorer._select import match_nodes
 from eqx_explorer._tree import ModelTree
 
-from .conftest import ACTION_MS, open_and_run_all, shot
+from .conftest import ACTION_MS, PANEL, open_and_run_all, shot
 from .test_steps_browser import SETUP, notebook, wait_js
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -147,7 +148,24 @@ def test_search_keyboard_breadcrumb_and_virtual_rows(page, jupyter_server):
     assert w.locator(row("head.weight")).count() == 1
     shot(page, "search-4-keyboard")
 
-    # 6. 50,000 leaves fully expanded: the tree scrolls through every row, fewer than 500 exist.
+    # 6. While the kernel is busy with the widget, a click says it waits, then applies. (JupyterLab
+    # sends widget messages on a kernel subshell, so a cell that merely runs does not block
+    # them; this one holds the widget's lock, as w.step from Python does.)
+    page.evaluate(
+        f"""() => {{ ({PANEL})().sessionContext.session.kernel.requestExecute(
+              {{code: 'import time\\nwith deep._lock:\\n    time.sleep(3)'}}); }}"""
+    )
+    scroll_to(page, DEEP_ROOT, 0)
+    wait_js(page, f"{DEEP_ROOT}.querySelector('{row('embed')}') !== null")
+    w.locator(f"{row('embed')} .eqxe-check").click()
+    wait = f"{DEEP_ROOT}.querySelector('.eqxe-wait')"
+    wait_js(page, f"!{wait}.hidden && {wait}.textContent.startsWith('waiting for the kernel')")
+    assert w.locator(row("embed")).get_attribute("data-state") == "trainable"
+    shot(page, "search-5-waiting")
+    wait_js(page, f"{DEEP_ROOT}.querySelector('{row('embed')}').dataset.state === 'frozen'")
+    wait_js(page, f"{wait}.hidden", timeout=5_000)
+
+    # 7. 50,000 leaves fully expanded: the tree scrolls through every row, fewer than 500 exist.
     wide = page.locator(".eqxe-root").nth(1)
     wide.locator(".eqxe-expand-all").click()
     n_nodes = 1 + 500 * (1 + 50 * 3)  # root; each group, its 50 cells and their 2 leaves
@@ -158,4 +176,4 @@ def test_search_keyboard_breadcrumb_and_virtual_rows(page, jupyter_server):
     last = f"['{max(f'group{g}' for g in range(500))}'][49].bias"  # dict keys sort as text
     wait_js(page, f'{WIDE_ROOT}.querySelector(`.eqxe-row[data-path="{last}"]`) !== null')
     assert wide.locator(".eqxe-tree .eqxe-row").count() < 500
-    shot(page, "search-5-wide")
+    shot(page, "search-6-wide")
