@@ -509,7 +509,8 @@ class ExplorerView {
         x.opt,
       ),
     );
-    this.waitEl = h("div", { class: "eqxe-wait", role: "status", hidden: "" });
+    // On the legend's line, so that showing it moves nothing.
+    this.waitEl = h("span", { class: "eqxe-wait", role: "status", hidden: "" });
     this.root.append(
       h(
         "div",
@@ -520,8 +521,8 @@ class ExplorerView {
         " unticked = frozen · ",
         h("span", { class: "eqxe-key-grey", text: "grey" }),
         " = never trains (ints, bools, static fields, model state)",
+        this.waitEl,
       ),
-      this.waitEl,
     );
   }
 
