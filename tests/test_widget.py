@@ -610,6 +610,20 @@ def test_spec_and_method_changes_reach_the_runner(trainer):
     assert report.method == "partition" and "head.weight" in report.by_status("frozen")
 
 
+def test_stale_flag_follows_the_spec_and_method_the_last_steps_ran_with(trainer):
+    assert not trainer._stale  # no steps yet: no badges to dim
+    trainer.step(1)
+    assert not trainer._stale
+    trainer._handle_message({"type": "method", "method": "stop_gradient"})
+    assert trainer._stale and trainer.get_state()["_stale"]
+    trainer._handle_message({"type": "method", "method": "partition"})
+    assert not trainer._stale  # back to what the badges describe
+    trainer.freeze("head")
+    assert trainer._stale
+    trainer.step(1)
+    assert not trainer._stale
+
+
 def test_reset_returns_to_the_original_model(trainer, small):
     trainer.step(2)
     trainer.freeze("head")
