@@ -8,8 +8,15 @@
  *   .eqxe-header                    counts; [data-testid=trainable|total|pct|frozen|bytes|opt-state]
  *   .eqxe-banner                    error banner (hidden when empty); .eqxe-banner-text, .eqxe-banner-close
  *   .eqxe-expand-all, .eqxe-collapse-all
- *   .eqxe-filter (glob input), .eqxe-freeze-matches, .eqxe-unfreeze-matches, .eqxe-match-info
- *   .eqxe-tree                      the rows; only rows whose ancestors are expanded exist
+ *   .eqxe-legend-line               what a tick, ❄ and grey mean; .eqxe-wait ("waiting for the
+ *                                   kernel…", shown while a message is unanswered)
+ *   .eqxe-filter (search: FilterSpec's patterns), .eqxe-match-info ("N matches", "k of N
+ *       matches"), .eqxe-freeze-matches, .eqxe-unfreeze-matches; matched rows have .eqxe-match,
+ *       the one Enter jumped to .eqxe-current
+ *   .eqxe-crumb                     the ancestors of the top row (.eqxe-crumb-key buttons)
+ *   .eqxe-tree (focusable, the keyboard's rows: .eqxe-cursor) > .eqxe-rows (as high as every
+ *       row whose ancestors are expanded); only the rows in view plus MARGIN_ROWS each side
+ *       exist, placed at their offsets
  *   .eqxe-row[data-path][data-node][data-state=trainable|frozen|mixed|static|state][data-kind]
  *       A model state array (Explorer(..., state=)) is a row with data-kind=state and
  *       data-state=state under the layer that owns it, with no checkbox; the StateIndex markers
@@ -37,12 +44,15 @@
  *       .eqxe-stop (shown while steps started from the page run), .eqxe-progress ("compiling…
  *       3.2 s", "step 40 / 100 · loss 0.52 · 1.9 s"; the root has .eqxe-busy meanwhile),
  *       .eqxe-step-info (the last call: "10 steps · 0.4 s", "stopped after 37 of 100 steps"),
- *       .eqxe-layout (what the runner compiles), .eqxe-notes (the report's notes, one li each),
+ *       .eqxe-layout (what the runner compiles), .eqxe-status-counts (a badge per status with
+ *       its count), .eqxe-notes (the report's notes, one li each; a long one shows its start
+ *       and .eqxe-note-more, "show all"),
  *       .eqxe-loss (svg), .eqxe-legend
  *   .eqxe-detail                    the selected node; treescope renders in .eqxe-ts
  *
  * Rows: makeRow() builds the cells left to right and CSS `.eqxe-row` lays them out on a grid;
- * a new per-row marker is one more cell there and one more grid column.
+ * a new per-row marker (a per-leaf factor, say: one more bytes trait) is one more cell there
+ * and one more grid column. The row menus' panels (.eqxe-pop) lie over the rows below theirs.
  */
 
 const STATUS_TEXT = {
