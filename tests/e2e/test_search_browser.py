@@ -68,6 +68,22 @@ def test_search_keyboard_breadcrumb_and_virtual_rows(page, jupyter_server):
                    .map((t) => t.closest('.eqxe-row').dataset.path)"""
     before = page.evaluate(f"() => {expanded}")
 
+    # The code pane shows at least 80 characters a line (beside the tree, or below it).
+    fits = page.evaluate(
+        f"""() => {{
+          const code = {DEEP_ROOT}.querySelector('.eqxe-code');
+          const probe = document.createElement('span');
+          probe.textContent = 'x'.repeat(80);
+          code.append(probe);
+          const width = probe.getBoundingClientRect().width;
+          probe.remove();
+          const style = getComputedStyle(code);
+          return code.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight)
+                 >= width;
+        }}"""
+    )
+    assert fits
+
     # 1. A substring, any case: every path containing it; Enter jumps, Shift+Enter goes back.
     attn = expected_paths("attn")
     box.fill("ATTN")
