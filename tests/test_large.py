@@ -1,9 +1,10 @@
-"""A 50,000-leaf model opens in the widget, toggles with a small delta, and exports short code."""
+"""A 50,000-leaf model opens in the widget, a toggle changes only its nodes, code stays short."""
 
 import sys
 from pathlib import Path
 
 import jax.tree_util as jtu
+import numpy as np
 
 from eqx_explorer import Explorer
 
@@ -15,15 +16,19 @@ def test_fifty_thousand_leaves():
     model = stack_model(50_000)
     assert len(jtu.tree_leaves(model)) >= 49_995
     w = Explorer(model)
-    sent = []
-    w.send = lambda content, buffers=None: sent.append((content, buffers))
+    before = np.frombuffer(w._state_codes, np.uint8).copy()
     w._handle_message({"type": "toggle", "path": "blocks[4321]", "frozen": True})
     assert w.error == ""
     assert w.spec.state("blocks[4321]") == "frozen"
     assert w.spec.state("blocks[4322]") == "trainable"
-    # The delta names the toggled block's nodes and its ancestors only, not the whole tree.
-    changed = [c for c in sent if c[0].get("type") == "states"]
-    assert changed and all(len(b[0]) // 4 <= 10 for _, b in changed)
+    # The synced node states are one byte per node; the toggle changes the block's nodes and
+    # its ancestors' only.
+    after = np.frombuffer(w._state_codes, np.uint8)
+    assert after.shape == before.shape == (len(w._tree),)
+    tree = w._tree
+    changed = {tree.paths[i] for i in np.flatnonzero(after != before)}
+    assert "blocks[4321]" in changed and len(changed) <= 10
+    assert all("blocks[4321]".startswith(p) or p.startswith("blocks[4321]") for p in changed)
     for style in ("tree_at", "path"):
         code = w.spec.to_code(style)
         assert len(code.splitlines()) < 30
