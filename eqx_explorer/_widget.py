@@ -14,6 +14,10 @@ One anywidget model per explorer, not one widget per node. What goes over the wi
   displayed later reads it with the other traits.
 - `_modes` (trait): `{node: true}` for the modules that run in inference mode (the spec's
   `inference` setting, else the model's own field).
+- `_lr_factors` (bytes trait): the spec's learning-rate factor per model leaf (little-endian
+  float32, `FilterSpec.lr_factors`), or empty while every trainable leaf has factor 1 (the
+  page then reads 1 on trainable leaves from `_state_codes`), so a spec without groups sends
+  nothing more. `counts["lr_groups"]` orders the groups (the page colours rows by it).
 - `progress` (trait): `{}` when no steps run; else the running call's `phase` ("starting",
   "compiling", "running"), `done` / `total` steps, the latest `loss`, `started` (epoch ms:
   the page ticks the elapsed time), `stopping`, and `blocking` (started from Python, which
@@ -22,7 +26,8 @@ One anywidget model per explorer, not one widget per node. What goes over the wi
   notebook's widget state), never JSON lists: `_state_codes` (uint8 per model node, into
   `STATES`), `_leaf_status` (uint8 per leaf slot, into `STATUSES`, `NO_STATUS` before a
   step; model leaves then state arrays) and `_leaf_norms` (little-endian float32, three rows
-  of slots: grad, update, change). A per-leaf column added later is one more such trait.
+  of slots: grad, update, change, and a fourth: the leaf's learning-rate factor in the
+  steps, NaN where it has none). A per-leaf column added later is one more such trait.
 - `_last_run` (trait): the last report's `notes`, per-slot `details` and `run` (steps,
   total, stopped, seconds, compiles); `_stale`: the spec or method changed since its steps
   started, so its badges are dimmed.
@@ -30,9 +35,10 @@ One anywidget model per explorer, not one widget per node. What goes over the wi
 Every piece of state is a trait, so a view displayed later, a reopened saved notebook and an
 nbconvert HTML export (no kernel) draw the current state. Custom messages carry events only:
 from the browser, all validated in `_handle_message`: `toggle`, `glob`, `select`,
-`constrain`, `inference`, `style`, `method`, `step`, `stop`, `reset`, `dismiss`, each with
-an optional integer `id` answered by an `ack`; from Python, `ack`. The search box matches in
-the browser, in the pattern language of `FilterSpec.select` (`_select.match_nodes`).
+`constrain`, `inference`, `scale_lr`, `layerwise_decay`, `style`, `method`, `step`, `stop`,
+`reset`, `dismiss`, each with an optional integer `id` answered by an `ack`; from Python,
+`ack`. The search box matches in the browser, in the pattern language of `FilterSpec.select`
+(`_select.match_nodes`).
 
 Steps started from the page run in a worker thread, so the kernel keeps answering the page
 (a toggle while steps run reaches the runner at the next Step); `w.step(n)` from Python runs
@@ -105,6 +111,9 @@ _MESSAGES: dict[str, dict[str, Any]] = {
     "style": {"style": str},
     "method": {"method": str},
     "inference": {"path": str, "on": bool},
+    # Any JSON value: the library checks the number, and its message names the target.
+    "scale_lr": {"path": str, "factor": object},
+    "layerwise_decay": {"path": str, "decay": object},
     "step": {"n": int},
     "stop": {},
     "reset": {},
@@ -195,6 +204,14 @@ def _export(spec: FilterSpec, style: str) -> str:
         return "\n".join("# " + line for line in lines) + "\n"
 
 
+def _factor_bytes(spec: FilterSpec) -> bytes:
+    """The `_lr_factors` trait: float32 factors per leaf, or b"" when all trainable ones are 1."""
+    factors = spec.lr_factors
+    if not (factors[spec.mask] != 1).any():
+        return b""
+    return factors.astype("<f4").tobytes()
+
+
 def _render_array_html(x: Any, *, around_zero: bool | str = "auto") -> str:
     import jax
     import treescope
@@ -238,6 +255,7 @@ class Explorer(anywidget.AnyWidget):
     detail = t.Dict().tag(sync=True)
     _constraints = t.Dict().tag(sync=True)
     _modes = t.Dict().tag(sync=True)
+    _lr_factors = t.Bytes(b"").tag(sync=True)
     progress = t.Dict().tag(sync=True)
     _state_codes = t.Bytes(b"").tag(sync=True)
     _leaf_status = t.Bytes(b"").tag(sync=True)
@@ -315,7 +333,7 @@ class Explorer(anywidget.AnyWidget):
         }
         nl = tree.num_leaves + len(entries)  # model leaves, then state arrays
         self._status = np.full(nl, NO_STATUS, np.uint8)
-        self._norms = np.full((3, nl), np.nan, np.float32)
+        self._norms = np.full((4, nl), np.nan, np.float32)
         self._leaf_details: dict[str, str] = {}
         super().__init__(
             _table=_node_table(tree, entries, jtu.tree_leaves(state), list(self._mode_fields)),
@@ -336,6 +354,7 @@ class Explorer(anywidget.AnyWidget):
             counts=self._counts(method),
             _constraints=self._rule_map(spec),
             _modes=self._mode_map(spec),
+            _lr_factors=_factor_bytes(spec),
             _state_codes=self._codes.tobytes(),
             **self._report_traits(),
         )
@@ -395,6 +414,19 @@ class Explorer(anywidget.AnyWidget):
         """Run the layers under `targets` in inference mode (`on=False`: training mode), as
         the row menu does; returns the new spec. See `FilterSpec.inference`."""
         self._apply_spec(self._spec.inference(*targets, on=on))
+        return self._spec
+
+    def scale_lr(self, target: Any, factor: float) -> FilterSpec:
+        """Train the float arrays under `target` at `factor` times the learning rate (0
+        freezes), as the row's lr menu does; returns the new spec. See `FilterSpec.scale_lr`."""
+        self._apply_spec(self._spec.scale_lr(target, factor))
+        return self._spec
+
+    def layerwise_decay(self, target: Any, decay: float) -> FilterSpec:
+        """Give the layers of the list/tuple `target` the factors `decay ** (depth from the
+        top)`, as "Layer-wise decay" in a list row's lr menu does; returns the new spec. See
+        `FilterSpec.layerwise_decay`."""
+        self._apply_spec(self._spec.layerwise_decay(target, decay))
         return self._spec
 
     def select(self, path: str) -> dict:
@@ -487,6 +519,7 @@ class Explorer(anywidget.AnyWidget):
                 self.counts = self._counts(self.method)
                 self._constraints = self._rule_map(spec)
                 self._modes = self._mode_map(spec)
+                self._lr_factors = _factor_bytes(spec)
                 self._state_codes = codes.tobytes()
                 self._stale = self._is_stale()
                 if self._selected is not None and self._selected < len(codes):
@@ -622,7 +655,8 @@ class Explorer(anywidget.AnyWidget):
         status_code = {s: j for j, s in enumerate(STATUSES)}
         for i, leaf in zip(slots, [*report.leaves, *report.state_leaves]):
             self._status[i] = status_code[leaf.status]
-            for row, value in enumerate((leaf.grad_norm, leaf.update_norm, leaf.delta_norm)):
+            values = (leaf.grad_norm, leaf.update_norm, leaf.delta_norm, leaf.lr_factor)
+            for row, value in enumerate(values):
                 self._norms[row, i] = np.nan if value is None else value
             if leaf.detail:
                 self._leaf_details[str(i)] = leaf.detail
@@ -672,6 +706,10 @@ class Explorer(anywidget.AnyWidget):
             "static": row.static,
             "state": STATES[self._codes[node]],
         }
+        factors = self._spec.lr_factors[tree.lo[node] : tree.hi[node]]
+        trained = factors[factors > 0]
+        if trained.size:  # the factors of its trainable leaves, as [lowest, highest]
+            detail["lr"] = [float(trained.min()), float(trained.max())]
         if row.kind == "leaf":
             detail["repr"] = repr(tree.objects[node])[:2_000]
         if row.kind != "array":
@@ -796,6 +834,13 @@ class Explorer(anywidget.AnyWidget):
         # An exact path, as for a toggle; "none" removes the rule (make_rule takes the list).
         node = self._tree.paths[self._tree.find(path)]
         self.constrain(node, None if rule == "none" else rule)
+
+    def _on_scale_lr(self, path: str, factor: Any) -> None:
+        # An exact path, as for a toggle.
+        self.scale_lr(self._tree.paths[self._tree.find(path)], factor)
+
+    def _on_layerwise_decay(self, path: str, decay: Any) -> None:
+        self.layerwise_decay(self._tree.paths[self._tree.find(path)], decay)
 
     def _on_style(self, style: str) -> None:
         self.code_style = style  # validated by _valid_style

@@ -55,10 +55,11 @@ def synced_codes(widget):
 
 
 def synced_report(widget):
-    """The last report's statuses, norms (3 x slots) and notes as the page reads them."""
+    """The last report's statuses, norms and factors (4 x slots) and notes as the page reads
+    them."""
     state = widget.get_state()
     status = np.frombuffer(state["_leaf_status"], np.uint8)
-    norms = np.frombuffer(state["_leaf_norms"], "<f4").reshape(3, -1)
+    norms = np.frombuffer(state["_leaf_norms"], "<f4").reshape(4, -1)
     return status, norms, state["_last_run"]
 
 
@@ -373,6 +374,77 @@ def test_constraints_reach_a_view_displayed_later(model):
     assert w.code == to_code(w.spec, "custom_updates")
 
 
+# -- learning-rate groups ---------------------------------------------------------------------
+def synced_factors(widget):
+    """The factors per leaf as the page reads them (empty: 1 on every trainable leaf)."""
+    return np.frombuffer(widget.get_state()["_lr_factors"], "<f4")
+
+
+def test_scale_lr_message_sets_the_factor_and_counts_and_code_follow(widget, model):
+    widget.code_style = "optax"
+    assert synced_factors(widget).size == 0 and list(widget.counts["lr_groups"]) == [1.0]
+    sent = Sent(widget)
+    widget._handle_message({"type": "scale_lr", "path": "head", "factor": 0.5, "id": 7})
+    expected = FilterSpec(model).scale_lr("head", 0.5)
+    assert widget.error == "" and widget.spec == expected
+    assert sent.of_type("ack") == [({"type": "ack", "id": 7, "ok": True}, None)]
+    np.testing.assert_array_equal(synced_factors(widget), expected.lr_factors.astype(np.float32))
+    assert widget.counts["lr_groups"] == expected.counts["lr_groups"]
+    assert list(widget.counts["lr_groups"]) == [1.0, 0.5]
+    assert widget.code == to_code(expected, "optax") and "with_lr_factors" in widget.code
+    widget.select("head")
+    assert widget.detail["lr"] == [0.5, 0.5]
+    # Factor 0 freezes, as a toggle does; back to 1, no factors travel again.
+    widget._handle_message({"type": "scale_lr", "path": "head.bias", "factor": 0})
+    assert widget.spec.state("head.bias") == "frozen"
+    np.testing.assert_array_equal(synced_codes(widget), expected_codes(widget.spec))
+    widget._handle_message({"type": "scale_lr", "path": "head", "factor": 1})
+    assert widget.spec == FilterSpec(model) and synced_factors(widget).size == 0
+
+
+def test_layerwise_decay_message_decays_the_blocks_and_python_mirrors_it(widget, model):
+    widget.code_style = "train_step"
+    widget._handle_message({"type": "layerwise_decay", "path": "blocks", "decay": 0.5})
+    expected = FilterSpec(model).layerwise_decay("blocks", 0.5)
+    assert widget.error == "" and widget.spec == expected
+    tree = widget.spec.model_tree
+    factors = synced_factors(widget)
+    for j, factor in enumerate([0.25, 0.5, 1.0]):
+        part = slice(tree.lo[tree.find(f"blocks[{j}]")], tree.hi[tree.find(f"blocks[{j}]")])
+        assert set(factors[part][expected.mask[part]]) == {factor}  # on its float arrays
+    assert widget.counts["lr_groups"] == expected.counts["lr_groups"]
+    assert widget.code == to_code(expected, "train_step") and "with_lr_factors" in widget.code
+    assert widget.select("blocks")["lr"] == [0.25, 1.0]  # the page shows a range, 0.25–1
+    other = Explorer(model, code_style="train_step")
+    spec = other.layerwise_decay("blocks", 0.5)
+    assert (
+        spec is other.spec == expected
+        and other.get_state()["_lr_factors"] == (widget.get_state()["_lr_factors"])
+    )
+    assert other.scale_lr("embed", 0.1) == expected.scale_lr("embed", 0.1) == other.spec
+    assert other.code == to_code(other.spec, "train_step")
+    with pytest.raises(ExplorerError, match="one list or tuple"):
+        other.layerwise_decay("head", 0.5)
+    assert other.spec == expected.scale_lr("embed", 0.1)
+
+
+def test_step_report_sends_each_leaf_factor_and_update_norm(trainer):
+    trainer.scale_lr("head", 0.1)
+    trainer.freeze("body.layers[0]")
+    report = trainer.step(1)
+    status, norms, _ = synced_report(trainer)
+    tree = trainer.spec.model_tree
+    for leaf in report.leaves:
+        i = tree.lo[tree.find(leaf.path)]
+        for row, value in ((1, leaf.update_norm), (3, leaf.lr_factor)):  # None (kept): NaN
+            expected = np.nan if value is None else value
+            assert norms[row, i] == pytest.approx(expected, rel=1e-5, nan_ok=True)
+    head = tree.lo[tree.find("head.weight")]
+    assert norms[3, head] == pytest.approx(0.1) and norms[1, head] > 0
+    assert norms[3, tree.lo[tree.find("body.layers[0].weight")]] == 0
+    assert trainer.select("head.weight")["norms"][3] == pytest.approx(0.1)
+
+
 # -- Python API mirrors the page ---------------------------------------------------------------
 def test_python_methods_mirror_the_ui(widget, model):
     assert widget.freeze("blocks") == FilterSpec(model).freeze("blocks") == widget.spec
@@ -523,7 +595,8 @@ def test_10k_leaf_table_is_compact_and_a_toggle_syncs_one_byte_per_node():
     w._handle_message({"type": "toggle", "path": "['group7'][3]", "frozen": True})
     state = w.get_state()
     assert len(state["_state_codes"]) == len(tree)
-    assert len(state["_leaf_status"]) == 10_000 and len(state["_leaf_norms"]) == 12 * 10_000
+    assert len(state["_leaf_status"]) == 10_000 and len(state["_leaf_norms"]) == 16 * 10_000
+    assert state["_lr_factors"] == b""  # no learning-rate groups: no factors travel
     changed = np.flatnonzero(synced_codes(w) != STATES.index("trainable"))
     # The cell, its two leaves, and its ancestors (the group and the root).
     assert sorted(changed) == sorted(

@@ -69,6 +69,20 @@ BAD_MESSAGES = [
     ({"type": "constrain", "path": "['layers'][0].weight", "rule": ["interval", 2, 1]}, "lo < hi"),
     ({"type": "constrain", "path": "['layers'][0].weight", "rule": ["x"]}, r"bad 'rule'"),
     ({"type": "inference", "path": "['layers'][0]", "on": True}, r"no layer with an `inference`"),
+    ({"type": "scale_lr", "path": "['layers'][0]", "factor": -1}, r"factor -1\.0 is not a finite"),
+    # JSON has no NaN: the page's NaN arrives as null; a NaN from Python is refused alike.
+    ({"type": "scale_lr", "path": "['layers']", "factor": None}, r"number, got a NoneType"),
+    ({"type": "scale_lr", "path": "['layers']", "factor": float("nan")}, r"factor nan is not"),
+    ({"type": "scale_lr", "path": "['layers']", "factor": ""}, r"factor must be a number, got"),
+    ({"type": "scale_lr", "path": "['layers']", "factor": True}, r"got a bool"),
+    ({"type": "scale_lr", "path": "['odd']", "factor": 0.5}, r"no floating-point array"),
+    ({"type": "scale_lr", "path": "['layers'][*]", "factor": 0.5}, r"is a glob"),
+    ({"type": "scale_lr", "path": "['layers']"}, r"lacks the field 'factor'"),
+    ({"type": "layerwise_decay", "path": "['layers']", "decay": 0}, r"factor 0 \(that is freez"),
+    ({"type": "layerwise_decay", "path": "['layers']", "decay": 1.5}, r"decay 1\.5 is not"),
+    ({"type": "layerwise_decay", "path": "['layers']", "decay": -0.5}, r"decay -0\.5 is not"),
+    ({"type": "layerwise_decay", "path": "['layers']", "decay": "0.5"}, r"got a str"),
+    ({"type": "layerwise_decay", "path": "['layers'][0]", "decay": 0.5}, r"one list or tuple"),
     ({"type": "style", "style": LONG}, r"unknown code style 'x+…\(5,002 characters\)"),
     ({"type": "step", "n": 10**30}, r"between 1 and"),
     ({"type": "step", "n": 3}, r"no loss function"),
@@ -159,6 +173,8 @@ message_types = st.sampled_from(
         "style",
         "method",
         "inference",
+        "scale_lr",
+        "layerwise_decay",
         "step",
         "reset",
         "dismiss",
@@ -166,7 +182,8 @@ message_types = st.sampled_from(
     ]
 )
 field_names = st.sampled_from(
-    ["path", "frozen", "pattern", "action", "rule", "style", "method", "on", "n", "id"]
+    ["path", "frozen", "pattern", "action", "rule", "style", "method", "on", "n", "factor"]
+    + ["decay", "id"]
 )
 
 
