@@ -5,7 +5,9 @@
  * Stable hooks for browser tests:
  *   .eqxe-root                      the widget; .eqxe-stale once the spec changed after the
  *                                   last step (its badges are dimmed until the next report)
- *   .eqxe-header                    counts; [data-testid=trainable|total|pct|frozen|bytes|opt-state]
+ *   .eqxe-header                    counts; [data-testid=trainable|total|pct|frozen|bytes|opt-state];
+ *                                   [data-testid=lr-groups] (hidden while every trainable leaf has
+ *                                   factor 1): .eqxe-lr-group[data-factor][data-group] per group
  *   .eqxe-banner                    error banner (hidden when empty); .eqxe-banner-text, .eqxe-banner-close
  *   .eqxe-expand-all, .eqxe-collapse-all
  *   .eqxe-legend-line               what a tick, ❄ and grey mean; .eqxe-wait ("waiting for the
@@ -34,6 +36,13 @@
  *       in inference mode; the row has data-mode=eval) and .eqxe-mode-menu that opens
  *       .eqxe-mode-pop[data-path]: .eqxe-mode-pick[data-on=true|false] (aria-pressed on the
  *       current mode) and .eqxe-mode-close; it closes once Python accepts.
+ *       .eqxe-lrcell: .eqxe-lr (the learning-rate factor of the row's trainable leaves, "0.5",
+ *       or a range "0.25–1"; data-group=0..5 colours a single factor by its group, in the order
+ *       of counts.lr_groups; hidden while the spec has no groups) and .eqxe-lr-menu (rows with
+ *       float arrays) that opens .eqxe-lr-pop[data-path]: .eqxe-lr-pick[data-factor] (aria-pressed
+ *       on the row's factor), .eqxe-lr-factor (a number) and .eqxe-lr-set; on list and tuple
+ *       rows also .eqxe-lr-decay (0.5) and .eqxe-lr-decay-apply ("Layer-wise decay"); it closes
+ *       once Python accepts, an error stays in the banner.
  *   .eqxe-rule-pop[data-path]       the open rule picker, a panel right under its row:
  *       .eqxe-rule-pick[data-rule=none|positive|orthogonal|unit_norm] (aria-pressed on the
  *       current rule), .eqxe-rule-lo, .eqxe-rule-hi and .eqxe-rule-pick[data-rule=interval];
@@ -97,6 +106,10 @@ const MAX_VALUE_PX = 420;
 const WAIT_SHOW_MS = 400;
 const NOTE_CHARS = 240;
 const WAIT_LONG_MS = 8000;
+// Learning-rate groups: colours (widget.css) cycle through this many; the menu's quick picks.
+const LR_COLORS = 6;
+const LR_PICKS = [1, 0.5, 0.1, 0.01];
+const LR_DECAY = 0.5;
 
 function h(tag, props = {}, ...children) {
   const el = document.createElement(tag);
@@ -155,6 +168,9 @@ function progressText(p) {
 
 const fmtNorm = (x) => (Number.isFinite(x) ? x.toPrecision(3) : "—");
 const fmtNorms = ([g, u, d]) => `‖grad‖ ${fmtNorm(g)}  ‖update‖ ${fmtNorm(u)}  ‖change‖ ${fmtNorm(d)}`;
+// A factor in at most three significant digits: 1, 0.5, 0.0859.
+const fmtFactor = (f) => String(Number(f.toPrecision(3)));
+const fmtRange = (lo, hi) => (lo === hi ? fmtFactor(lo) : `${fmtFactor(lo)}–${fmtFactor(hi)}`);
 
 // Insert HTML so that its scripts run (innerHTML alone leaves them inert): treescope needs it.
 function setHTML(el, html) {
@@ -344,7 +360,8 @@ class ExplorerView {
     this.waiting = new Set(); // ids of messages not yet answered by the kernel
     this.rules = model.get("_constraints"); // {node: [rule name, label, (lo, hi)]}
     this.modes = model.get("_modes"); // {node: true} for modules in inference mode
-    this.pop = null; // the open row menu: {node, kind: "rule" | "mode", el, picks}
+    this.readFactors();
+    this.pop = null; // the open row menu: {node, kind: "rule" | "mode" | "lr", el, picks}
     this.expanded = new Uint8Array(n);
     this.rows = new Map(); // node -> its row element, for the rows in the DOM only
     this.visible = []; // the nodes of the rows, in order, whose ancestors are expanded
@@ -371,7 +388,12 @@ class ExplorerView {
     side.append(this.detailEl);
     this.root.append(main);
 
-    this.on("change:counts", () => this.paintHeader());
+    this.on("change:counts", () => {
+      this.paintHeader();
+      this.readGroups();
+      for (const i of this.rows.keys()) this.paintLr(i);
+    });
+    this.on("change:_lr_factors", () => this.onFactors());
     this.on("change:error", () => this.paintBanner());
     this.on("change:code", () => this.paintCode());
     this.on("change:code_style", () => (this.styleSelect.value = model.get("code_style")));
@@ -454,7 +476,44 @@ class ExplorerView {
     const old = this.states;
     this.states = typed(Uint8Array, this.model.get("_state_codes"));
     for (const i of this.rows.keys()) if (old[i] !== this.states[i]) this.paintRow(i);
+    if (!this.factors) this.onFactors(); // without groups, a trainable leaf's factor is 1
     performance.measure("eqxe:states", { start }); // read by benchmarks/bench_browser.py
+  }
+
+  // -- learning-rate factors: per leaf from `_lr_factors` (or 1 where trainable), and the
+  // lowest and highest factor of the trainable leaves under each node ---------------------
+  readFactors() {
+    const { n, leafOf, children, kind } = this.tree;
+    const bytes = this.model.get("_lr_factors");
+    this.factors = bytes.byteLength ? typed(Float32Array, bytes) : null;
+    const trainable = this.options.states.indexOf("trainable");
+    this.lrLo = new Float32Array(n).fill(Infinity);
+    this.lrHi = new Float32Array(n).fill(-Infinity);
+    for (let i = n - 1; i >= 0; i--) {
+      const leaf = leafOf[i];
+      if (leaf >= 0 && kind[i] !== "state") {
+        const f = this.factors ? this.factors[leaf] : this.states[i] === trainable ? 1 : 0;
+        if (f > 0) this.lrLo[i] = this.lrHi[i] = f;
+      }
+      for (const c of children[i]) {
+        if (this.lrLo[c] < this.lrLo[i]) this.lrLo[i] = this.lrLo[c];
+        if (this.lrHi[c] > this.lrHi[i]) this.lrHi[i] = this.lrHi[c];
+      }
+    }
+    this.readGroups();
+  }
+
+  // Group k of counts.lr_groups (largest factor first) colours its rows.
+  readGroups() {
+    const factors = Object.keys(this.model.get("counts").lr_groups || {}).map(Number);
+    factors.sort((a, b) => b - a);
+    this.groups = new Map(factors.map((f, k) => [Math.fround(f), k]));
+  }
+
+  onFactors() {
+    this.readFactors();
+    for (const i of this.rows.keys()) this.paintLr(i);
+    if (this.pop) this.paintPop();
   }
 
   // Four traits change together at a report: paint once.
@@ -506,6 +565,7 @@ class ExplorerView {
       frozen: part("frozen"),
       bytes: part("bytes"),
       opt: part("opt-state"),
+      lr: h("span", { class: "eqxe-lr-groups", "data-testid": "lr-groups" }),
     };
     const x = this.header;
     this.root.append(
@@ -517,6 +577,7 @@ class ExplorerView {
         h("span", {}, "frozen ", x.frozen),
         h("span", {}, "bytes ", x.bytes),
         x.opt,
+        x.lr,
       ),
     );
     // On the legend's line, so that showing it moves nothing.
@@ -547,6 +608,23 @@ class ExplorerView {
     x.bytes.textContent = `${fmtBytes(c.trainable_bytes)} trainable of ${fmtBytes(c.total_bytes)}`;
     x.opt.textContent = `optimizer state ≈ ${fmtBytes(c.opt_state_bytes)}`;
     x.opt.title = c.opt_state_note;
+    // The learning-rate groups, largest factor first, once a factor other than 1 exists.
+    const groups = Object.entries(c.lr_groups || {})
+      .map(([f, g]) => [Number(f), g])
+      .sort((a, b) => b[0] - a[0]);
+    x.lr.hidden = !groups.some(([f]) => f !== 1);
+    x.lr.replaceChildren(
+      ...(x.lr.hidden ? [] : ["lr groups "]),
+      ...groups.map(([f, g], k) =>
+        h("span", {
+          class: "eqxe-lr-group",
+          "data-factor": String(f),
+          "data-group": String(k % LR_COLORS),
+          text: `×${fmtFactor(f)}: ${fmtInt(g.params)}`,
+          title: `learning rate × ${f}: ${fmtInt(g.params)} params in ${fmtInt(g.leaves)} leaves`,
+        }),
+      ),
+    );
   }
 
   buildBanner() {
@@ -614,6 +692,7 @@ class ExplorerView {
       h("span", { class: "eqxe-params", text: "params" }),
       this.sharded ? h("span", { class: "eqxe-sharding", text: "sharding" }) : null,
       h("span", { class: "eqxe-rulecell", text: "rule / mode" }),
+      h("span", { class: "eqxe-lrcell", text: "lr ×", title: "learning-rate factor (0 = frozen)" }),
       h("span", { text: "" }),
     );
     this.crumb = h("div", { class: "eqxe-crumb", "aria-label": "ancestors of the top row" });
@@ -935,6 +1014,23 @@ class ExplorerView {
         : container
           ? { pill: h("span", { class: "eqxe-rule eqxe-rule-inside" }), menu: null }
           : null;
+    // Rows with float arrays take a learning-rate factor (static rows stay static).
+    const lr = isState
+      ? null
+      : {
+          pill: h("span", { class: "eqxe-lr" }),
+          menu:
+            this.options.states[this.states[i]] === "static"
+              ? null
+              : h("button", {
+                  class: "eqxe-lr-menu",
+                  text: "⋯",
+                  title: "learning-rate factor…",
+                  "aria-label": `learning-rate factor of ${path[i] || "(root)"}`,
+                  "aria-haspopup": "true",
+                  "aria-expanded": "false",
+                }),
+        };
     row.append(
       ...[
         h("span", { class: "eqxe-namecell" }, twisty, check, h("span", { class: "eqxe-name", text: label })),
@@ -950,6 +1046,7 @@ class ExplorerView {
           mode && mode.pill,
           mode && mode.menu,
         ),
+        h("span", { class: "eqxe-lrcell" }, lr && lr.pill, lr && lr.menu),
         badge,
       ].filter(Boolean),
     );
@@ -957,7 +1054,7 @@ class ExplorerView {
     row.title = [path[i] || "(root)", cls, summary, sharding && `sharding: ${sharding}`, what]
       .filter(Boolean)
       .join("\n");
-    row._eqxe = { twisty, check, badge, container, rule, mode };
+    row._eqxe = { twisty, check, badge, container, rule, mode, lr };
     return row;
   }
 
@@ -991,6 +1088,7 @@ class ExplorerView {
     row.classList.toggle("eqxe-cursor", this.cursor === i);
     this.paintBadge(i, badge);
     if (rule) this.paintRule(i, row, rule, state);
+    this.paintLr(i);
     if (mode) {
       const on = !!this.modes[i];
       if (on) row.dataset.mode = "eval";
@@ -1016,6 +1114,25 @@ class ExplorerView {
     pill.title = r ? `update rule ${r[1]}: ${RULE_TEXT[r[0]]}` : "";
     // Only float arrays take a rule; "static" is an int/bool array.
     menu.hidden = state === "static";
+  }
+
+  // The factor of the row's trainable leaves, coloured by its group; a range has no group.
+  paintLr(i) {
+    const { lr } = this.rows.get(i)._eqxe;
+    if (!lr) return;
+    const lo = this.lrLo[i];
+    const hi = this.lrHi[i];
+    const show = !!this.factors && lo <= hi;
+    lr.pill.hidden = !show;
+    lr.pill.textContent = show ? fmtRange(lo, hi) : "";
+    const group = show && lo === hi ? this.groups.get(lo) : undefined;
+    if (group === undefined) delete lr.pill.dataset.group;
+    else lr.pill.dataset.group = String(group % LR_COLORS);
+    lr.pill.title = !show
+      ? ""
+      : lo === hi
+        ? `trains at ${fmtFactor(lo)} × the learning rate`
+        : `its trainable leaves train at ${fmtRange(lo, hi)} × the learning rate`;
   }
 
   rulesInside() {
@@ -1059,7 +1176,8 @@ class ExplorerView {
   // kind "rule": an array's update rule; kind "mode": a module's inference mode.
   openPop(i, kind) {
     this.closePop(false);
-    const { el, picks } = kind === "rule" ? this.rulePicker(i) : this.modePicker(i);
+    const picker = { rule: this.rulePicker, mode: this.modePicker, lr: this.lrPicker }[kind];
+    const { el, picks } = picker.call(this, i);
     el.style.setProperty("--depth", this.tree.depth[i]);
     el.addEventListener("keydown", (e) => {
       if (e.key === "Escape") {
@@ -1155,8 +1273,50 @@ class ExplorerView {
     return { el: this.popPanel(i, "mode", "inference mode", ...picks), picks };
   }
 
+  // A factor for the node (LR_PICKS or a typed one) and, on lists, layer-wise decay.
+  lrPicker(i) {
+    const path = this.tree.path[i];
+    const scale = (factor) => this.choose(i, "lr", { type: "scale_lr", path, factor });
+    // A number input's value is "" when its text is not a number: Python says why in the banner.
+    const number = (input) => (Number.isFinite(input.valueAsNumber) ? input.valueAsNumber : input.value);
+    const picks = LR_PICKS.map((f) =>
+      h("button", { class: "eqxe-lr-pick", "data-factor": String(f), text: `×${f}`, onclick: () => scale(f) }),
+    );
+    const field = (cls, name, value) =>
+      h("input", { class: cls, type: "number", step: "any", min: "0", value, "aria-label": name, title: name });
+    const single = this.lrLo[i] === this.lrHi[i];
+    const factor = field("eqxe-lr-factor", "factor", single ? fmtFactor(this.lrLo[i]) : "1");
+    const set = h("button", { class: "eqxe-lr-set", text: "set", onclick: () => scale(number(factor)) });
+    const content = [...picks, h("span", { class: "eqxe-lr-custom" }, "× ", factor, " ", set)];
+    let decay = null;
+    let apply = null;
+    if (this.tree.kind[i] === "list" || this.tree.kind[i] === "tuple") {
+      decay = field("eqxe-lr-decay", "decay", String(LR_DECAY));
+      apply = h("button", {
+        class: "eqxe-lr-decay-apply",
+        text: "Layer-wise decay",
+        title: "the last layer trains at 1×, the one before at decay×, then decay²×, …",
+        onclick: () => this.choose(i, "lr", { type: "layerwise_decay", path, decay: number(decay) }),
+      });
+      content.push(h("span", { class: "eqxe-lr-llrd" }, apply, " ", decay));
+    }
+    const el = this.popPanel(i, "lr", "learning rate", ...content);
+    el.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && e.target === factor) set.click();
+      if (e.key === "Enter" && e.target === decay) apply.click();
+    });
+    return { el, picks: [...picks, set, ...(apply ? [apply] : [])] };
+  }
+
   paintPop() {
     const { node, kind, picks } = this.pop;
+    if (kind === "lr") {
+      const single = this.lrLo[node] === this.lrHi[node];
+      for (const b of picks) {
+        if (b.dataset.factor) b.setAttribute("aria-pressed", String(single && Math.fround(Number(b.dataset.factor)) === this.lrLo[node]));
+      }
+      return;
+    }
     const current =
       kind === "rule" ? (this.rules[node] ? this.rules[node][0] : "none") : String(!!this.modes[node]);
     for (const b of picks) {
@@ -1190,9 +1350,10 @@ class ExplorerView {
     let title = "";
     if (leaf >= 0 && this.status[leaf] !== NO_STATUS) {
       status = names[this.status[leaf]];
-      const norms = [0, 1, 2].map((r) => this.norms[r * this.tree.leaves + leaf]);
+      const norms = [0, 1, 2, 3].map((r) => this.norms[r * this.tree.leaves + leaf]);
       const note = this.leafDetails[leaf] ? `\n${this.leafDetails[leaf]}` : "";
-      title = `${status}: ${this.statusText(i, status)}\n${fmtNorms(norms)}${note}`;
+      const lr = Number.isNaN(norms[3]) ? "" : `lr × ${fmtFactor(norms[3])}  `;
+      title = `${status}: ${this.statusText(i, status)}\n${lr}${fmtNorms(norms)}${note}`;
     } else if (leaf < 0 && this.worst[i] !== NO_STATUS && this.worst[i] >= ALARM) {
       status = Object.keys(SEVERITY).find((k) => SEVERITY[k] === this.worst[i]);
       title = `contains ${status} leaves: expand to see which`;
@@ -1214,7 +1375,7 @@ class ExplorerView {
     this.cursor = i;
     if (old !== i && this.rows.has(old)) this.paintRow(old);
     this.treeEl.focus({ preventScroll: true }); // the keys act from the clicked row on
-    const menu = ["rule", "mode"].find((k) => e.target.classList.contains(`eqxe-${k}-menu`));
+    const menu = ["rule", "mode", "lr"].find((k) => e.target.classList.contains(`eqxe-${k}-menu`));
     if (menu) {
       if (this.pop && this.pop.node === i && this.pop.kind === menu) this.closePop(true);
       else this.openPop(i, menu);
@@ -1465,12 +1626,14 @@ class ExplorerView {
       ["state", d.state],
       "owner" in d ? ["layer", d.owner || "(root)"] : null,
       d.params ? ["params", fmtInt(d.params)] : null,
+      d.lr ? ["lr factor", fmtRange(...d.lr)] : null,
       d.sharding ? ["sharding", d.sharding] : null,
       ...Object.entries(d.static || {}).map(([k, v]) => [`${k} (static)`, v]),
       d.status
         ? ["last step", `${d.status}: ${(d.kind === "state" ? STATE_STATUS_TEXT : STATUS_TEXT)[d.status]}`]
         : null,
       d.note ? ["note", d.note] : null,
+      d.norms && d.norms[3] != null ? ["lr factor in the step", fmtFactor(d.norms[3])] : null,
       d.norms ? ["norms", fmtNorms(d.norms.map((v) => v ?? NaN))] : null,
     ].filter(Boolean);
     el.append(
