@@ -2,9 +2,6 @@
 
 import ast
 import collections
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -20,54 +17,13 @@ from hypothesis import strategies as st
 from eqx_explorer import ExplorerError, FilterSpec, StepRunner
 from eqx_explorer._codegen import STYLES, _literal, to_code
 from eqx_explorer._examples import Hypernet, TinyTransformer, example_batch, mse_loss
+from tests.helpers import assert_rebuilds, assert_ruff_clean
 from tests.strategies import models, random_edits, random_lr_factors
 
-RUFF = str(Path(sys.executable).parent / "ruff")
 INJECTION = '"]; import os; os.system("x") #'
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def run(code: str, model: Any) -> dict:
-    namespace = {"model": model}
-    exec(code, namespace)
-    return namespace
-
-
-def assert_rebuilds(code: str, spec: FilterSpec) -> dict:
-    namespace = run(code, spec.model)
-    built = namespace["filter_spec"]
-    assert jtu.tree_structure(built) == jtu.tree_structure(spec.tree)
-    leaves = jtu.tree_leaves(built)
-    assert all(type(b) is bool for b in leaves)
-    assert leaves == jtu.tree_leaves(spec.tree)
-    # `set_inference` exactly when the spec sets inference flags, setting exactly those.
-    assert ("set_inference" in namespace) == bool(spec.inference_overrides)
-    if spec.inference_overrides:
-        got = namespace["set_inference"](spec.model)
-        want = spec.apply_inference(spec.model)
-        assert jtu.tree_structure(got) == jtu.tree_structure(want)
-        assert all(a is b for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(want), strict=True))
-    return namespace
-
-
-def assert_ruff_clean(codes: list[str], tmp_dir: Path) -> None:
-    """`ruff check --select E,F,W` (with `model` a builtin) and `ruff format --check`, at once."""
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    files = []
-    for i, code in enumerate(dict.fromkeys(codes)):
-        path = tmp_dir / f"out_{i}.py"
-        path.write_text(code)
-        files.append(str(path))
-    common = ["--isolated", "--line-length", "100", "--no-cache"]
-    check = [RUFF, "check", *common, "--select", "E,F,W", "--config", 'builtins = ["model"]']
-    lint = subprocess.run([*check, *files], capture_output=True, text=True)
-    assert lint.returncode == 0, lint.stdout + lint.stderr
-    fmt = subprocess.run(
-        [RUFF, "format", "--check", "--diff", *common, *files], capture_output=True, text=True
-    )
-    assert fmt.returncode == 0, fmt.stdout + fmt.stderr
-
-
 def frozen_leaves_identical(before: Any, after: Any, spec: FilterSpec) -> bool:
     old, new = jtu.tree_leaves(before), jtu.tree_leaves(after)
     frozen = spec.model_tree.inexact & ~spec.mask

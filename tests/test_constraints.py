@@ -7,6 +7,7 @@ import pytest
 
 from eqx_explorer import ExplorerError, FilterSpec
 from eqx_explorer._constraints import apply_updates, constrain_grads, make_rule, violations
+from tests.helpers import assert_rebuilds, assert_ruff_clean
 
 
 class Physics(eqx.Module):
@@ -134,7 +135,6 @@ def test_constraints_round_trip_json_and_removal():
 
 
 def test_exported_custom_updates_match_the_library(tmp_path):
-    from tests.test_codegen import assert_rebuilds, assert_ruff_clean
 
     model = physics()
     spec = (
@@ -204,7 +204,6 @@ def test_step_runner_applies_rules_and_reports_violations():
 
 
 def test_open_interval_exports(tmp_path):
-    from tests.test_codegen import assert_rebuilds, assert_ruff_clean
 
     spec = FilterSpec(physics()).constrain("free", ("interval", float("-inf"), 0.0))
     code = spec.to_code("custom_updates")
