@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import time
-import warnings
 from importlib import metadata
 from pathlib import Path
 
@@ -23,9 +22,8 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from .test_notebooks import NOTEBOOKS, record_time, run_notebook
+from tests.helpers import NOTEBOOKS, ROOT, record_time, run_notebook
 
-ROOT = Path(__file__).resolve().parent.parent
 BINDER = ROOT / "binder"
 IN_CI = bool(os.environ.get("CI"))
 
@@ -89,7 +87,7 @@ def test_runtime_python_suits_the_pins():
 
 
 def test_pins_match_the_tested_venv():
-    """The notebooks are tested in this venv; pins that drift from it are only a warning."""
+    """The notebooks are tested in this venv, so Binder must install exactly its versions."""
     drift = []
     for req in _requirements():
         if req == ".":
@@ -98,12 +96,10 @@ def test_pins_match_the_tested_venv():
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
-            continue
+            installed = "nothing"
         if installed != version:
             drift.append(f"{name}: pinned {version}, venv has {installed}")
-    if drift:
-        message = "binder/requirements.txt pins differ from the venv: " + "; ".join(drift)
-        warnings.warn(message, stacklevel=1)
+    assert not drift, "update binder/requirements.txt to the tested venv: " + "; ".join(drift)
 
 
 def _dry_run(repo: Path) -> subprocess.CompletedProcess:
@@ -132,18 +128,6 @@ def test_repo2docker_accepts_the_binder_folder():
     assert install in dockerfile
     assert dockerfile.index("COPY --chown=0:0 src/ ${REPO_DIR}/") < dockerfile.index(install)
     assert "pip install --no-cache-dir ." not in dockerfile.replace(install, "")
-
-
-def test_repo2docker_default_python_is_too_old_without_runtime_txt(tmp_path: Path):
-    """Why runtime.txt exists: without it repo2docker picks a Python JAX does not support."""
-    (tmp_path / "binder").mkdir()
-    shutil.copy(BINDER / "requirements.txt", tmp_path / "binder" / "requirements.txt")
-    result = _dry_run(tmp_path)
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log
-    default = re.search(r"Building conda environment for python=(\S+)", log).group(1)
-    requires = SpecifierSet(metadata.metadata("jax")["Requires-Python"])
-    assert Version(default) not in requires, f"default {default} now fits; runtime.txt optional"
 
 
 @pytest.mark.slow

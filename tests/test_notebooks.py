@@ -18,61 +18,30 @@ tests/e2e/test_marimo_browser.py opens the tour in `marimo run`.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
 
-ROOT = Path(__file__).resolve().parent.parent
-NOTEBOOK_DIR = ROOT / "notebooks"
-NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
+from tests.helpers import (
+    CELL_TIMEOUT_S,
+    NOTEBOOK_DIR,
+    NOTEBOOKS,
+    ROOT,
+    record_time,
+    run_notebook,
+)
+
 MARIMO_NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("marimo_*.py"))
-ARTIFACTS = ROOT / "test-artifacts"
 KERNELSPEC = {"name": "python3", "display_name": "Python 3", "language": "python"}
-BUDGET_S = 60.0  # the issue's per-notebook budget on 2 cores
-CELL_TIMEOUT_S = 300
 MAX_LINE = 100  # characters in a printed line
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-
-
-def run_notebook(path: Path, python: str = sys.executable) -> tuple[nbformat.NotebookNode, float]:
-    """Execute `path` in a new kernel started with `python`; return the notebook and seconds.
-
-    The kernel is named `python3` (as the notebooks' metadata says) but defined here, in a
-    temporary kernel directory, so it cannot resolve to some other interpreter.
-    """
-    nb = nbformat.read(path, as_version=4)
-    with tempfile.TemporaryDirectory(prefix="eqxe-kernels-") as tmp:
-        spec_dir = Path(tmp) / "kernels" / "python3"
-        spec_dir.mkdir(parents=True)
-        argv = [python, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-        spec = {"argv": argv, "display_name": "Python 3", "language": "python"}
-        (spec_dir / "kernel.json").write_text(json.dumps(spec))
-        ksm = KernelSpecManager(kernel_dirs=[str(spec_dir.parent)], ensure_native_kernel=False)
-        km = KernelManager(kernel_name="python3", kernel_spec_manager=ksm)
-        client = NotebookClient(
-            nb,
-            km=km,
-            timeout=CELL_TIMEOUT_S,
-            startup_timeout=120,
-            kernel_name="python3",
-            resources={"metadata": {"path": str(path.parent)}},
-        )
-        start = time.perf_counter()
-        client.execute()
-        return nb, time.perf_counter() - start
 
 
 @functools.cache
@@ -101,24 +70,6 @@ def too_long(lines: list[tuple[str, str]], shown: int = 8) -> list[str]:
     long = [(where, line) for where, line in lines if len(line) > MAX_LINE]
     text = [f"{where}: {len(line)} characters: {line[:70]}…" for where, line in long[:shown]]
     return text + ([f"… and {len(long) - shown} more"] if len(long) > shown else [])
-
-
-def record_time(name: str, seconds: float, where: str = "venv") -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    log = ARTIFACTS / "notebook-times.json"
-    try:
-        times = json.loads(log.read_text())
-    except (OSError, ValueError):
-        times = {}
-    times.setdefault(where, {})[name] = round(seconds, 2)
-    log.write_text(json.dumps(times, indent=1, sort_keys=True))
-    print(f"{where}: {name} ran in {seconds:.1f} s")
-    if seconds > BUDGET_S:
-        warnings.warn(
-            f"{name} took {seconds:.0f} s ({where}); the notebooks should run in under "
-            f"{BUDGET_S:.0f} s on 2 cores",
-            stacklevel=2,
-        )
 
 
 def test_notebooks_are_numbered_from_the_tour():
@@ -160,18 +111,6 @@ def test_tour_and_readme_point_to_every_lesson():
         assert f"`{path.stem}`" in readme, f"README's notebook table misses {path.stem}"
     for path in MARIMO_NOTEBOOKS:
         assert f"notebooks/{path.name}" in readme, f"README does not mention {path.name}"
-
-
-def test_kernel_named_python3_is_this_venv(tmp_path: Path):
-    """`python3`, as Jupyter resolves it (the kernelspec `make` installs with --sys-prefix),
-    is this interpreter: JupyterLab (`make demo`, the browser tests) must run the venv."""
-    spec = KernelSpecManager().get_kernel_spec("python3")
-    exe = spec.argv[0]
-    if exe in {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"}:
-        exe = sys.executable  # jupyter_client runs a bare `python` as its own interpreter
-    assert Path(exe).resolve() == Path(sys.executable).resolve() or (
-        Path(exe).parent.parent.resolve() == Path(sys.prefix).resolve()
-    ), f"the python3 kernelspec in {spec.resource_dir} runs {exe}, not {sys.executable}"
 
 
 @pytest.mark.slow

@@ -106,9 +106,9 @@ def test_bad_targets(model):
         spec.freeze(eqx.nn.Conv2d)
     with pytest.raises(ExplorerError, match="cannot select with"):
         spec.freeze(3)
-    with pytest.raises(ExplorerError, match="needs at least one target"):
+    # An ExplorerError is a ValueError: `except ValueError` around a freeze catches it.
+    with pytest.raises(ValueError, match="needs at least one target"):
         spec.freeze()
-    assert isinstance(ExplorerError("x"), ValueError)
 
 
 def test_counts_and_summary(model):
