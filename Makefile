@@ -33,14 +33,13 @@ demo: $(STAMP)
 		--IdentityProvider.token=$(EQX_EXPLORER_TOKEN) --ServerApp.root_dir=$(CURDIR) \
 		notebooks/00_tour.ipynb
 
-test: $(STAMP) chromium
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: $(STAMP) chromium lint
 	$(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -11,15 +11,15 @@ The headless library needs only jax, equinox, optax and numpy: the widget stack 
 ipywidgets, treescope) is imported the first time `ex.Explorer` is used.
 """
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ._audit import LeafReport as LeafReport
-from ._audit import StepReport as StepReport
 from ._audit import assert_frozen_safe as assert_frozen_safe
 from ._audit import audit_step as audit_step
 from ._errors import ExplorerError as ExplorerError
 from ._paths import format_path as format_path
 from ._paths import parse_path as parse_path
+from ._report import LeafReport as LeafReport
+from ._report import StepReport as StepReport
 from ._spec import FilterSpec as FilterSpec
 from ._steps import StepProgress as StepProgress
 from ._steps import StepRunner as StepRunner
@@ -30,9 +30,24 @@ if TYPE_CHECKING:
     from ._widget import Explorer as Explorer
 
 __version__ = "0.1.0"
+__all__ = [
+    "Explorer",
+    "ExplorerError",
+    "FilterSpec",
+    "LeafReport",
+    "ModelTree",
+    "StepProgress",
+    "StepReport",
+    "StepRunner",
+    "assert_frozen_safe",
+    "audit_step",
+    "format_path",
+    "parse_path",
+    "summary",
+]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # Scripts and test suites that never open a widget do not pay for importing one.
     if name == "Explorer":
         from ._widget import Explorer

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from ._codegen import STYLES
 from ._errors import shorten
 
 
-def _int_in(lo: int, hi: int, what: str):
+def _int_in(lo: int, hi: int, what: str) -> Callable[[str], int]:
     """An argparse type: an int in `[lo, hi]`, else a usage error (exit code 2)."""
 
     def parse(text: str) -> int:
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.set_defaults(run=_demo)
     args = parser.parse_args(argv)
-    return args.run(args)
+    code: int = args.run(args)
+    return code
 
 
 if __name__ == "__main__":

@@ -29,18 +29,23 @@ import inspect
 import keyword
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import jax.tree_util as jtu
 import numpy as np
 
-from ._constraints import _retract
+from ._constraints import retract
 from ._errors import ExplorerError
-from ._spec import FROZEN, MIXED, TRAINABLE, FilterSpec
 from ._state import has_state
-from ._tree import LIST, TUPLE, ModelTree
+from ._tree import FROZEN, LIST, MIXED, TRAINABLE, TUPLE, ModelTree
 
-__all__ = ["STYLES", "to_code"]
+if TYPE_CHECKING:  # for annotations only: `FilterSpec.to_code` calls this module
+    from ._spec import FilterSpec
+
+__all__ = ["STYLES", "Style", "to_code"]
+
+Style = Literal["tree_at", "path", "optax", "stop_gradient", "train_step", "custom_updates"]
+STYLES: tuple[Style, ...] = get_args(Style)  # the widget's style selector reads these
 
 _WIDTH = 100  # the repo's ruff line length; emitted code is laid out for it
 _INDENT = "    "
@@ -704,14 +709,14 @@ def _train_step(plan: _Plan) -> list[str]:
     ]
 
 
-# -- custom update rules (seed 002) --------------------------------------------------------
+# -- custom update rules ----------------------------------------------------------------------
 _RULE_BRANCHES = {
     "positive": """\
     if rule == "positive":  # trained as log p: can never cross zero
         return p * jnp.exp(u)""",
     "orthogonal": """\
     if rule == "orthogonal":  # QR retraction back onto orthogonal matrices
-        return _retract(p + u)""",
+        return retract(p + u)""",
     "unit_norm": """\
     if rule == "unit_norm":
         new = p + u
@@ -722,7 +727,7 @@ _RULE_BRANCHES = {
 }
 
 # The library's own retraction, so the exported code and StepRunner agree exactly.
-_RETRACT = "\n\n" + inspect.getsource(_retract).rstrip()
+_RETRACT = "\n\n" + inspect.getsource(retract).rstrip()
 
 _CONSTRAIN_GRADS = '''
 
@@ -805,8 +810,7 @@ def _custom_updates(plan: _Plan) -> list[str]:
     return parts
 
 
-# One entry per style; the widget's style selector reads `STYLES`.
-_RENDERERS: dict[str, Callable[[_Plan], list[str]]] = {
+_RENDERERS: dict[Style, Callable[[_Plan], list[str]]] = {
     "tree_at": _tree_at,
     "path": _path,
     "optax": _optax,
@@ -814,10 +818,9 @@ _RENDERERS: dict[str, Callable[[_Plan], list[str]]] = {
     "train_step": _train_step,
     "custom_updates": _custom_updates,
 }
-STYLES = tuple(_RENDERERS)
 
 
-def to_code(spec: FilterSpec, style: str = "tree_at") -> str:
+def to_code(spec: FilterSpec, style: Style = "tree_at") -> str:
     """Python source that rebuilds `spec` from a variable `model`, written in `style`.
 
     Every style defines `filter_spec` (Python bools, the model's structure); `optax` adds

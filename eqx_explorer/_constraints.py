@@ -1,4 +1,4 @@
-"""Update rules that keep constrained parameters valid under training (seed 002).
+"""Update rules that keep constrained parameters valid under training.
 
 `eqx.apply_updates` adds updates, which can push a scale below zero or a rotation off the
 orthogonal group. A rule replaces the addition for the leaves it constrains:
@@ -30,8 +30,9 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -39,35 +40,46 @@ import numpy as np
 from ._errors import ExplorerError, short_repr
 from ._paths import format_path
 
-__all__ = ["Rule", "make_rule", "constrain_grads", "apply_updates", "violations"]
+__all__ = [
+    "Rule",
+    "RuleName",
+    "make_rule",
+    "constrain_grads",
+    "apply_updates",
+    "violations",
+    "retract",
+]
+
+RuleName = Literal["positive", "orthogonal", "unit_norm", "interval", "custom"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """One update rule; `name` is a built-in name, or "custom" for a callable."""
 
-    name: str
-    lo: float | None = None
-    hi: float | None = None
-    fn: Callable | None = None
+    name: RuleName
+    lo: float = -math.inf  # the interval's bounds; open (infinite) for every other rule
+    hi: float = math.inf
+    fn: Callable[[Any, Any], Any] | None = None
 
     # -- what runs inside the jitted step ------------------------------------
-    def grad(self, p, g):
+    def grad(self, p: Any, g: Any) -> Any:
         return g * p if self.name == "positive" else g
 
-    def apply(self, p, u):
+    def apply(self, p: Any, u: Any) -> Any:
         if self.name == "positive":
             return p * jnp.exp(u)
         if self.name == "orthogonal":
-            return _retract(p + u)
+            return retract(p + u)
         if self.name == "unit_norm":
             new = p + u
             return new / jnp.linalg.norm(new)
         if self.name == "interval":
             return jnp.clip(p + u, self.lo, self.hi)
+        assert self.fn is not None  # a custom rule
         return self.fn(p, u)
 
-    def violation(self, p):
+    def violation(self, p: Any) -> Any:
         """The measured violation of `p` (see the module table); NaN for custom rules."""
         if self.name == "positive":
             return jnp.min(p)
@@ -142,7 +154,7 @@ def make_rule(rule: Any) -> Rule:
     if isinstance(rule, Rule):
         return rule
     if isinstance(rule, str) and rule in _BUILTIN:
-        return Rule(rule)
+        return Rule(rule)  # type: ignore[arg-type]  # narrowed by `in _BUILTIN`
     if isinstance(rule, tuple | list) and len(rule) == 3 and rule[0] == "interval":
         lo, hi = _bound(rule[1], "lo", -math.inf), _bound(rule[2], "hi", math.inf)
         if not lo < hi:
@@ -176,7 +188,7 @@ def _bound(value: Any, name: str, open_side: float) -> float:
     return bound
 
 
-def _retract(x):
+def retract(x: jax.Array) -> jax.Array:
     """Nearest-frame QR retraction with the sign fixed so that it is continuous."""
     wide = x.shape[-2] < x.shape[-1]
     if wide:
@@ -187,7 +199,7 @@ def _retract(x):
     return jnp.swapaxes(q, -1, -2) if wide else q
 
 
-def _orthogonality_error(q):
+def _orthogonality_error(q: Any) -> Any:
     if q.shape[-2] < q.shape[-1]:
         q = jnp.swapaxes(q, -1, -2)
     gram = jnp.swapaxes(q, -1, -2).conj() @ q
@@ -206,7 +218,7 @@ def constrain_grads(params: Any, grads: Any, rules: dict) -> Any:
     if not rules:
         return grads
 
-    def grad(path, p, g):
+    def grad(path: str, p: Any, g: Any) -> Any:
         rule = rules.get(path)
         return g if rule is None or p is None or g is None else rule.grad(p, g)
 
@@ -219,7 +231,7 @@ def apply_updates(params: Any, updates: Any, rules: dict) -> Any:
     A `None` update keeps its parameter, so non-array leaves survive, as in `eqx.apply_updates`.
     """
 
-    def update(path, p, u):
+    def update(path: str, p: Any, u: Any) -> Any:
         if u is None or p is None:
             return p
         rule = rules.get(path)

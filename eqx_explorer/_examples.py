@@ -10,7 +10,7 @@ __all__ = ["Hypernet", "TinyTransformer", "example_model", "example_batch", "mse
 
 
 class Hypernet(eqx.Module):
-    """Seed 001's shape: a hyper-network that makes the weights of a small target network."""
+    """A hyper-network that makes the weights of a small target network."""
 
     hyper_net: eqx.nn.MLP
     target: eqx.nn.MLP
@@ -73,7 +73,9 @@ def example_model(key: jax.Array | None = None) -> TinyTransformer:
     return TinyTransformer(jax.random.key(0) if key is None else key)
 
 
-def example_batch(key: jax.Array | None = None, n: int = 4, length: int = 6):
+def example_batch(
+    key: jax.Array | None = None, n: int = 4, length: int = 6
+) -> tuple[jax.Array, jax.Array]:
     key = jax.random.key(1) if key is None else key
     k1, k2 = jax.random.split(key)
     tokens = jax.random.randint(k1, (n, length), 0, 32)
@@ -81,7 +83,7 @@ def example_batch(key: jax.Array | None = None, n: int = 4, length: int = 6):
     return tokens, targets
 
 
-def mse_loss(model, batch) -> jax.Array:
+def mse_loss(model: TinyTransformer, batch: tuple[jax.Array, jax.Array]) -> jax.Array:
     tokens, targets = batch
     preds = jax.vmap(model)(tokens)
     return jnp.mean((preds - targets) ** 2)
@@ -117,7 +119,9 @@ def stateful_batch(n: int = 8) -> tuple[jax.Array, jax.Array]:
     return jnp.linspace(-1, 1, 2 * n).reshape(n, 2), jnp.linspace(0, 1, n)
 
 
-def stateful_loss(model, state, batch) -> tuple[jax.Array, eqx.nn.State]:
+def stateful_loss(
+    model: StatefulNet, state: eqx.nn.State, batch: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, eqx.nn.State]:
     x, y = batch
     batched = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
     out, state = batched(x, state)

@@ -107,6 +107,14 @@ def format_key(key: Any) -> str:
 def format_path(keys: tuple) -> str:
     """`keystr` of a key path without the leading dot; `""` for the root.
 
+    **Arguments:**
+
+    - `keys`: a key path, as `jax.tree_util.tree_flatten_with_path` gives.
+
+    **Returns:**
+
+    The path as text, which `parse_path` reads back.
+
     >>> format_path((jtu.GetAttrKey("blocks"), jtu.SequenceKey(3), jtu.GetAttrKey("w")))
     'blocks[3].w'
     """
@@ -243,7 +251,8 @@ def _group(text: str, i: int, end: int, depth: int) -> tuple[Any, int]:
     """A parenthesised tuple `(a, b)`, `(a,)`, `()`, or complex number `(1+2j)` at `i`."""
     if depth >= _MAX_NESTING:
         raise _Error(i, f"tuple keys nest at most {_MAX_NESTING} deep")
-    open_at, items, comma, i = i, [], False, i + 1
+    items: list[Any] = []
+    open_at, comma, i = i, False, i + 1
     while True:
         i = _skip_space(text, i, end)
         if i < end and text[i] == ")":
@@ -375,6 +384,16 @@ def parse_path(text: str) -> tuple:
     and the two are matched alike (see `_tree.ModelTree.find`). Bad text raises
     `ExplorerError` naming the position and quoting the path (shortened if long).
 
+    **Arguments:**
+
+    - `text`: a path such as `blocks[3].attn` or `table["key"]` (a leading dot is accepted).
+
+    **Returns:**
+
+    The key path: a tuple of `jax.tree_util` keys.
+
+    >>> parse_path("blocks[3].w")
+    (GetAttrKey(name='blocks'), SequenceKey(idx=3), GetAttrKey(name='w'))
     >>> format_path(parse_path('.table["it\\'s"].bias'))
     'table["it\\'s"].bias'
     """

@@ -16,17 +16,27 @@ import equinox as eqx
 import jax.tree_util as jtu
 import numpy as np
 
-from ._constraints import make_rule
+from ._codegen import STYLES, Style, to_code
+from ._constraints import Rule, make_rule
 from ._errors import ExplorerError, short_repr, shorten
 from ._paths import format_path
 from ._select import Selection, describe, is_bool, select
-from ._tree import LIST, MODULE, TUPLE, ModelTree
+from ._tree import (
+    FROZEN,
+    LIST,
+    MIXED,
+    MODULE,
+    STATES,
+    STATIC,
+    TRAINABLE,
+    TUPLE,
+    ModelTree,
+    State,
+)
 
 __all__ = ["FilterSpec"]
 
 _FORMAT = "eqx_explorer.FilterSpec"
-TRAINABLE, FROZEN, MIXED, STATIC = "trainable", "frozen", "mixed", "static"
-STATES = (STATIC, TRAINABLE, FROZEN, MIXED)  # order of `FilterSpec.state_codes()`
 
 
 # Saved-spec fields: name -> (type of the value, type of its entries, what it must be).
@@ -74,7 +84,7 @@ def _read_saved(text: Any) -> dict:
         value = doc.get(name)
         if value is None and name in ("model", "lr_factors", "constraints", "inference"):
             continue
-        entries = value.values() if isinstance(value, dict) else value
+        entries: Any = value.values() if isinstance(value, dict) else value
         if (
             not isinstance(value, kind)
             or isinstance(value, bool)
@@ -133,7 +143,7 @@ def _read_flag(path: tuple, flag: Any, sub: Any) -> Any:
     return jtu.tree_map_with_path(call, sub)
 
 
-def _inference_leaves(tree: ModelTree) -> np.ndarray:
+def inference_leaves(tree: ModelTree) -> np.ndarray:
     """Bool array over leaves: the bool `inference` fields of Equinox modules."""
     flags = np.zeros(tree.num_leaves, bool)
     for i, (node, leaf) in enumerate(zip(tree.leaf_node, tree.leaves)):
@@ -205,11 +215,11 @@ class FilterSpec:
         model: Any,
         *,
         _tree: ModelTree | None = None,
-        _mask=None,
-        _factors=None,
-        _constraints=None,
-        _inference=None,
-    ):
+        _mask: np.ndarray | None = None,
+        _factors: np.ndarray | None = None,
+        _constraints: dict[str, Rule] | None = None,
+        _inference: dict[int, bool] | None = None,
+    ) -> None:
         self._model_tree = _tree if _tree is not None else ModelTree(model)
         mask = self._model_tree.inexact.copy() if _mask is None else _mask
         mask.setflags(write=False)
@@ -218,7 +228,7 @@ class FilterSpec:
         factors = mask.astype(np.float64) if _factors is None else _factors
         factors.setflags(write=False)
         self._factors = factors
-        self._cum = None
+        self._cum: tuple[np.ndarray, np.ndarray] | None = None
         self.constraints = dict(_constraints or {})
         # Leaf index of an `inference` field -> the value the spec sets, in leaf order.
         self._inference: dict[int, bool] = dict(sorted((_inference or {}).items()))
@@ -389,8 +399,8 @@ class FilterSpec:
         factor > 0 when None), so only editing the sources changes it."""
         tree = self._model_tree
         for leaf in self._tied_in(sel):
-            owner, sources = tree.ties[leaf]
-            sources = [k for k in sources if tree.inexact[k]]
+            owner, tied_to = tree.ties[leaf]
+            sources = [k for k in tied_to or () if tree.inexact[k]]
             factors = spec.lr_factors[sources]
             if (factors > 0).all() if factor is None else (factors == factor).all():
                 continue
@@ -587,7 +597,7 @@ class FilterSpec:
         if not isinstance(on, bool):
             raise ExplorerError(f"inference(..., on=) takes True or False, got {on!r}")
         tree = self._model_tree
-        fields = _inference_leaves(tree)
+        fields = inference_leaves(tree)
         overrides = dict(self._inference)
         for target in targets:
             sel = select(tree, target, "set to inference mode")
@@ -671,17 +681,20 @@ class FilterSpec:
         if self._cum is None:
             tree = self._model_tree
             if not tree.ties:
-                self._cum = (np.concatenate([[0], np.cumsum(self._mask)]), tree._cum_inexact)
+                self._cum = (np.concatenate([[0], np.cumsum(self._mask)]), tree.cum_inexact)
                 return self._cum
             trainable, inexact = self._mask.astype(np.int64), tree.inexact.astype(np.int64)
             for leaf, (_, sources) in tree.ties.items():
                 if sources:
                     trainable[leaf] = self._mask[list(sources)].sum()
                     inexact[leaf] = tree.inexact[list(sources)].sum()
-            self._cum = tuple(np.concatenate([[0], np.cumsum(x)]) for x in (trainable, inexact))
+            self._cum = (
+                np.concatenate([[0], np.cumsum(trainable)]),
+                np.concatenate([[0], np.cumsum(inexact)]),
+            )
         return self._cum
 
-    def node_state(self, node: int) -> str:
+    def node_state(self, node: int) -> State:
         """The state of the node at index `node` (see `state`); one node in O(1)."""
         tree = self._model_tree
         trainable, inexact = self._cumsum()
@@ -694,7 +707,7 @@ class FilterSpec:
             return TRAINABLE
         return FROZEN if n_true == 0 else MIXED
 
-    def state(self, path: str = "") -> str:
+    def state(self, path: str = "") -> State:
         """`"trainable"`, `"frozen"`, `"mixed"`, or `"static"` (no float array below).
 
         A tied place (`eqx.nn.Shared`) has its source's state, and so counts in the state of
@@ -711,7 +724,7 @@ class FilterSpec:
         codes = np.where(n_true == n_inexact, 1, np.where(n_true == 0, 2, 3))
         return np.where(n_inexact == 0, 0, codes).astype(np.uint8)
 
-    def node_states(self) -> list[str]:
+    def node_states(self) -> list[State]:
         return [STATES[c] for c in self.state_codes()]
 
     @property
@@ -849,10 +862,8 @@ class FilterSpec:
         )
 
     # -- export -----------------------------------------------------------
-    def to_code(self, style: str = "tree_at") -> str:
+    def to_code(self, style: Style = "tree_at") -> str:
         """Python code that rebuilds this spec from `model`; see `eqx_explorer._codegen`."""
-        from ._codegen import STYLES, to_code
-
         if not isinstance(style, str) or style not in STYLES:
             raise ExplorerError(
                 f"unknown code style {short_repr(style, 40)} ({type(style).__name__}); "
@@ -909,7 +920,7 @@ class FilterSpec:
         frozen = list(doc.get("frozen", []))
         saved = trainable + frozen
         gone = [p for p in saved if p not in inexact_paths]
-        new = sorted(set(inexact_paths) - set(saved), key=inexact_paths.get)
+        new = sorted(set(inexact_paths) - set(saved), key=lambda p: inexact_paths[p])
         if gone or new:
             parts = []
             if gone:
@@ -953,3 +964,22 @@ class FilterSpec:
             if paths:
                 spec = spec.inference(*paths, on=on)
         return spec
+
+
+def check_spec(spec: FilterSpec | None, model: Any, where: str) -> FilterSpec:
+    """`spec` over `model` itself (the default spec if `None`); raises on a wrong type or
+    structure."""
+    if spec is None:
+        return FilterSpec(model)
+    if not isinstance(spec, FilterSpec):
+        raise ExplorerError(
+            f"{where}: `spec` must be an eqx_explorer.FilterSpec, got {type(spec).__name__}; "
+            "build one with FilterSpec(model).freeze(...)"
+        )
+    try:
+        return spec.for_model(model)
+    except ExplorerError as e:
+        raise ExplorerError(f"{where}: {e}") from None
+
+
+_inference_leaves = inference_leaves  # TEMPORARY: _widget.py imports this name

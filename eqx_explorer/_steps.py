@@ -76,26 +76,13 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 
-from ._audit import (
-    FROZEN,
-    KEPT,
-    LEAKED,
-    UNCHANGED,
-    UPDATED,
-    LeafReport,
-    StepReport,
-    _check_spec,
-    array_status,
-    compare,
-    listed,
-    stack,
-    sumsq,
-)
+from ._audit import array_status, compare, stack, sumsq
 from ._errors import ExplorerError, short_repr, shorten
-from ._spec import FROZEN as FROZEN_STATE
-from ._spec import STATIC as STATIC_STATE
-from ._spec import FilterSpec
+from ._report import FROZEN, KEPT, LEAKED, UNCHANGED, UPDATED, LeafReport, StepReport, listed
+from ._spec import FilterSpec, check_spec
 from ._state import has_state, state_entries
+from ._tree import FROZEN as FROZEN_STATE
+from ._tree import STATIC as STATIC_STATE
 
 __all__ = ["StepRunner", "StepProgress", "Method", "Layout", "METHODS", "LAYOUTS"]
 
@@ -173,11 +160,11 @@ def _select(flag: Any, a: Any, b: Any) -> Any:
     return jnp.where(flag, a, b)
 
 
-def _zero_unless(flag: Any, x: jax.Array) -> jax.Array:
+def _zero_unless(flag: Any, x: jax.Array) -> Any:
     return _select(flag, x, jnp.zeros_like(x))
 
 
-def _times(factor: Any, u: jax.Array) -> jax.Array:
+def _times(factor: Any, u: jax.Array) -> Any:
     # A baked factor of 1 is no operation; as data, `u * 1.0` is `u` bit for bit.
     if isinstance(factor, float):
         return u if factor == 1.0 else u * jnp.asarray(factor, u.dtype)
@@ -213,7 +200,17 @@ class _Static:
         *("treedef", "diff", "rest", "opt", "state", "batch", "_key", "_hash"),
     )
 
-    def __init__(self, loss_fn, optimizer, rules, masks, factors, slot_cols, pins, parts):
+    def __init__(
+        self,
+        loss_fn: Callable,
+        optimizer: Any,
+        rules: tuple,
+        masks: tuple | None,
+        factors: tuple | None,
+        slot_cols: tuple,
+        pins: Any,
+        parts: Any,
+    ) -> None:
         self.loss_fn: Callable = loss_fn
         self.optimizer: Any = optimizer
         self.rules: tuple = rules  # one `Rule` or None per optimized leaf
@@ -234,7 +231,7 @@ class _Static:
         )
 
 
-def _make_program(on_trace: Callable[[], None]) -> Callable:
+def _make_program(on_trace: Callable[[], None]) -> tuple[Callable, Callable]:
     """A fresh jitted step; its cache belongs to one runner.
 
     `program(params, rest, opt, state, batch, masks, factors, *, st)` takes flat lists of
@@ -247,7 +244,17 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
     `None` outputs (the caller keeps its arrays) and the gradients come back reduced.
     """
 
-    def program(params, rest, opt, state, batch, masks, factors, *, st):
+    def program(
+        params: list,
+        rest: list,
+        opt: list,
+        state: list,
+        batch: list,
+        masks: Any,
+        factors: Any,
+        *,
+        st: _Static,
+    ) -> tuple:
         on_trace()  # runs only when JAX traces: counts compilations
         k, every = len(params), st.treedef.num_leaves
         rest_index = sorted(set(range(every)) - set(st.diff))
@@ -266,6 +273,7 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
         batch = jtu.tree_unflatten(st.batch[0], _join(batch, st.batch[1]))
         if st.state is not None:
             state = jtu.tree_unflatten(st.state[0], _join(state, st.state[1]))
+        m: Any
         if st.masks is not None:
             m = st.masks
         else:  # one uint8 code per leaf, bit r = row r (a mask array sliced per leaf
@@ -275,7 +283,7 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
         # With baked masks, a gradient never seen is known zero: it is no output.
         seen = {j for j in range(k) if st.masks is None or m[_GRAD][j] or m[_SEEN][j]}
 
-        def objective(p):
+        def objective(p: list) -> Any:
             if st.masks is not None:  # not differentiated at all, as in a partition
                 p = [
                     x if m[_GRAD][j] or m[_SEEN][j] else jax.lax.stop_gradient(x)
@@ -356,13 +364,53 @@ def _make_program(on_trace: Callable[[], None]) -> Callable:
         if st.masks is not None:
             # Reduced here: returning the gradients of every step (to audit the last) would
             # allocate them anew each step, 6% of a step on a 4M-parameter MLP.
-            g_out = _grad_rows([g[j] for j in sorted(seen)])
+            g_out: Any = _grad_rows([g[j] for j in sorted(seen)])
         else:  # returned, not reduced: hundreds of small reductions would make the masked
             # program take a third longer to compile; the audit reduces the last ones
             g_out = [x if j in seen else None for j, x in enumerate(g)]
         return p_out, o_out, s_out, loss, g_out
 
-    return jax.jit(program, static_argnames="st")
+    def donating(
+        p_give: list,
+        p_keep: list,
+        rest: list,
+        o_give: list,
+        o_keep: list,
+        state: list,
+        batch: list,
+        *,
+        st: _Static,
+    ) -> tuple:
+        # A baked program whose written arrays are donated: XLA writes the new ones in
+        # place instead of allocating them (a fifth of a step on a 4M-parameter MLP). Only
+        # what the step writes is given; what it keeps unchanged stays the caller's.
+        assert st.masks is not None  # only baked programs donate
+        params = _merge(p_give, p_keep, st.masks[_TOUCH])
+        opt = _merge(o_give, o_keep, _slots_written(st))
+        return program(params, rest, opt, state, batch, None, None, st=st)
+
+    return (
+        jax.jit(program, static_argnames="st"),
+        jax.jit(donating, static_argnames="st", donate_argnums=(0, 3)),
+    )
+
+
+def _slots_written(st: _Static) -> list[bool]:
+    """Per array of the optimizer state: whether a baked program writes it (shared state,
+    or a slot of a leaf whose slots advance)."""
+    cols = [c for c, x in zip(st.slot_cols, st.opt[1]) if x is None]
+    return [c < 0 or bool(st.masks[_SLOT][c]) for c in cols]  # type: ignore[index]
+
+
+def _part(arrays: list, given: Any) -> tuple[list, list]:
+    """`arrays` split by the flags `given`: (given, kept)."""
+    return [x for x, g in zip(arrays, given) if g], [x for x, g in zip(arrays, given) if not g]
+
+
+def _merge(given: list, kept: list, flags: Any) -> list:
+    """`_part` undone."""
+    g, k = iter(given), iter(kept)
+    return [next(g) if f else next(k) for f in flags]
 
 
 def _grad_rows(grads: list) -> jax.Array:
@@ -380,7 +428,7 @@ def _grad_rows(grads: list) -> jax.Array:
 @jax.jit
 def _audit_call(
     begin: list, before: list, end: list, grads: list, state0: list, state: list, first: Any
-):
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """What a call did to the leaves it optimized, and to the model's state.
 
     Rows `_CHANGED`, `_DELTA`, `_UPDATE`, `_FINITE` over the given leaves: bit-level changed
@@ -420,7 +468,7 @@ def _audit_call(
 
 def _host_audit(
     begin: list, before: list, end: list, grads: list, state0: list, state: list, first: Any
-):
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`_audit_call` computed by NumPy, for calls that come before its program is built.
 
     On the CPU backend the arrays already live in host memory, so this costs a few passes
@@ -428,7 +476,7 @@ def _host_audit(
     """
 
     def host(x: Any) -> np.ndarray:
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             x = jax.random.key_data(x)
         return np.ascontiguousarray(np.asarray(x))
 
@@ -446,7 +494,18 @@ def _host_audit(
         return _host_rows(host, sq, diff, begin, before, end, grads, state0, state, first)
 
 
-def _host_rows(host, sq, diff, begin, before, end, grads, state0, state, first):
+def _host_rows(
+    host: Callable[[Any], np.ndarray],
+    sq: Callable[[np.ndarray], float],
+    diff: Callable[[np.ndarray, np.ndarray], tuple[bool, float]],
+    begin: list,
+    before: list,
+    end: list,
+    grads: list,
+    state0: list,
+    state: list,
+    first: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     b0, b1, b2 = ([host(x) for x in xs] for xs in (begin, before, end))
     rows = np.zeros((4, len(b2)), np.float32)
     for j, (a, p, e) in enumerate(zip(b0, b1, b2)):
@@ -485,7 +544,7 @@ class _Chunk(NamedTuple):
 def _strong(tree: Any) -> Any:
     """The tree with weakly typed JAX arrays made strongly typed (same values, same sharding)."""
 
-    def fix(x):
+    def fix(x: Any) -> Any:
         if isinstance(x, jax.Array) and x.weak_type:
             return jax.lax.convert_element_type(x, x.dtype)
         return x
@@ -522,7 +581,7 @@ def check_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-def _check_method(method: Any) -> Method:
+def check_method(method: Any) -> Method:
     if not (isinstance(method, str) and method in METHODS):
         raise ExplorerError(
             f"unknown method {short_repr(method)}; use one of "
@@ -531,7 +590,7 @@ def _check_method(method: Any) -> Method:
     return method
 
 
-def _check_layout(layout: Any) -> Layout:
+def check_layout(layout: Any) -> Layout:
     if not (isinstance(layout, str) and layout in LAYOUTS):
         raise ExplorerError(
             f"unknown layout {short_repr(layout)}; use {MASKED!r} (one compilation for every "
@@ -554,7 +613,7 @@ def opt_state_bytes(spec: FilterSpec, method: str, slots: float, layout: str = M
     """
     c = spec.counts
     covered = c["trainable_bytes"]
-    if _check_layout(layout) == MASKED or _check_method(method) not in STATE_ON_TRAINABLE:
+    if check_layout(layout) == MASKED or check_method(method) not in STATE_ON_TRAINABLE:
         covered += c["frozen_bytes"]
     return int(round(slots * covered))
 
@@ -715,10 +774,10 @@ class StepRunner:
         layout: Layout = MASKED,
         specialise: bool = True,
     ) -> None:
-        spec = _check_spec(spec, model, "StepRunner")
+        spec = check_spec(spec, model, "StepRunner")
         tree = spec.model_tree
-        _check_method(method)
-        self._kind = _check_layout(layout)
+        check_method(method)
+        self._kind = check_layout(layout)
         _check_loss_fn(loss_fn, model, state, batch)
         optimizer = check_optimizer(optax.adam(1e-3) if optimizer is None else optimizer)
         self.loss_fn = loss_fn
@@ -745,7 +804,10 @@ class StepRunner:
         )
         self._counter = [0, 0]  # traces: [foreground, background (specialised)]
         self._local = threading.local()
-        self._program = _make_program(self._on_trace)
+        self._program, self._donating = _make_program(self._on_trace)
+        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        # Baked masks -> "compiling" | True: the donating variant of its program is built.
+        self._donors: dict[bytes, Any] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._labelled: dict[bytes, Any] = {}  # mask -> optax.partition, reused on revisits
@@ -837,13 +899,20 @@ class StepRunner:
         return self._lock.locked()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """Wait until the masked program, which serves every spec and method, is built.
+        """Wait until the programs being built in the background are ready.
 
-        After a runner's first answer (on a program specialised to its spec) it builds in
-        the background; a `step` on another spec before then waits for it, with progress.
-        Returns False on a timeout.
+        After a runner's first answer (on a program specialised to its spec) the masked
+        program, which serves every spec and method, builds in the background; a `step` on
+        another spec before then waits for it, with progress. A spec used for long runs gets
+        its own programs in the background too. Returns False on a timeout.
         """
-        return self._masked_ready.wait(timeout) if self._masked_started else True
+        end = None if timeout is None else time.perf_counter() + timeout
+        left = lambda: None if end is None else max(0.0, end - time.perf_counter())  # noqa: E731
+        if self._masked_started and not self._masked_ready.wait(left()):
+            return False
+        for thread in list(self._threads):
+            thread.join(left())
+        return not any(thread.is_alive() for thread in self._threads)
 
     def stop(self) -> None:
         """Ask a running `step` call to end after its current chunk (thread-safe).
@@ -994,7 +1063,7 @@ class StepRunner:
             has=bool(started),
         )
 
-    def _tell_carry(self, old: _Layout, new: _Layout, rebuilt: bool, had: bool, has: bool):
+    def _tell_carry(self, old: _Layout, new: _Layout, rebuilt: bool, had: bool, has: bool) -> None:
         """The notes of a re-toggle, the same in both layouts: the state was `rebuilt` (its
         structure changed), or slots were dropped (if some `had` to be) for newly frozen
         leaves and started (if some `has` to be) for newly trained ones. Slots exist only
@@ -1045,7 +1114,7 @@ class StepRunner:
                 "set_spec: this spec was built for another model, with another structure; "
                 "build it from this runner's model, e.g. runner.spec.freeze(...)"
             )
-        method = self._layout.method if method is None else _check_method(method)
+        method = self._layout.method if method is None else check_method(method)
         with self._exclusive("set_spec"):
             new = self._layout_for(spec, method)
             if method != self._layout.method:
@@ -1234,34 +1303,26 @@ class StepRunner:
         """`n` steps dispatched back to back, like a hand-written loop, then the audit of the
         call so far (`first`: `arrays` are the call's start). One wait, at the end."""
         p_leaves, o_leaves, state_tree = arrays
-        rest, rest_static = _split([self._leaves[i] for i in layout.rest_index])
-        batch, batch_static = _split(jtu.tree_leaves(self.batch))
-        state, state_static = _split(jtu.tree_leaves(state_tree))
-        st = _Static(
-            self.loss_fn,
-            layout.optimizer,
-            layout.rules,
-            baked,
-            None if baked is None else tuple(float(f) for f in layout.factors),
-            self._slot_cols,
-            _pins(p_leaves + o_leaves) if self._sharded else None,
-            (
-                self._treedef,
-                layout.diff_key,
-                rest_static,
-                self._opt,
-                (jtu.tree_structure(state_tree), state_static) if self._stateful else None,
-                (jtu.tree_structure(self.batch), batch_static),
-            ),
-        )
+        st, rest, state, batch = self._static_for(layout, baked, p_leaves, o_leaves, state_tree)
         masks, factors = (None, None) if baked is not None else self._codes(layout)
+        # Steps between the chunk's first (its inputs are the runner's, maybe the user's)
+        # and its last (the audit compares its inputs) write in place, once that is built.
+        donate = baked is not None and self._donors.get(self._special_key(layout)) is True
+        if donate:
+            o_written = _slots_written(st)
         losses, before, grads = [], p_leaves, []
         for k in range(n):
             before = p_leaves
             try:
-                p_out, o_out, state, loss, grads = self._program(
-                    p_leaves, rest, o_leaves, state, batch, masks, factors, st=st
-                )
+                if donate and 0 < k < n - 1:
+                    p_give, p_keep = _part(p_leaves, layout.masks[_TOUCH])
+                    o_give, o_keep = _part(o_leaves, o_written)
+                    out = self._donating(p_give, p_keep, rest, o_give, o_keep, state, batch, st=st)
+                else:
+                    out = self._program(
+                        p_leaves, rest, o_leaves, state, batch, masks, factors, st=st
+                    )
+                p_out, o_out, state, loss, grads = out
             except Exception as e:
                 if k:  # the program was built: this is the run failing
                     raise _Ran() from e
@@ -1271,7 +1332,7 @@ class StepRunner:
             o_leaves = [x if y is None else y for x, y in zip(o_leaves, o_out)]
             losses.append(loss)
         if self._stateful:
-            state_tree = jtu.tree_unflatten(st.state[0], _join(state, state_static))
+            state_tree = jtu.tree_unflatten(st.state[0], _join(state, st.state[1]))
         # Leaves a baked program never writes are the very same arrays: nothing to compare;
         # gradients it never uses are zero: nothing to reduce.
         if baked is not None:  # the program reduced the gradients it used
@@ -1307,6 +1368,33 @@ class StepRunner:
             full,
             np.asarray(state_audit),
         )
+
+    def _static_for(
+        self, layout: _Layout, baked: tuple | None, p_leaves: list, o_leaves: list, state: Any
+    ) -> tuple[_Static, list, list, list]:
+        """The program's static part for this call, and its other data: the model's other
+        arrays, the state's and the batch's."""
+        rest, rest_static = _split([self._leaves[i] for i in layout.rest_index])
+        batch, batch_static = _split(jtu.tree_leaves(self.batch))
+        state_arrays, state_static = _split(jtu.tree_leaves(state))
+        st = _Static(
+            self.loss_fn,
+            layout.optimizer,
+            layout.rules,
+            baked,
+            None if baked is None else tuple(float(f) for f in layout.factors),
+            self._slot_cols,
+            _pins(p_leaves + o_leaves) if self._sharded else None,
+            (
+                self._treedef,
+                layout.diff_key,
+                rest_static,
+                self._opt,
+                (jtu.tree_structure(state), state_static) if self._stateful else None,
+                (jtu.tree_structure(self.batch), batch_static),
+            ),
+        )
+        return st, rest, state_arrays, batch
 
     def _codes(self, layout: _Layout) -> tuple[list, list]:
         """The masks as one uint8 code per optimized leaf (bit r = row r), and the factors,
@@ -1407,6 +1495,7 @@ class StepRunner:
         thread = threading.Thread(target=run, name=f"eqx_explorer-{what}", daemon=True)
         thread.start()
         _BACKGROUND.add(thread)
+        self._threads.add(thread)
         return thread
 
     def _auditor(self, index: np.ndarray | None, seen: list) -> Callable:
@@ -1446,23 +1535,45 @@ class StepRunner:
             self._masked_ready.set()
 
     def _specialise(self, layout: _Layout) -> None:
+        """Build, in the background, the program specialised to `layout` (unless the first
+        answer built it) and its donating variant, for long runs."""
         key = self._special_key(layout)
-        if key in self._special:
+        if key in self._donors or isinstance(self._special.get(key), _Unbuilt | str):
             return
-        self._special[key] = "compiling"
+        self._donors[key] = "compiling"
+        build = key not in self._special
+        if build:
+            self._special[key] = "compiling"
         baked = tuple(tuple(bool(b) for b in row) for row in layout.masks)
         arrays = self._arrays_of(layout)
 
         def work() -> None:
             start = time.perf_counter()
-            try:  # one step, thrown away: compiles the program
-                self._run(layout, baked, arrays, arrays, 1, first=True)
-            except Exception as e:  # e.g. a custom JVP rule that fails on None tangents
-                self._special[key] = _Unbuilt(_explain(e.__cause__ or e))
+            if build:
+                try:  # one step, thrown away: compiles the program
+                    self._run(layout, baked, arrays, arrays, 1, first=True)
+                except Exception as e:  # e.g. a custom JVP rule that fails on None tangents
+                    self._special[key] = _Unbuilt(_explain(e.__cause__ or e))
+                    return
+                self._special[key] = time.perf_counter() - start
+            try:
+                self._warm_donating(layout, baked, arrays)
+            except Exception:  # noqa: BLE001 - long runs then stay on the plain program
                 return
-            self._special[key] = time.perf_counter() - start
+            self._donors[key] = True
 
         self._background(work, "specialise")
+
+    def _warm_donating(self, layout: _Layout, baked: tuple, arrays: tuple) -> None:
+        # Compiles the donating variant by running it on copies: the runner's arrays (and
+        # the user's) are never given away.
+        p_leaves, o_leaves, state_tree = arrays
+        st, rest, state, batch = self._static_for(layout, baked, p_leaves, o_leaves, state_tree)
+        p_give, p_keep = _part(p_leaves, layout.masks[_TOUCH])
+        o_give, o_keep = _part(o_leaves, _slots_written(st))
+        copy = lambda xs: [jnp.copy(x) for x in xs]  # noqa: E731
+        out = self._donating(copy(p_give), p_keep, rest, copy(o_give), o_keep, state, batch, st=st)
+        jax.block_until_ready(out)
 
     # -- the report -------------------------------------------------------------------------
     def _message(
@@ -1615,3 +1726,6 @@ class _Traced(Exception):
 
 class _Ran(Exception):
     """Running the program failed (e.g. `eqx.error_if`); `__cause__` says why."""
+
+
+_check_method, _check_layout = check_method, check_layout  # TEMPORARY: _widget.py imports these

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import ExplorerError, short_repr
-from ._spec import MIXED, FilterSpec
-from ._tree import CONTAINER_KINDS
+from ._spec import FilterSpec
+from ._tree import CONTAINER_KINDS, MIXED
 
 __all__ = ["summary", "counts_line"]
 
@@ -79,9 +79,25 @@ def _rows(spec: FilterSpec, max_rows: int) -> tuple[list[int], int]:
 def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -> str:
     """A table of the model's nodes with shapes, parameter counts and train state.
 
-    ```python
-    print(eqx_explorer.summary(model, eqx_explorer.FilterSpec(model).freeze("encoder")))
-    ```
+    **Arguments:**
+
+    - `model`: any pytree.
+    - `spec`: a `FilterSpec` of `model` (or of another instance of its architecture);
+      default: every float array trains.
+    - `max_rows`: the most rows before uniform sub-trees fold into one row.
+
+    **Returns:**
+
+    The table as text, ending with PEFT's "trainable params" line.
+
+    >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+    >>> print(ex.summary(model, ex.FilterSpec(model).freeze("layers[0]")))
+    path                    class  ...  params  state
+    ...
+        layers[0]           Linear(...  12      frozen
+    ...
+    trainable params: 5 || all params: 17 || trainable%: 29.41
+    frozen params: 12 (48 bytes) || trainable bytes: 20 || non-trainable leaves: 2
 
     Large models (more than `max_rows` nodes) show only what is needed to read the spec:
     sub-trees with one state are shown as one row. A spec with learning-rate groups (a

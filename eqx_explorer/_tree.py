@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
-from typing import Any, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -22,7 +22,7 @@ from jax.extend.core import Var
 from ._errors import ExplorerError, short_repr, shorten
 from ._paths import MAX_PATH_CHARS, format_key, format_path, is_glob, parse_path
 
-__all__ = ["ModelTree", "Node", "Tie", "array_summary"]
+__all__ = ["ModelTree", "Node", "Tie", "State", "STATES", "array_summary"]
 
 # Node kinds.
 MODULE, LIST, TUPLE, NAMEDTUPLE, DICT, NODE = (
@@ -36,11 +36,20 @@ MODULE, LIST, TUPLE, NAMEDTUPLE, DICT, NODE = (
 ARRAY, LEAF, NONE = "array", "leaf", "none"
 CONTAINER_KINDS = frozenset({MODULE, LIST, TUPLE, NAMEDTUPLE, DICT, NODE})
 
+# A node's state under a `FilterSpec`: what the float arrays below it do.
+State = Literal["trainable", "frozen", "mixed", "static"]
+TRAINABLE: Final = "trainable"
+FROZEN: Final = "frozen"
+MIXED: Final = "mixed"
+STATIC: Final = "static"  # no float array below
+STATES: tuple[State, ...] = (STATIC, TRAINABLE, FROZEN, MIXED)  # `FilterSpec.state_codes()`
+
 # Types that are always leaves: skip the (raising) one-level flatten for them.
 _ATOMS = (jax.Array, np.ndarray, np.generic, int, float, complex, str, bytes, bool)
 
 
-class Node(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Node:
     """One row of the node table (a read-only view; the table itself is columnar)."""
 
     index: int
@@ -151,7 +160,7 @@ def _depends_on(get: Any, pytree: Any, leaves: list, groups: int | None) -> list
     at = [k for k, x in enumerate(leaves) if eqx.is_array(x)]
     sizes: list[int] = []
 
-    def arrays_out(*arrays):
+    def arrays_out(*arrays: jax.Array) -> list[jax.Array]:
         xs = list(leaves)
         for k, a in zip(at, arrays):
             xs[k] = a
@@ -323,6 +332,17 @@ class ModelTree:
         self.ties: dict[int, Tie] = dict(
             sorted(tie for node in shared for tie in _shared_ties(self, node))
         )
+        # Specs, runners and widgets share one tree: its tables are read-only.
+        for table in (self.lo, self.hi, self.leaf_node, self.is_array, self.inexact, self.size):
+            table.setflags(write=False)
+        for table in (self.nbytes, self._cum_inexact, self._cum_params):
+            table.setflags(write=False)
+
+    @property
+    def cum_inexact(self) -> np.ndarray:
+        """Prefix sums of `inexact` (length `num_leaves + 1`): float arrays below node `i`
+        are `cum_inexact[hi[i]] - cum_inexact[lo[i]]`."""
+        return self._cum_inexact
 
     # -- sizes --------------------------------------------------------------
     def __len__(self) -> int:
@@ -341,7 +361,8 @@ class ModelTree:
 
     def all_params(self) -> np.ndarray:
         """`params(i)` for every node at once."""
-        return self._cum_params[self.hi] - self._cum_params[self.lo]
+        out: np.ndarray = self._cum_params[self.hi] - self._cum_params[self.lo]
+        return out
 
     def params(self, node: int) -> int:
         """Number of trainable-kind (inexact) array elements under `node`."""
