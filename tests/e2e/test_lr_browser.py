@@ -1,5 +1,6 @@
 """Learning-rate groups in a real browser (JupyterLab): a factor and a layer-wise decay set by
-clicking the row menus, with the counts' groups, the rows' factors and the code following.
+clicking the row menus, with the counts' groups, the rows' factors and the code following, and
+a Step whose badges show each leaf's factor beside its update norm.
 
 The expected code and groups come from the same spec built in Python (`FilterSpec.scale_lr`,
 `layerwise_decay`) on the same model; a bad factor typed into the menu shows the library's
@@ -21,7 +22,13 @@ from .test_steps_browser import SETUP, notebook, row, wait_js
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 GROUPS = """\
-lr = ex.Explorer(TinyTransformer(jax.random.key(0), dim=8, depth=3), code_style="optax")
+lr = ex.Explorer(
+    TinyTransformer(jax.random.key(0), dim=8, depth=3),
+    loss_fn=mse_loss,
+    batch=example_batch(),
+    optimizer=optax.adam(1e-3),
+    code_style="optax",
+)
 lr"""
 
 ROOT = "document.querySelector('.eqxe-root')"
@@ -88,4 +95,13 @@ def test_a_factor_and_a_layerwise_decay_clicked_reach_the_counts_rows_and_code(
     ]
     assert groups.locator('[data-factor="0.25"]').get_attribute("data-group") == "2"
     assert page.evaluate(f"() => {ROOT}.querySelector('.eqxe-banner').hidden")
+
+    # A Step: each badge's tooltip has its leaf's factor and update norm.
+    w.locator(".eqxe-step").click()
+    head = f"{ROOT}.querySelector('{row('head.weight')} .eqxe-badge')"
+    wait_js(page, f"{head}.dataset.status === 'updated'")
+    assert "lr × 0.1  ‖grad‖" in page.evaluate(f"() => {head}.title")
+    first = f"{ROOT}.querySelector('{row('blocks[0].attn.query_proj.weight')} .eqxe-badge')"
+    assert "lr × 0.25  ‖grad‖" in page.evaluate(f"() => {first}.title")
+    assert "‖update‖ " in page.evaluate(f"() => {first}.title")
     shot(page, "lr-groups")
