@@ -165,8 +165,8 @@ def _leaves_by_key(tree: Any) -> dict:
 
 def _model_of(out: Any, model: Any) -> Any:
     # A step returns the model, or a tuple `(model, opt_state, ...)`. A model that is itself
-    # a tuple is recognised by its structure (None counts as a leaf so seed-003 damage
-    # does not change it).
+    # a tuple is recognised by its structure (None counts as a leaf, so the damage of filtering
+    # before `eqx.apply_updates`, activations turned to None, does not change it).
     if not isinstance(out, tuple):
         return out
     as_leaf = {"is_leaf": lambda x: x is None}

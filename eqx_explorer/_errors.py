@@ -12,6 +12,12 @@ class ExplorerError(ValueError):
 
     Messages say what went wrong, at which path, and how to fix it. It is a
     `ValueError`, so code that already catches `ValueError` keeps working.
+
+    >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+    >>> ex.FilterSpec(model).freeze("layers[2]")
+    Traceback (most recent call last):
+    ...
+    eqx_explorer._errors.ExplorerError: no node at path `layers[2]` in this MLP: ...
     """
 
 

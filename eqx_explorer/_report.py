@@ -66,6 +66,10 @@ class LeafReport:
     the leaf's updates (`FilterSpec.scale_lr`): 0 for a leaf that does not train, `None` for
     non-float leaves; the same gradient with a 10x smaller factor makes a 10x smaller
     `update_norm` under SGD (with momentum too).
+
+    >>> leaf = ex.LeafReport("head.weight", "leaked", delta_norm=0.1, detail="frozen but changed")
+    >>> leaf.status, leaf.to_dict()["delta_norm"]
+    ('leaked', 0.1)
     """
 
     path: str
@@ -99,13 +103,19 @@ class LeafReport:
 class StepReport:
     """The audit of one `StepRunner.step(n)` call or one `audit_step` run.
 
-    ```python
-    report = runner.step(3)
-    report.ok                   # no leaked, no lost, no error
-    report.by_status("leaked")  # ['encoder.weight', ...]
-    report.loss                 # [0.91, 0.87, 0.85]: the losses of the steps committed
-    print(report.table())       # one row per leaf
-    ```
+    >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+    >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+    >>> def step(model):  # a step that moves every array: the frozen ones leak
+    ...     return jax.tree.map(lambda x: x + 1 if eqx.is_array(x) else x, model)
+    >>> report = ex.audit_step(step, model, spec=spec)
+    >>> report.ok, report.by_status("leaked")
+    (False, ['layers[0].weight', 'layers[0].bias'])
+    >>> report.leaf("layers[0].bias").detail
+    'frozen but changed'
+    >>> print(report.table(only="leaked"))
+    path              status         grad    update     delta  detail
+    layers[0].weight  leaked            -         -      ...  frozen but changed
+    layers[0].bias    leaked            -         -         2  frozen but changed
 
     `state_leaves` audits the model's state (`eqx.nn.State`: BatchNorm's running statistics)
     the same way, each array `updated` or `unchanged`, named by the layer that owns it

@@ -178,11 +178,19 @@ def _factor(value: Any, where: str, name: str, upper: float) -> float:
 class FilterSpec:
     """Which leaves of `model` train: a value, never changed in place.
 
-    ```python
-    spec = eqx_explorer.FilterSpec(model)              # every float/complex array trainable
-    spec = spec.freeze("encoder").unfreeze("encoder.layers[-1]")
-    params, static = eqx.partition(model, spec.tree)   # spec.tree: Python bools, model structure
-    ```
+    **Arguments:**
+
+    - `model`: any pytree; the new spec trains every float/complex array of it.
+
+    >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+    >>> spec = ex.FilterSpec(model).freeze("layers").unfreeze("layers[-1]")
+    >>> params, static = eqx.partition(model, spec.tree)  # `tree`: bools, the model's structure
+    >>> spec.trainable_paths()
+    ['layers[1].weight', 'layers[1].bias']
+    >>> spec.state("layers"), spec.state("activation")
+    ('mixed', 'static')
+    >>> ex.FilterSpec.from_json(model, spec.to_json()) == spec
+    True
 
     `freeze`/`unfreeze` take targets: a path (`"blocks[3].attn"`), a glob (`"blocks[*].attn"`,
     `"**.bias"`), a `where` function (`lambda m: m.encoder`), a predicate on leaves

@@ -113,7 +113,12 @@ class StepProgress(NamedTuple):
     """What a running `StepRunner.step` reports to its `progress` callback.
 
     `phase` is `"compiling"` (once, before a compilation starts) or `"running"` (after
-    each chunk); `done` of `total` steps are committed; `loss` is the latest loss.
+    each chunk); `done` of `total` steps are committed; `loss` is the latest loss;
+    `elapsed` the seconds since the call started.
+
+    >>> progress = ex.StepProgress("running", done=2, total=10, loss=0.5, elapsed=0.3)
+    >>> f"{progress.done}/{progress.total}"
+    '2/10'
     """
 
     phase: str
@@ -731,14 +736,33 @@ def _layer_is_frozen(spec: FilterSpec, path: str) -> bool:
 class StepRunner:
     """Runs jitted optimizer steps on a model under a spec and audits every leaf.
 
-    ```python
-    spec = eqx_explorer.FilterSpec(model).freeze("encoder")
-    runner = eqx_explorer.StepRunner(model, spec, loss_fn, batch)   # adam(1e-3), "partition"
-    report = runner.step(10)
-    report.ok, report.loss[-1], report.by_status("frozen")
-    runner.set_spec(spec.unfreeze("encoder"))   # no recompilation (layout="masked")
-    trained = runner.model            # full structure; non-array leaves intact
-    ```
+    **Arguments:**
+
+    - `model`: the model (any pytree); never modified or donated.
+    - `spec`: the `FilterSpec` saying which leaves train.
+    - `loss_fn`: `loss_fn(model, batch) -> scalar`, or with `state=`
+      `loss_fn(model, state, batch) -> (loss, new_state)`.
+    - `batch`: the batch every step uses (`runner.batch` may be reassigned between calls).
+    - `optimizer`: an `optax.GradientTransformation`; default `optax.adam(1e-3)`.
+    - `method`: how frozen leaves are kept: `"partition"` (default), `"stop_gradient"`,
+      `"optax_mask"` or `"none"` (see the module docstring).
+    - `state`: the `eqx.nn.State` of a stateful model (`eqx.nn.make_with_state`).
+    - `layout`: `"masked"` (default) or `"structural"`, see below.
+    - `specialise`: compile a program specialised to a (spec, method) that runs many steps.
+
+    >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+    >>> def loss_fn(model, batch):
+    ...     x, y = batch
+    ...     return jnp.mean((jax.vmap(model)(x) - y) ** 2)
+    >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+    >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+    >>> runner = ex.StepRunner(model, spec, loss_fn, batch)
+    >>> report = runner.step(3)
+    >>> report.ok, len(report.loss), report.by_status("frozen")
+    (True, 3, ['layers[0].weight', 'layers[0].bias'])
+    >>> runner.set_spec(spec.unfreeze("layers[0]"))  # no recompilation (layout="masked")
+    >>> runner.step(1).by_status("updated")
+    ['layers[0].weight', 'layers[0].bias', 'layers[1].weight', 'layers[1].bias']
 
     - `loss_fn(model, batch) -> scalar`; for stateful models (`eqx.nn.make_with_state`) pass
       `state=` and write `loss_fn(model, state, batch) -> (loss, new_state)`. Every array

@@ -209,10 +209,15 @@ def _shared_ties(tree: ModelTree, node: int) -> list[tuple[int, Tie]]:
 class ModelTree:
     """The node table of a pytree: every module, container and leaf with its path.
 
-    ```python
-    tree = eqx_explorer.ModelTree(eqx.nn.MLP(2, 2, 8, 2, key=jax.random.key(0)))
-    tree.node(tree.find("layers[0].weight")).shape   # (8, 2)
-    ```
+    **Arguments:**
+
+    - `model`: any pytree.
+
+    >>> tree = ex.ModelTree(eqx.nn.MLP(2, 2, 8, 2, key=jax.random.key(0)))
+    >>> tree.node(tree.find("layers[0].weight")).shape
+    (8, 2)
+    >>> tree.leaf_paths[:2], tree.num_leaves
+    (['layers[0].weight', 'layers[0].bias'], 8)
 
     Static fields (`eqx.field(static=True)`) are listed in `node.static` of their module,
     not as leaves. `None` fields are nodes of kind `"none"` with no leaves. A place tied by
