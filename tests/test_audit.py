@@ -46,7 +46,7 @@ def good_step(model, opt_state, grads, optim):
     return eqx.apply_updates(model, updates), opt_state
 
 
-def seed_003_step(model, opt_state, grads, optim):
+def filter_before_apply_step(model, opt_state, grads, optim):
     """The bug: filtering the model before apply_updates drops every non-array leaf."""
     updates, opt_state = optim.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
     return eqx.apply_updates(eqx.filter(model, eqx.is_array), updates), opt_state
@@ -55,9 +55,9 @@ def seed_003_step(model, opt_state, grads, optim):
 @pytest.mark.parametrize(
     "optim", [optax.adam(1e-2), optax.MultiSteps(optax.adam(1e-2), every_k_schedule=1)]
 )
-def test_seed_003_bug_is_lost(model, grads, optim):
+def test_filtering_the_model_before_apply_updates_loses_its_non_array_leaves(model, grads, optim):
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
-    report = audit_step(seed_003_step, model, opt_state, grads, optim)
+    report = audit_step(filter_before_apply_step, model, opt_state, grads, optim)
     assert set(report.by_status("lost")) == {
         "mlp.activation",
         "mlp.final_activation",
@@ -80,7 +80,7 @@ def test_assert_frozen_safe_raises_with_a_table(model, grads):
     optim = optax.adam(1e-2)
     opt_state = optim.init(eqx.filter(model, eqx.is_inexact_array))
     with pytest.raises(AssertionError) as info:
-        assert_frozen_safe(seed_003_step, model, opt_state, grads, optim)
+        assert_frozen_safe(filter_before_apply_step, model, opt_state, grads, optim)
     text = str(info.value)
     assert text.startswith("step is not frozen-safe: 4 lost")
     assert "mlp.final_activation" in text and "became None" in text

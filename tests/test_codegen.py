@@ -163,7 +163,7 @@ def example_specs() -> dict[str, FilterSpec]:
         "tiny_all_trainable": FilterSpec(tiny),
         "tiny_all_frozen": FilterSpec(tiny).freeze("**"),
         "tiny_head_only": FilterSpec(tiny).freeze("**").unfreeze("head"),
-        "hyper_seed_001": FilterSpec(hyper).freeze("**").unfreeze("hyper_net"),
+        "hyper_only_hypernet": FilterSpec(hyper).freeze("**").unfreeze("hyper_net"),
         "hyper_mixed": FilterSpec(hyper).freeze("target", "hyper_net.layers[0].bias"),
         "odd_keys": odd_spec,
         "odd_keys_trainable_few": FilterSpec(odd).freeze("**").unfreeze(odd_spec.frozen_paths()[0]),
@@ -229,15 +229,15 @@ def test_to_code_method_and_unknown_style():
         spec.to_code("jax")
 
 
-def test_tree_at_is_the_seed_idiom_with_grouped_where():
+def test_tree_at_is_the_equinox_idiom_with_grouped_where():
     code = to_code(SPECS["tiny_attn"], "tree_at")
     assert "filter_spec = jtu.tree_map(eqx.is_inexact_array, model)" in code
     assert "lambda m: (m.embed, *[block.attn for block in m.blocks])" in code
     assert code.count("eqx.tree_at(") == 1
     # Mostly frozen: start from everything frozen and train one sub-tree, read from the model.
-    seed = to_code(SPECS["hyper_seed_001"], "tree_at")
-    assert "filter_spec = jtu.tree_map(lambda _: False, model)" in seed
-    assert "eqx.tree_at(lambda m: m.hyper_net, filter_spec, replace=float_arrays.hyper_net)" in seed
+    few = to_code(SPECS["hyper_only_hypernet"], "tree_at")
+    assert "filter_spec = jtu.tree_map(lambda _: False, model)" in few
+    assert "eqx.tree_at(lambda m: m.hyper_net, filter_spec, replace=float_arrays.hyper_net)" in few
 
 
 def test_uniform_specs_need_no_tree_at():
