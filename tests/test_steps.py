@@ -512,16 +512,13 @@ def test_reset_and_bad_inputs(net, batch):
 
 
 def test_runner_trains_the_model_it_is_given_not_the_specs():
-    from eqx_explorer import FilterSpec, StepRunner
-    from eqx_explorer._examples import example_batch, example_model, mse_loss
-
-    built_on = example_model(jax.random.key(0))
-    trained = example_model(jax.random.key(7))
-    spec = FilterSpec(built_on).freeze("embed")
-    runner = StepRunner(trained, spec, mse_loss, example_batch())
+    built_on = eqx.nn.MLP(2, 2, 3, 2, key=jax.random.key(0))
+    trained = eqx.nn.MLP(2, 2, 3, 2, key=jax.random.key(7))
+    spec = FilterSpec(built_on).freeze("layers[0]")
+    runner = StepRunner(trained, spec, eq_loss, EQ_BATCH)
     assert runner.step(2).ok
-    assert (runner.model.embed.weight == trained.embed.weight).all()
-    assert not (runner.model.embed.weight == built_on.embed.weight).all()
+    assert (runner.model.layers[0].weight == trained.layers[0].weight).all()
+    assert not (runner.model.layers[0].weight == built_on.layers[0].weight).all()
 
 
 def test_optimizer_state_estimate_is_headless_and_matches_the_runner():
@@ -651,6 +648,7 @@ factors = st.lists(st.sampled_from([0.0, 0.0, 1.0, 1.0, 0.1, 2.5]), min_size=6, 
 segment = st.tuples(factors, st.sampled_from(["partition", "stop_gradient", "optax_mask", "none"]))
 
 
+@pytest.mark.slow  # a compilation per drawn spec (structural) or eager reference loops
 @settings(max_examples=12, deadline=None)
 @given(st.sampled_from(sorted(EQ_OPTIMIZERS)), segment, st.integers(1, 3))
 def test_masked_steps_equal_the_hand_written_loop(name, seg, n):
@@ -671,6 +669,7 @@ def test_masked_steps_equal_the_hand_written_loop(name, seg, n):
     assert runner.compile_count == 1
 
 
+@pytest.mark.slow  # a compilation per drawn spec (structural) or eager reference loops
 @settings(max_examples=12, deadline=None)
 @given(
     st.sampled_from(sorted(EQ_OPTIMIZERS)),
