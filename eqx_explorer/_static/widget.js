@@ -1313,7 +1313,9 @@ class ExplorerView {
     if (kind === "lr") {
       const single = this.lrLo[node] === this.lrHi[node];
       for (const b of picks) {
-        if (b.dataset.factor) b.setAttribute("aria-pressed", String(single && Math.fround(Number(b.dataset.factor)) === this.lrLo[node]));
+        if (!b.dataset.factor) continue;
+        const on = single && Math.fround(Number(b.dataset.factor)) === this.lrLo[node];
+        b.setAttribute("aria-pressed", String(on));
       }
       return;
     }
