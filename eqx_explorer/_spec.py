@@ -264,9 +264,23 @@ class FilterSpec:
 
     @classmethod
     def from_tree(cls, model: Any, filter_spec: Any) -> FilterSpec:
-        """The spec of a hand-written `filter_spec` (a prefix of `model` with bools/callables).
+        """The spec of a hand-written `filter_spec`, read as `eqx.partition` reads it.
 
-        Reads it as `eqx.partition` does; `True` on a non-float leaf is ignored, as there.
+        **Arguments:**
+
+        - `model`: the model.
+        - `filter_spec`: a prefix of `model` with bools or callables (`True` on a non-float leaf
+          is ignored, as in `eqx.partition`).
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> filter_spec = jax.tree.map(lambda _: False, model)
+        >>> filter_spec = eqx.tree_at(lambda m: m.layers[1].bias, filter_spec, True)
+        >>> ex.FilterSpec.from_tree(model, filter_spec).trainable_paths()
+        ['layers[1].bias']
         """
         spec = cls(model)
         try:
@@ -287,9 +301,22 @@ class FilterSpec:
     def for_model(self, model: Any) -> FilterSpec:
         """This spec (mask, factors, rules, inference flags) over `model`, of the same structure.
 
-        Use it to apply a spec built on one model to another instance of the same
-        architecture (e.g. freshly loaded weights); `self` is returned when `model` is the
-        spec's own model.
+        Use it to apply a spec built on one model to another instance of the same architecture
+        (e.g. freshly loaded weights).
+
+        **Arguments:**
+
+        - `model`: a model with this spec's structure.
+
+        **Returns:**
+
+        A new `FilterSpec` over `model` (`self` when `model` is the spec's own model).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> other = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(1))
+        >>> spec.for_model(other).frozen_paths()
+        ['layers[0].weight', 'layers[0].bias']
         """
         if model is self.model:
             return self
@@ -336,28 +363,71 @@ class FilterSpec:
 
     @property
     def model_tree(self) -> ModelTree:
+        """The `ModelTree` of the spec's model (shared, read-only).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).model_tree.num_leaves
+        6
+        """
         return self._model_tree
 
     @property
     def model(self) -> Any:
+        """The model the spec was built on.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).model is model
+        True
+        """
         return self._model_tree.model
 
     @property
     def mask(self) -> np.ndarray:
-        """Read-only bool array over leaves (`jtu.tree_leaves(model)` order); True = trainable."""
+        """Read-only bool array over leaves (`jtu.tree_leaves(model)` order); True = trainable.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).freeze("layers[0]").mask
+        array([False, False,  True,  True, False, False])
+        """
         return self._mask
 
     def select(self, target: Any) -> Selection:
-        """The leaves `target` selects (any form `freeze` takes), as a bool mask over leaves."""
+        """The leaves `target` selects.
+
+        **Arguments:**
+
+        - `target`: any form `freeze` takes.
+
+        **Returns:**
+
+        A selection whose `mask` is a bool array over leaves.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).select("layers[*].bias").mask
+        array([False,  True, False,  True, False, False])
+        """
         return select(self._model_tree, target)
 
     def freeze(self, *targets: Any) -> FilterSpec:
         """A new spec with every leaf under `targets` frozen (`self` is unchanged).
 
         A target that holds no leaf at all (a `None` field, an empty container) raises
-        `ExplorerError`, as does one holding a tied place (`eqx.nn.Shared`) whose source
-        stays trainable: it trains as its source does. Leaves that never train (int arrays,
-        functions) are simply left as they are.
+        `ExplorerError`, as does one holding a tied place (`eqx.nn.Shared`) whose source stays
+        trainable: it trains as its source does. Leaves that never train (int arrays, functions)
+        are left as they are.
+
+        **Arguments:**
+
+        - `*targets`: paths, globs, `where` functions, `(path, leaf)` predicates, module classes,
+          or lists of these (see the README's table).
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).freeze("layers[0]", "**.bias").frozen_paths()
+        ['layers[0].weight', 'layers[0].bias', 'layers[1].bias']
         """
         if not targets:
             raise ExplorerError("freeze() needs at least one target, e.g. spec.freeze('encoder')")
@@ -374,6 +444,19 @@ class FilterSpec:
         Raises `ExplorerError` if a target holds no float/complex array (an int/bool array, a
         function, a Python scalar, a `None` field): those can never train; or if it holds a
         tied place (`eqx.nn.Shared`) whose source stays frozen.
+
+        **Arguments:**
+
+        - `*targets`: the forms `freeze` takes.
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers").unfreeze("layers[-1].bias")
+        >>> spec.trainable_paths()
+        ['layers[1].bias']
         """
         if not targets:
             raise ExplorerError("unfreeze() needs at least one target, e.g. spec.unfreeze('head')")
@@ -453,21 +536,32 @@ class FilterSpec:
         """Read-only float64 array over leaves (as `mask`): each leaf's learning-rate factor.
 
         0 where the leaf does not train, 1 by default where it does; trainable = factor > 0.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).scale_lr("layers[0]", 0.1).lr_factors
+        array([0.1, 0.1, 1. , 1. , 0. , 0. ])
         """
         return self._factors
 
     def scale_lr(self, target: Any, factor: float) -> FilterSpec:
         """A new spec whose float arrays under `target` train at `factor` times the rate.
 
-        `target` takes every form `freeze` takes (a list of them too). `factor` 0 freezes
-        them (as `freeze`); a factor > 0 makes them trainable with that factor, their updates
-        scaled by it as in a PyTorch parameter group with `lr * factor`. Later calls override
-        earlier ones.
+        Their updates are scaled by `factor`, as in a PyTorch parameter group with
+        `lr * factor`. Later calls override earlier ones.
 
-        ```python
-        spec = FilterSpec(model).freeze("embed").scale_lr("blocks", 0.1)
-        spec.lr_factors          # 0 for embed's arrays, 0.1 for the blocks', 1 for the head's
-        ```
+        **Arguments:**
+
+        - `target`: any form `freeze` takes (a list of them too).
+        - `factor`: a finite float >= 0; 0 freezes (as `freeze`).
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).scale_lr("layers[0]", 0.1)
+        >>> spec.counts["lr_groups"]
+        {1.0: {'params': 5, 'leaves': 2}, 0.1: {'params': 12, 'leaves': 2}}
         """
         tree = self._model_tree
         sel = select(tree, target, "scale")
@@ -488,16 +582,23 @@ class FilterSpec:
     def layerwise_decay(self, target: Any, decay: float) -> FilterSpec:
         """A new spec with factors decaying down a list of layers (layer-wise LR decay, LLRD).
 
-        `target` is one list or tuple node, e.g. `"blocks"` or an `eqx.nn.MLP`'s `"layers"`.
-        Its last child (the one closest to the head) gets factor 1, the one before `decay`,
-        then `decay ** 2`, ...: child `j` of `n` gets `decay ** (n - 1 - j)`, as in BERT and
-        ViT fine-tuning. Only trainable leaves get a factor: frozen ones stay frozen. The
+        The last child of `target` (the one closest to the head) gets factor 1, the one before
+        `decay`, then `decay ** 2`, ...: child `j` of `n` gets `decay ** (n - 1 - j)`, as in BERT
+        and ViT fine-tuning. Only trainable leaves get a factor: frozen ones stay frozen. The
         factors are set, not multiplied; leaves outside `target` keep theirs.
 
-        ```python
-        spec = FilterSpec(model).freeze("embed").layerwise_decay("blocks", 0.5)
-        # 3 blocks: blocks[0] trains at 0.25, blocks[1] at 0.5, blocks[2] at 1
-        ```
+        **Arguments:**
+
+        - `target`: one list or tuple node, e.g. `"blocks"` or an `eqx.nn.MLP`'s `"layers"`.
+        - `decay`: a float in (0, 1].
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).layerwise_decay("layers", 0.5).lr_factors
+        array([0.5, 0.5, 1. , 1. , 0. , 0. ])
         """
         tree = self._model_tree
         node = self._sequence_node(target)
@@ -554,13 +655,22 @@ class FilterSpec:
     def constrain(self, where: Any, rule: Any) -> FilterSpec:
         """A new spec whose selected float arrays follow an update `rule` when trained.
 
-        `where` takes the same forms as `freeze`; `rule` is `"positive"`, `"orthogonal"`,
-        `"unit_norm"`, `("interval", lo, hi)`, a callable `rule(param, update) -> new_param`,
-        or `None` to remove constraints. See `eqx_explorer._constraints`.
+        See `eqx_explorer._constraints` for what each rule does.
 
-        ```python
-        spec = FilterSpec(model).constrain("scale", "positive")
-        ```
+        **Arguments:**
+
+        - `where`: any form `freeze` takes.
+        - `rule`: `"positive"`, `"orthogonal"`, `"unit_norm"`, `("interval", lo, hi)`, a
+          callable `rule(param, update) -> new_param`, or `None` to remove constraints.
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).constrain("layers[1].bias", ("interval", -1.0, 1.0))
+        >>> spec.constraints["layers[1].bias"].label
+        'interval[-1, 1]'
         """
         tree = self._model_tree
         sel = select(tree, where, "constrain")
@@ -582,23 +692,35 @@ class FilterSpec:
     def inference(self, *targets: Any, on: bool = True) -> FilterSpec:
         """A new spec running the layers under `targets` in inference mode (`on=False`: training).
 
-        Targets take the same forms as `freeze`. Every Equinox module in the selected sub-trees
-        with a bool `inference` field (`eqx.nn.BatchNorm`, `eqx.nn.Dropout`, your own) gets it
-        set to `on` *in the spec*; the model is never changed. Later calls override earlier
-        ones, and the spec keeps what it set even where the model already agrees, so it means
-        the same over another instance (`for_model`). The flags are leaves, not trainable
-        arrays: the mask and `tree` are unaffected. Apply them with `apply_inference(model)`.
-
-        ```python
-        model, state = eqx.nn.make_with_state(Net)(key)     # Net has `bn1 = eqx.nn.BatchNorm(...)`
-        spec = FilterSpec(model).freeze("bn1").inference("bn1")
-        spec.inference_paths                                 # ('bn1.inference',)
-        eval_model = spec.apply_inference(model)             # eval_model.bn1.inference is True
-        ```
+        Every Equinox module in the selected sub-trees with a bool `inference` field
+        (`eqx.nn.BatchNorm`, `eqx.nn.Dropout`, your own) gets it set to `on` *in the spec*; the
+        model is never changed. Later calls override earlier ones, and the spec keeps what it set
+        even where the model already agrees, so it means the same over another instance
+        (`for_model`). The flags are leaves, not trainable arrays: the mask and `tree` are
+        unaffected. Apply them with `apply_inference(model)`.
 
         A frozen BatchNorm still updates its running statistics (in `state`) on every training
-        step unless it runs in inference mode. Raises `ExplorerError` if a target holds no
-        such field (e.g. a `Linear`), naming the layers of the model that have one.
+        step unless it runs in inference mode. Raises `ExplorerError` if a target holds no such
+        field (e.g. a `Linear`), naming the layers of the model that have one.
+
+        **Arguments:**
+
+        - `*targets`: the forms `freeze` takes.
+        - `on`: the value to set.
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> class Net(eqx.Module):
+        ...     linear: eqx.nn.Linear
+        ...     dropout: eqx.nn.Dropout
+        >>> net = Net(eqx.nn.Linear(2, 2, key=jax.random.key(0)), eqx.nn.Dropout(0.5))
+        >>> spec = ex.FilterSpec(net).inference("dropout")
+        >>> spec.inference_paths
+        ('dropout.inference',)
+        >>> spec.apply_inference(net).dropout.inference
+        True
         """
         if not targets:
             raise ExplorerError("inference() needs at least one target, e.g. spec.inference('bn1')")
@@ -629,7 +751,21 @@ class FilterSpec:
         return self._replace(inference=overrides)
 
     def set_mask(self, mask: Any) -> FilterSpec:
-        """A new spec from a bool array over leaves (True = trainable)."""
+        """A new spec from a bool array over leaves (True = trainable).
+
+        **Arguments:**
+
+        - `mask`: bools in `jtu.tree_leaves(model)` order; True only on float/complex arrays.
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> mask = np.array([False, False, True, True, False, False])
+        >>> ex.FilterSpec(model).set_mask(mask).frozen_paths()
+        ['layers[0].weight', 'layers[0].bias']
+        """
         try:
             array = np.asarray(mask)
         except ValueError:  # ragged nested lists
@@ -657,6 +793,19 @@ class FilterSpec:
         """A new spec from a float array over leaves: each leaf's factor, 0 = frozen.
 
         The mask follows (trainable = factor > 0); only float/complex arrays can have a factor.
+
+        **Arguments:**
+
+        - `factors`: finite floats >= 0 in `jtu.tree_leaves(model)` order.
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).set_lr_factors(np.array([0, 0, 0.5, 0.5, 0, 0]))
+        >>> spec.trainable_paths(), spec.counts["lr_groups"]
+        (['layers[1].weight', 'layers[1].bias'], {0.5: {'params': 5, 'leaves': 2}})
         """
         values = np.asarray(factors)
         if values.shape != self._mask.shape or values.dtype.kind not in "iuf":
@@ -678,7 +827,15 @@ class FilterSpec:
     # -- reading ------------------------------------------------------------
     @property
     def tree(self) -> Any:
-        """The filter spec: a pytree of Python bools with exactly the model's structure."""
+        """The filter spec: a pytree of Python bools with exactly the model's structure.
+
+        Pass it to `eqx.partition`, `eqx.filter` or `eqx.filter_grad`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> tree = ex.FilterSpec(model).freeze("layers[0]").tree
+        >>> tree.layers[0].weight, tree.layers[1].weight, tree.activation
+        (False, True, False)
+        """
         return jtu.tree_unflatten(self._model_tree.treedef, [bool(b) for b in self._mask])
 
     def _cumsum(self) -> tuple[np.ndarray, np.ndarray]:
@@ -703,7 +860,21 @@ class FilterSpec:
         return self._cum
 
     def node_state(self, node: int) -> State:
-        """The state of the node at index `node` (see `state`); one node in O(1)."""
+        """The state of the node at index `node` (see `state`), in O(1).
+
+        **Arguments:**
+
+        - `node`: a node index of `model_tree`.
+
+        **Returns:**
+
+        `"trainable"`, `"frozen"`, `"mixed"` or `"static"`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> spec.node_state(spec.model_tree.find("layers[0]"))
+        'frozen'
+        """
         tree = self._model_tree
         trainable, inexact = self._cumsum()
         lo, hi = tree.lo[node], tree.hi[node]
@@ -716,15 +887,35 @@ class FilterSpec:
         return FROZEN if n_true == 0 else MIXED
 
     def state(self, path: str = "") -> State:
-        """`"trainable"`, `"frozen"`, `"mixed"`, or `"static"` (no float array below).
+        """The state of the node at `path`.
 
-        A tied place (`eqx.nn.Shared`) has its source's state, and so counts in the state of
-        the nodes above it: a head tied to a trainable embedding is never `"frozen"`.
+        A tied place (`eqx.nn.Shared`) has its source's state, and so counts in the state of the
+        nodes above it: a head tied to a trainable embedding is never `"frozen"`.
+
+        **Arguments:**
+
+        - `path`: a node's path; `""` (default) is the root.
+
+        **Returns:**
+
+        `"trainable"`, `"frozen"`, `"mixed"`, or `"static"` (no float array below).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> spec.state(), spec.state("layers[0]"), spec.state("layers[1]"), spec.state("activation")
+        ('mixed', 'frozen', 'trainable', 'static')
         """
         return self.node_state(self._model_tree.find(path))
 
     def state_codes(self) -> np.ndarray:
-        """Every node's state at once, as uint8 indices into `STATES` (prefix sums, O(nodes))."""
+        """Every node's state at once, as uint8 indices into `STATES` (prefix sums, O(nodes)).
+
+        `STATES` is `("static", "trainable", "frozen", "mixed")`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).freeze("layers[0]").state_codes()
+        array([3, 3, 2, 2, 2, 1, 1, 1, 0, 0], dtype=uint8)
+        """
         tree = self._model_tree
         trainable, inexact = self._cumsum()
         n_true = trainable[tree.hi] - trainable[tree.lo]
@@ -733,6 +924,12 @@ class FilterSpec:
         return np.where(n_inexact == 0, 0, codes).astype(np.uint8)
 
     def node_states(self) -> list[State]:
+        """Every node's state, in node order (as `state_codes`, as text).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).freeze("layers[0]").node_states()[:3]
+        ['mixed', 'mixed', 'frozen']
+        """
         return [STATES[c] for c in self.state_codes()]
 
     @property
@@ -741,6 +938,11 @@ class FilterSpec:
 
         `lr_groups` maps each learning-rate factor of trainable leaves (largest first) to
         `{"params": ..., "leaves": ...}`: `{1.0: {...}}` for a spec without groups.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> counts = ex.FilterSpec(model).freeze("layers[0]").counts
+        >>> counts["trainable_params"], counts["frozen_params"], counts["static_leaves"]
+        (5, 12, 2)
         """
         tree = self._model_tree
         inexact = tree.inexact
@@ -770,10 +972,22 @@ class FilterSpec:
         }
 
     def frozen_paths(self) -> list[str]:
+        """The paths of the frozen float/complex arrays, in leaf order.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).freeze("layers[0]").frozen_paths()
+        ['layers[0].weight', 'layers[0].bias']
+        """
         tree = self._model_tree
         return [tree.paths[tree.leaf_node[i]] for i in np.flatnonzero(tree.inexact & ~self._mask)]
 
     def trainable_paths(self) -> list[str]:
+        """The paths of the trainable arrays, in leaf order.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> ex.FilterSpec(model).freeze("layers[0]").trainable_paths()
+        ['layers[1].weight', 'layers[1].bias']
+        """
         tree = self._model_tree
         return [tree.paths[tree.leaf_node[i]] for i in np.flatnonzero(self._mask)]
 
@@ -782,15 +996,23 @@ class FilterSpec:
     def inference_overrides(self) -> dict[str, bool]:
         """Every `inference` field the spec sets, path -> value, in leaf order.
 
-        `{"bn1.inference": True, "drop.inference": False}`: the spec's own record, including
-        fields where the model already holds that value.
+        The spec's own record, including fields where the model already holds that value.
+
+        >>> model = (eqx.nn.Dropout(0.5), eqx.nn.Dropout(0.1))
+        >>> ex.FilterSpec(model).inference("[0]").inference("[1]", on=False).inference_overrides
+        {'[0].inference': True, '[1].inference': False}
         """
         tree = self._model_tree
         return {tree.paths[tree.leaf_node[i]]: on for i, on in self._inference.items()}
 
     @property
     def inference_paths(self) -> tuple[str, ...]:
-        """Paths of the `inference` fields the spec turns on (True here, False in the model)."""
+        """Paths of the `inference` fields the spec turns on (True here, False in the model).
+
+        >>> model = (eqx.nn.Dropout(0.5), eqx.nn.Dropout(0.1))
+        >>> ex.FilterSpec(model).inference("[0]").inference("[1]", on=False).inference_paths
+        ('[0].inference',)
+        """
         tree = self._model_tree
         return tuple(
             tree.paths[tree.leaf_node[i]]
@@ -811,14 +1033,22 @@ class FilterSpec:
     def apply_inference(self, model: Any) -> Any:
         """`model` with the `inference` fields this spec sets (via `eqx.tree_at`).
 
-        Every other leaf is the very same object; `model` itself is returned when the spec
-        sets no field. `model` must have this spec's structure (its own model or another
-        instance of the architecture), else `ExplorerError`.
+        Every other leaf is the very same object; `model` itself is returned when the spec sets no
+        field. Call it before training and evaluation.
 
-        ```python
-        spec = FilterSpec(model).inference(eqx.nn.BatchNorm)
-        model = spec.apply_inference(model)   # before training and evaluation
-        ```
+        **Arguments:**
+
+        - `model`: a model with this spec's structure (its own model or another instance of the
+          architecture), else `ExplorerError`.
+
+        **Returns:**
+
+        The new model.
+
+        >>> model = (eqx.nn.Linear(2, 2, key=jax.random.key(0)), eqx.nn.Dropout(0.5))
+        >>> spec = ex.FilterSpec(model).inference(eqx.nn.Dropout)
+        >>> spec.apply_inference(model)[1].inference
+        True
         """
         if not self._inference:
             return model
@@ -871,7 +1101,24 @@ class FilterSpec:
 
     # -- export -----------------------------------------------------------
     def to_code(self, style: Style = "tree_at") -> str:
-        """Python code that rebuilds this spec from `model`; see `eqx_explorer._codegen`."""
+        """Python code that rebuilds this spec from a variable `model`.
+
+        **Arguments:**
+
+        - `style`: `"tree_at"` (default), `"path"`, `"optax"`, `"stop_gradient"`,
+          `"train_step"` or `"custom_updates"` (see `eqx_explorer._codegen.to_code`).
+
+        **Returns:**
+
+        Self-contained source (its own imports) that defines `filter_spec` and the style's extras.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> code = ex.FilterSpec(model).freeze("layers[0]").to_code()
+        >>> namespace = {"model": model}
+        >>> exec(code, namespace)
+        >>> namespace["filter_spec"].layers[0].weight, namespace["filter_spec"].layers[1].weight
+        (False, True)
+        """
         if not isinstance(style, str) or style not in STYLES:
             raise ExplorerError(
                 f"unknown code style {short_repr(style, 40)} ({type(style).__name__}); "
@@ -882,11 +1129,28 @@ class FilterSpec:
 
     # -- JSON ---------------------------------------------------------------
     def to_json(self) -> str:
-        """JSON with every float/complex leaf's path under `trainable` or `frozen`.
+        """The spec as strict JSON, which `from_json` reads back.
 
-        Update rules go under `constraints`, inference flags under `inference` (path ->
-        bool) and learning-rate factors other than 1 under `lr_factors` (path -> factor), each
-        only when the spec has some; JSON without them loads with every factor 1.
+        Every float/complex leaf's path is under `trainable` or `frozen`. Update rules go under
+        `constraints`, inference flags under `inference` (path -> bool) and learning-rate factors
+        other than 1 under `lr_factors` (path -> factor), each only when the spec has some; JSON
+        without them loads with every factor 1.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> print(ex.FilterSpec(model).freeze("layers[1]").to_json())
+        {
+         "format": "eqx_explorer.FilterSpec",
+         "version": 1,
+         "model": "MLP",
+         "trainable": [
+          "layers[0].weight",
+          "layers[0].bias"
+         ],
+         "frozen": [
+          "layers[1].weight",
+          "layers[1].bias"
+         ]
+        }
         """
         doc = {
             "format": _FORMAT,
@@ -917,8 +1181,22 @@ class FilterSpec:
     def from_json(cls, model: Any, text: str) -> FilterSpec:
         """The spec saved by `to_json`, for `model`; raises if the model's leaves changed.
 
-        The text is checked against the saved format first (`_SCHEMA`): strict JSON, version
-        1, each field of its type, no path listed twice.
+        The text is checked against the saved format first: strict JSON, version 1, each field of
+        its type, no path listed twice.
+
+        **Arguments:**
+
+        - `model`: the model (or another instance of its architecture).
+        - `text`: what `to_json` wrote.
+
+        **Returns:**
+
+        A new `FilterSpec`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> text = ex.FilterSpec(model).freeze("layers[1]").to_json()
+        >>> ex.FilterSpec.from_json(model, text).frozen_paths()
+        ['layers[1].weight', 'layers[1].bias']
         """
         doc = _read_saved(text)
         spec = cls(model)
