@@ -722,3 +722,24 @@ def test_a_dead_parameter_moved_by_weight_decay_is_flagged():
     dead, alive = report.leaf("unused"), report.leaf("used")
     assert dead.status == alive.status == "updated" and dead.grad_norm == 0.0
     assert "zero gradient" in dead.detail and "zero gradient" not in alive.detail
+
+
+def test_long_runs_write_in_place_and_keep_the_users_arrays():
+    # A spec run long gets a specialised program whose inner steps donate the arrays they
+    # rewrite; the user's model, and a model read from the runner earlier, stay readable.
+    spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
+    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adamw"])
+    runner.step(SPECIALISE_AFTER)
+    assert runner.wait_ready(timeout=300)
+    assert list(runner._donors.values()) == [True]
+    earlier = runner.model
+    snapshot = [np.asarray(x) for x in jtu.tree_leaves(eqx.filter(earlier, eqx.is_array))]
+    runner.step(5)
+    assert runner.compile_count == 1
+    expected = hand_written(spec, "partition", EQ_OPTIMIZERS["adamw"], SPECIALISE_AFTER + 5)
+    arrays = lambda m: jtu.tree_leaves(eqx.filter(m, eqx.is_array))  # noqa: E731
+    for got, want in zip(arrays(runner.model), arrays(expected)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
+    for x, y in zip(arrays(earlier), snapshot):  # not donated away
+        np.testing.assert_array_equal(np.asarray(x), y)
+    assert all(np.isfinite(np.asarray(x)).all() for x in arrays(EQ_MODEL))
