@@ -84,7 +84,11 @@ class LeafReport:
     lr_factor: float | None = None
 
     def to_dict(self) -> dict:
-        """JSON-ready: non-finite norms become `None` (see `finite`)."""
+        """JSON-ready: non-finite norms become `None` (see `finite`).
+
+        >>> ex.LeafReport("head.bias", "updated", grad_norm=float("nan"), finite=False).to_dict()
+        {'path': 'head.bias', 'status': 'updated', 'grad_norm': None, ..., 'finite': False, ...}
+        """
         return {
             "path": self.path,
             "status": self.status,
@@ -135,28 +139,86 @@ class StepReport:
 
     @property
     def ok(self) -> bool:
+        """No `leaked` or `lost` leaf and no error.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> ones = lambda m: jax.tree.map(jnp.ones_like, eqx.filter(m, spec.tree))
+        >>> report = ex.audit_step(lambda m: eqx.apply_updates(m, ones(m)), model, spec=spec)
+        >>> report.ok
+        True
+        """
         return self.error is None and not any(leaf.status in BAD_STATUSES for leaf in self.leaves)
 
     def by_status(self, status: str) -> list[str]:
-        """Paths of the leaves with `status` (one of `STATUSES`)."""
+        """The paths of the leaves with `status`.
+
+        **Arguments:**
+
+        - `status`: one of `"updated"`, `"stalled"`, `"frozen"`, `"leaked"`, `"kept"`, `"lost"`,
+          `"unchanged"`.
+
+        **Returns:**
+
+        The paths, in leaf order.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> ones = lambda m: jax.tree.map(jnp.ones_like, eqx.filter(m, spec.tree))
+        >>> report = ex.audit_step(lambda m: eqx.apply_updates(m, ones(m)), model, spec=spec)
+        >>> report.by_status("updated")
+        ['layers[1].weight', 'layers[1].bias']
+        """
         if status not in STATUSES:
             raise ExplorerError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
         return [leaf.path for leaf in self.leaves if leaf.status == status]
 
     @property
     def counts(self) -> dict[Status, int]:
-        """Number of leaves per status (every status present, zeros included)."""
+        """The number of leaves per status (every status present, zeros included).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> ones = lambda m: jax.tree.map(jnp.ones_like, eqx.filter(m, spec.tree))
+        >>> report = ex.audit_step(lambda m: eqx.apply_updates(m, ones(m)), model, spec=spec)
+        >>> {status: n for status, n in report.counts.items() if n}
+        {'updated': 2, 'frozen': 2, 'kept': 2}
+        """
         out = dict.fromkeys(STATUSES, 0)
         for leaf in self.leaves:
             out[leaf.status] += 1
         return out
 
     def statuses(self) -> dict[str, str]:
-        """The compact form: `{path: status}`."""
+        """The compact form: `{path: status}`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> ones = lambda m: jax.tree.map(jnp.ones_like, eqx.filter(m, spec.tree))
+        >>> report = ex.audit_step(lambda m: eqx.apply_updates(m, ones(m)), model, spec=spec)
+        >>> report.statuses()["layers[0].bias"]
+        'frozen'
+        """
         return {leaf.path: leaf.status for leaf in self.leaves}
 
     def leaf(self, path: str) -> LeafReport:
-        """The report of the parameter leaf at `path` (e.g. `"layers[0].weight"`)."""
+        """The report of one leaf.
+
+        **Arguments:**
+
+        - `path`: the leaf's path, e.g. `"layers[0].weight"`.
+
+        **Returns:**
+
+        Its `LeafReport`; `ExplorerError` if the report has no such leaf.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> ones = lambda m: jax.tree.map(jnp.ones_like, eqx.filter(m, spec.tree))
+        >>> report = ex.audit_step(lambda m: eqx.apply_updates(m, ones(m)), model, spec=spec)
+        >>> report.leaf("layers[1].bias").delta_norm
+        1.0
+        """
         for leaf in self.leaves:
             if leaf.path == path:
                 return leaf
@@ -164,7 +226,16 @@ class StepReport:
         raise ExplorerError(f"no leaf at `{path[:80]}` in this report; its leaves are {paths}")
 
     def to_dict(self) -> dict:
-        """JSON-ready summary: statuses, per-leaf norms (floats or `None`), losses, error."""
+        """A JSON-ready summary: statuses, per-leaf norms (floats or `None`), losses, error.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> ones = lambda m: jax.tree.map(jnp.ones_like, eqx.filter(m, spec.tree))
+        >>> report = ex.audit_step(lambda m: eqx.apply_updates(m, ones(m)), model, spec=spec)
+        >>> import json
+        >>> json.loads(json.dumps(report.to_dict()))["statuses"]["layers[1].bias"]
+        'updated'
+        """
         return {
             "ok": self.ok,
             "method": self.method,
@@ -181,7 +252,25 @@ class StepReport:
         }
 
     def table(self, only: Any = None) -> str:
-        """A readable table, parameters then state; `only` = a status or statuses to show."""
+        """A readable table, parameters then state.
+
+        **Arguments:**
+
+        - `only`: a status, or a collection of statuses, to show; default: every row.
+
+        **Returns:**
+
+        The table as text.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> spec = ex.FilterSpec(model).freeze("layers[0]")
+        >>> ones = lambda m: jax.tree.map(jnp.ones_like, eqx.filter(m, spec.tree))
+        >>> report = ex.audit_step(lambda m: eqx.apply_updates(m, ones(m)), model, spec=spec)
+        >>> print(report.table(only="updated"))
+        path              status         grad    update     delta  detail
+        layers[1].weight  updated           -         -         2
+        layers[1].bias    updated           -         -         1
+        """
         if isinstance(only, str):
             only = {only}
         rows = [

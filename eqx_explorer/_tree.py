@@ -345,8 +345,14 @@ class ModelTree:
 
     @property
     def cum_inexact(self) -> np.ndarray:
-        """Prefix sums of `inexact` (length `num_leaves + 1`): float arrays below node `i`
-        are `cum_inexact[hi[i]] - cum_inexact[lo[i]]`."""
+        """Prefix sums of `inexact` (length `num_leaves + 1`), read-only.
+
+        The float arrays below node `i` are `cum_inexact[hi[i]] - cum_inexact[lo[i]]`.
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.cum_inexact
+        array([0, 1, 2, 3, 4, 4, 4])
+        """
         return self._cum_inexact
 
     # -- sizes --------------------------------------------------------------
@@ -355,29 +361,70 @@ class ModelTree:
 
     @property
     def num_leaves(self) -> int:
+        """The number of leaves (`len(jtu.tree_leaves(model))`).
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.num_leaves
+        6
+        """
         return len(self.leaves)
 
     @property
     def leaf_paths(self) -> list[str]:
+        """The path of every leaf, in leaf order.
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.leaf_paths[-2:]
+        ['activation', 'final_activation']
+        """
         return [self.paths[i] for i in self.leaf_node]
 
     def n_inexact(self, node: int) -> int:
+        """The number of float/complex arrays under `node` (a node index).
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.n_inexact(tree.find("layers[0]"))
+        2
+        """
         return int(self._cum_inexact[self.hi[node]] - self._cum_inexact[self.lo[node]])
 
     def all_params(self) -> np.ndarray:
-        """`params(i)` for every node at once."""
+        """`params(i)` for every node at once, in node order.
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.all_params()
+        array([17, 17, 12,  8,  4,  5,  4,  1,  0,  0])
+        """
         out: np.ndarray = self._cum_params[self.hi] - self._cum_params[self.lo]
         return out
 
     def params(self, node: int) -> int:
-        """Number of trainable-kind (inexact) array elements under `node`."""
+        """The number of float/complex array elements under `node` (a node index).
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.params(0), tree.params(tree.find("layers[1]"))
+        (17, 5)
+        """
         return int(self._cum_params[self.hi[node]] - self._cum_params[self.lo[node]])
 
     # -- rows ---------------------------------------------------------------
     def is_leaf(self, node: int) -> bool:
+        """Whether node `node` (an index) is a leaf (an array or another leaf), not a container.
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.is_leaf(tree.find("activation")), tree.is_leaf(tree.find("layers"))
+        (True, False)
+        """
         return self.kind[node] in (ARRAY, LEAF)
 
     def node(self, index: int) -> Node:
+        """The row of node `index`: a read-only `Node` with its path, kind, shape, size, ...
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> node = tree.node(tree.find("layers[1].bias"))
+        >>> node.kind, node.shape, node.dtype, node.size
+        ('array', (1,), 'float32', 1)
+        """
         if isinstance(index, bool) or not isinstance(index, int | np.integer):
             raise ExplorerError(
                 f"node(index) takes an int node index, got {type(index).__name__}; for a path "
@@ -415,7 +462,12 @@ class ModelTree:
         )
 
     def summary(self, index: int) -> str:
-        """Short text for a row: shape/dtype for arrays, a repr for other leaves."""
+        """Short text for node `index`'s row: shape/dtype for arrays, a repr for other leaves.
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.summary(tree.find("layers[0].weight")), tree.summary(tree.find("activation"))
+        ('float32[4, 2]', 'relu')
+        """
         kind, obj = self.kind[index], self.objects[index]
         if kind == ARRAY:
             return array_summary(obj)
@@ -427,10 +479,16 @@ class ModelTree:
         return f"{len(self.children[index])} children"
 
     def tie_source(self, leaf: int) -> str:
-        """What the tied place at leaf index `leaf` is tied to, as text: `shared.pytree[0].weight`.
+        """What the tied place at leaf index `leaf` is tied to, as text.
 
         Sources forming one sub-tree are named by its path (the lowest node holding exactly
         them); a `get` that reads no array ties to a constant.
+
+        >>> a = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+        >>> shared = eqx.nn.Shared((a, a), lambda p: p[1].weight, lambda p: p[0].weight)
+        >>> tree = ex.ModelTree(shared)
+        >>> [tree.tie_source(leaf) for leaf in tree.ties]
+        ['`pytree[0].weight`']
         """
         owner, sources = self.ties[leaf]
         shared = f"the eqx.nn.Shared at {f'`{self.paths[owner]}`' if owner else 'the root'}"
@@ -449,14 +507,24 @@ class ModelTree:
         return ", ".join(named) + (", …" if len(sources) > 3 else "")
 
     def sharding(self, index: int) -> str | None:
+        """How node `index`'s array is sharded, as text; `None` on one device or for a non-array.
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.sharding(tree.find("layers[0].weight")) is None
+        True
+        """
         return _describe_sharding(self.objects[index]) if self.kind[index] == ARRAY else None
 
     # -- lookup -------------------------------------------------------------
     def find(self, path: str) -> int:
-        """Index of the node at `path` (leading dot optional); `ExplorerError` if none.
+        """The index of the node at `path` (leading dot optional); `ExplorerError` if none.
 
         Every path this tree prints is found (by its text, whatever its keys); other text is
         parsed and walked down key by key, in time linear in its length.
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.find("layers[1]"), tree.find(".layers[-1]")
+        (5, 5)
         """
         if isinstance(path, str) and path in self._index:
             return self._index[path]
@@ -481,7 +549,12 @@ class ModelTree:
         raise ExplorerError(self._unknown_path_message(keys, node, depth))
 
     def index_of(self, path: str) -> int | None:
-        """Index of the node this tree prints as `path` exactly, else `None` (no parsing)."""
+        """The index of the node this tree prints as `path` exactly, else `None` (no parsing).
+
+        >>> tree = ex.ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+        >>> tree.index_of("layers[1]"), tree.index_of("layers[-1]")
+        (5, None)
+        """
         return self._index.get(path)
 
     def _walk(self, keys: tuple) -> tuple[int, int, tuple]:
