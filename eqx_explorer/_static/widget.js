@@ -476,31 +476,37 @@ class ExplorerView {
     const old = this.states;
     this.states = typed(Uint8Array, this.model.get("_state_codes"));
     for (const i of this.rows.keys()) if (old[i] !== this.states[i]) this.paintRow(i);
-    if (!this.factors) this.onFactors(); // without groups, a trainable leaf's factor is 1
+    if (this.pop && this.pop.kind === "lr") this.paintPop(); // without groups, lrRange reads states
     performance.measure("eqxe:states", { start }); // read by benchmarks/bench_browser.py
   }
 
-  // -- learning-rate factors: per leaf from `_lr_factors` (or 1 where trainable), and the
-  // lowest and highest factor of the trainable leaves under each node ---------------------
+  // -- learning-rate factors: per leaf from `_lr_factors`, and the lowest and highest factor
+  // of the trainable leaves under each node; none while every trainable leaf has factor 1 ----
   readFactors() {
     const { n, leafOf, children, kind } = this.tree;
     const bytes = this.model.get("_lr_factors");
     this.factors = bytes.byteLength ? typed(Float32Array, bytes) : null;
-    const trainable = this.options.states.indexOf("trainable");
+    this.readGroups();
+    if (!this.factors) return; // a toggle then costs no pass over the nodes
     this.lrLo = new Float32Array(n).fill(Infinity);
     this.lrHi = new Float32Array(n).fill(-Infinity);
     for (let i = n - 1; i >= 0; i--) {
       const leaf = leafOf[i];
-      if (leaf >= 0 && kind[i] !== "state") {
-        const f = this.factors ? this.factors[leaf] : this.states[i] === trainable ? 1 : 0;
-        if (f > 0) this.lrLo[i] = this.lrHi[i] = f;
+      if (leaf >= 0 && kind[i] !== "state" && this.factors[leaf] > 0) {
+        this.lrLo[i] = this.lrHi[i] = this.factors[leaf];
       }
       for (const c of children[i]) {
         if (this.lrLo[c] < this.lrLo[i]) this.lrLo[i] = this.lrLo[c];
         if (this.lrHi[c] > this.lrHi[i]) this.lrHi[i] = this.lrHi[c];
       }
     }
-    this.readGroups();
+  }
+
+  // [lowest, highest] factor of the trainable leaves under node i; null when none trains.
+  lrRange(i) {
+    if (this.factors) return this.lrLo[i] <= this.lrHi[i] ? [this.lrLo[i], this.lrHi[i]] : null;
+    const state = this.options.states[this.states[i]];
+    return state === "trainable" || state === "mixed" ? [1, 1] : null;
   }
 
   // Group k of counts.lr_groups (largest factor first) colours its rows.
@@ -1120,9 +1126,9 @@ class ExplorerView {
   paintLr(i) {
     const { lr } = this.rows.get(i)._eqxe;
     if (!lr) return;
-    const lo = this.lrLo[i];
-    const hi = this.lrHi[i];
-    const show = !!this.factors && lo <= hi;
+    const range = this.factors && this.lrRange(i);
+    const show = !!range;
+    const [lo, hi] = range || [0, 0];
     lr.pill.hidden = !show;
     lr.pill.textContent = show ? fmtRange(lo, hi) : "";
     const group = show && lo === hi ? this.groups.get(lo) : undefined;
@@ -1284,8 +1290,9 @@ class ExplorerView {
     );
     const field = (cls, name, value) =>
       h("input", { class: cls, type: "number", step: "any", min: "0", value, "aria-label": name, title: name });
-    const single = this.lrLo[i] === this.lrHi[i];
-    const factor = field("eqxe-lr-factor", "factor", single ? fmtFactor(this.lrLo[i]) : "1");
+    const range = this.lrRange(i);
+    const single = range && range[0] === range[1];
+    const factor = field("eqxe-lr-factor", "factor", single ? fmtFactor(range[0]) : "1");
     const set = h("button", { class: "eqxe-lr-set", text: "set", onclick: () => scale(number(factor)) });
     const content = [...picks, h("span", { class: "eqxe-lr-custom" }, "× ", factor, " ", set)];
     let decay = null;
@@ -1311,10 +1318,11 @@ class ExplorerView {
   paintPop() {
     const { node, kind, picks } = this.pop;
     if (kind === "lr") {
-      const single = this.lrLo[node] === this.lrHi[node];
+      const range = this.lrRange(node);
       for (const b of picks) {
         if (!b.dataset.factor) continue;
-        const on = single && Math.fround(Number(b.dataset.factor)) === this.lrLo[node];
+        const f = Math.fround(Number(b.dataset.factor));
+        const on = !!range && range[0] === range[1] && f === range[0];
         b.setAttribute("aria-pressed", String(on));
       }
       return;
