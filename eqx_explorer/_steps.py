@@ -867,18 +867,43 @@ class StepRunner:
     # -- public state -------------------------------------------------------------------
     @property
     def model(self) -> Any:
-        """The model after the steps run so far (full structure, non-array leaves intact)."""
+        """The model after the steps run so far (full structure, non-array leaves intact).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> _ = runner.step(2)
+        >>> bool(eqx.tree_equal(runner.model, model))
+        False
+        """
         return jtu.tree_unflatten(self._treedef, self._leaves)
 
     @property
     def state(self) -> Any:
-        """The `eqx.nn.State` after the steps, or `None` for a stateless model."""
+        """The `eqx.nn.State` after the steps, or `None` for a stateless model.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.state is None
+        True
+        """
         return self._state
 
     @property
     def opt_state(self) -> Any:
-        """The optimizer state: over every float leaf (masked layout), or over the leaves
-        the current method optimizes (structural layout)."""
+        """The optimizer state: over every float leaf (masked layout), or over the leaves the
+        current method optimizes (structural layout).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> type(runner.opt_state)
+        <class 'tuple'>
+        """
         if self._opt_tree is None:  # held flat between steps: built when read
             self._opt_tree = jtu.tree_unflatten(self._opt[0], _join(self._opt_arrays, self._opt[1]))
         return self._opt_tree
@@ -893,15 +918,41 @@ class StepRunner:
 
     @property
     def spec(self) -> FilterSpec:
+        """The `FilterSpec` the next step runs with (see `set_spec`).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.spec.trainable_paths()[0]
+        'layers[0].weight'
+        """
         return self._layout.spec
 
     @property
     def method(self) -> Method:
+        """The freezing method the next step uses (see `set_spec`).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.method
+        'partition'
+        """
         return self._layout.method
 
     @property
     def layout(self) -> Layout:
-        """`"masked"` or `"structural"`: what the runner compiles (module docstring)."""
+        """`"masked"` or `"structural"`: what the runner compiles (see the module docstring).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.layout
+        'masked'
+        """
         return self._kind
 
     @property
@@ -910,16 +961,42 @@ class StepRunner:
 
         Specialised programs compiled in the background are counted apart, in
         `background_compile_count`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> _ = runner.step(1)
+        >>> _ = runner.step(2)
+        >>> runner.compile_count
+        1
         """
         return self._counter[0]
 
     @property
     def background_compile_count(self) -> int:
+        """How many programs were compiled in the background (see `wait_ready`).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.background_compile_count
+        0
+        """
         return self._counter[1]
 
     @property
     def busy(self) -> bool:
-        """True while a `step` call runs (in any thread)."""
+        """True while a `step` call runs (in any thread).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.busy
+        False
+        """
         return self._lock.locked()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -927,8 +1004,23 @@ class StepRunner:
 
         After a runner's first answer (on a program specialised to its spec) the masked
         program, which serves every spec and method, builds in the background; a `step` on
-        another spec before then waits for it, with progress. A spec used for long runs gets
-        its own programs in the background too. Returns False on a timeout.
+        another spec before then waits for it, with progress. A spec used for long runs gets its
+        own programs in the background too.
+
+        **Arguments:**
+
+        - `timeout`: the most seconds to wait; default: no limit.
+
+        **Returns:**
+
+        True when ready, False on a timeout.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.wait_ready(timeout=60)
+        True
         """
         end = None if timeout is None else time.perf_counter() + timeout
         left = lambda: None if end is None else max(0.0, end - time.perf_counter())  # noqa: E731
@@ -941,8 +1033,16 @@ class StepRunner:
     def stop(self) -> None:
         """Ask a running `step` call to end after its current chunk (thread-safe).
 
-        The call returns a report of the steps that ran, with `stopped=True`; a call that
-        is not running is not affected.
+        The call returns a report of the steps that ran, with `stopped=True`; a call that is
+        not running is not affected.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.stop()  # no call runs: the next one runs in full
+        >>> runner.step(2).stopped
+        False
         """
         if self.busy:
             self._stop.set()
@@ -1132,6 +1232,19 @@ class StepRunner:
         class docstring; the next report's `notes` (and the `detail` of affected leaves) say
         which state started fresh. Raises `ExplorerError` for a spec of another model or an
         unknown method, and while a `step` call runs.
+
+        **Arguments:**
+
+        - `spec`: a `FilterSpec` of the runner's model.
+        - `method`: the new method; default: keep the current one.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> runner.set_spec(ex.FilterSpec(model).freeze("layers[0]"), method="stop_gradient")
+        >>> runner.step(1).by_status("frozen")
+        ['layers[0].weight', 'layers[0].bias']
         """
         if not isinstance(spec, FilterSpec) or spec.model_tree.treedef != self._treedef:
             raise ExplorerError(
@@ -1154,7 +1267,17 @@ class StepRunner:
             self._layout = new
 
     def reset(self) -> None:
-        """Back to the initial model and state, with a fresh optimizer state (cache kept)."""
+        """Back to the initial model and state, with a fresh optimizer state (compilations kept).
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> _ = runner.step(2)
+        >>> runner.reset()
+        >>> bool(eqx.tree_equal(runner.model, model))
+        True
+        """
         with self._exclusive("reset"):
             self._leaves = list(self._initial_leaves)
             self._inference = set()
@@ -1177,13 +1300,29 @@ class StepRunner:
     ) -> StepReport:
         """Run `n` optimizer steps on `runner.batch`; return the audit of the whole call.
 
-        Statuses and `delta_norm` compare the model before and after the call; `grad_norm`
-        is from the last step attempted; `update_norm` is what the last committed step
-        moved. On a failure (the loss raises, is not a float scalar or is NaN/inf, or a step
-        makes a parameter NaN/inf) the runner keeps the arrays of the last good step and
-        `error` says what happened and where. `progress(StepProgress)` is called before a
-        compilation and after each chunk; `stop()` ends the call between chunks. A second
-        call while one runs raises `ExplorerError`.
+        Statuses and `delta_norm` compare the model before and after the call; `grad_norm` is
+        from the last step attempted; `update_norm` is what the last committed step moved. On a
+        failure (the loss raises, is not a float scalar or is NaN/inf, or a step makes a
+        parameter NaN/inf) the runner keeps the arrays of the last good step and `error` says
+        what happened and where. A second call while one runs raises `ExplorerError`.
+
+        **Arguments:**
+
+        - `n`: the number of steps.
+        - `progress`: called with a `StepProgress` before a compilation and after each chunk
+          (about 0.25 s of steps); `stop()` ends the call between chunks.
+
+        **Returns:**
+
+        A `StepReport`.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> report = runner.step(3)
+        >>> report.steps, len(report.loss), report.by_status("updated")[:1]
+        (3, 3, ['layers[0].weight'])
         """
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
             raise ExplorerError(f"step(n) needs a positive int number of steps, got {n!r}")

@@ -35,3 +35,25 @@ def test_public_name_documents_its_arguments_with_an_example(name: str) -> None:
     assert ">>>" in doc, f"{name} has no runnable example"
     if inspect.isfunction(obj):
         assert "**Arguments:**" in doc and "**Returns:**" in doc, name
+
+
+def _public_members() -> list[str]:
+    names = []
+    for cls_name in PUBLIC:
+        cls = getattr(ex, cls_name)
+        if inspect.isclass(cls):
+            names += [
+                f"{cls_name}.{name}"
+                for name, value in vars(cls).items()
+                if not name.startswith("_")
+                and isinstance(value, property | classmethod | staticmethod | type(_public_members))
+            ]
+    return names
+
+
+@pytest.mark.parametrize("name", _public_members())
+def test_public_method_has_an_example(name: str) -> None:
+    cls_name, member = name.split(".")
+    value = inspect.getattr_static(getattr(ex, cls_name), member)
+    function = value.fget if isinstance(value, property) else getattr(value, "__func__", value)
+    assert ">>>" in (inspect.getdoc(function) or ""), f"{name} has no runnable example"
