@@ -43,6 +43,7 @@ from ._paths import format_path
 __all__ = [
     "Rule",
     "RuleName",
+    "RuleLike",
     "make_rule",
     "constrain_grads",
     "apply_updates",
@@ -51,6 +52,12 @@ __all__ = [
 ]
 
 RuleName = Literal["positive", "orthogonal", "unit_norm", "interval", "custom"]
+# What `FilterSpec.constrain` takes as a rule.
+RuleLike = (
+    Literal["positive", "orthogonal", "unit_norm"]
+    | tuple[Literal["interval"], float | None, float | None]
+    | Callable[[Any, Any], Any]
+)
 
 
 @dataclasses.dataclass(frozen=True)

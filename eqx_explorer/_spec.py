@@ -17,7 +17,7 @@ import jax.tree_util as jtu
 import numpy as np
 
 from ._codegen import STYLES, Style, to_code
-from ._constraints import Rule, make_rule
+from ._constraints import Rule, RuleLike, make_rule
 from ._errors import ExplorerError, short_repr, shorten
 from ._paths import format_path
 from ._select import Selection, describe, is_bool, select
@@ -652,7 +652,7 @@ class FilterSpec:
             + (f"Lists in this model: {found}." if lists else "This model has no list of layers.")
         )
 
-    def constrain(self, where: Any, rule: Any) -> FilterSpec:
+    def constrain(self, where: Any, rule: RuleLike | Rule | None) -> FilterSpec:
         """A new spec whose selected float arrays follow an update `rule` when trained.
 
         See `eqx_explorer._constraints` for what each rule does.
