@@ -24,6 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import nbformat
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -247,6 +248,11 @@ def row(path: str) -> str:
     return f'.eqxe-root .eqxe-row[data-path="{path}"]'
 
 
+def row_in(path: str) -> str:
+    """A row's selector inside one widget (`root.locator(row_in(path))`)."""
+    return f'.eqxe-row[data-path="{path}"]'
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
@@ -265,3 +271,41 @@ def open_and_run_all(page, url: str) -> None:
 
 def badge(page, path: str) -> str:
     return page.eval_on_selector(f"{row(path)} .eqxe-badge", "b => b.dataset.status || ''")
+
+
+# A notebook's first cell for tests that build their own explorers.
+SETUP = """\
+import warnings
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+import eqx_explorer as ex
+from eqx_explorer._examples import TinyTransformer, example_batch, mse_loss
+
+warnings.filterwarnings("ignore", message="When `eqx.nn.BatchNorm")"""
+
+
+def notebook(server, name: str, *cells: str) -> str:
+    """Write a notebook of `cells` into the server's root; its URL in JupyterLab."""
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    path = server.root / "steps" / f"{name}.ipynb"
+    path.parent.mkdir(exist_ok=True)
+    nbformat.write(nb, path)
+    # its own workspace: the default one would reopen the other tests' notebooks
+    return server.page_url(f"lab/workspaces/{name}/tree/steps/{name}.ipynb")
+
+
+def wait_js(page, condition: str, timeout: float = ACTION_MS) -> float:
+    """Wait for a JS condition (an expression); the seconds it took."""
+    t0 = time.monotonic()
+    page.wait_for_function(f"() => {condition}", timeout=timeout, polling=50)
+    return time.monotonic() - t0

@@ -16,8 +16,7 @@ from eqx_explorer import FilterSpec
 from eqx_explorer._codegen import to_code
 from eqx_explorer._examples import TinyTransformer
 
-from .conftest import open_and_run_all, shot
-from .test_steps_browser import SETUP, notebook, row, wait_js
+from .conftest import SETUP, notebook, open_and_run_all, row_in, shot, wait_js
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -57,7 +56,7 @@ def test_a_factor_and_a_layerwise_decay_clicked_reach_the_counts_rows_and_code(
     assert groups.is_hidden() and page.evaluate(f"() => {pill('head')}") == ""
 
     # A factor: the head's menu, then the 0.1 pick.
-    w.locator(f"{row('head')} .eqxe-lr-menu").click()
+    w.locator(f"{row_in('head')} .eqxe-lr-menu").click()
     w.locator('.eqxe-lr-pop[data-path="head"] .eqxe-lr-pick[data-factor="0.1"]').click()
     spec = spec.scale_lr("head", 0.1)
     code = to_code(spec, "optax")
@@ -70,7 +69,7 @@ def test_a_factor_and_a_layerwise_decay_clicked_reach_the_counts_rows_and_code(
     assert w.locator(".eqxe-lr-pop").count() == 0  # closed once Python accepted
 
     # A bad factor typed in: the library's message in the banner, the menu stays open.
-    w.locator(f"{row('head')} .eqxe-lr-menu").click()
+    w.locator(f"{row_in('head')} .eqxe-lr-menu").click()
     w.locator(".eqxe-lr-factor").fill("-2")
     w.locator(".eqxe-lr-set").click()
     wait_js(page, f"{ROOT}.querySelector('.eqxe-banner-text').textContent.includes('-2.0 is not')")
@@ -80,7 +79,7 @@ def test_a_factor_and_a_layerwise_decay_clicked_reach_the_counts_rows_and_code(
     w.locator(".eqxe-banner-close").click()
 
     # Layer-wise decay on the blocks, with the menu's default decay of 0.5.
-    w.locator(f"{row('blocks')} .eqxe-lr-menu").click()
+    w.locator(f"{row_in('blocks')} .eqxe-lr-menu").click()
     assert w.locator(".eqxe-lr-decay").input_value() == "0.5"
     w.locator('.eqxe-lr-pop[data-path="blocks"] .eqxe-lr-decay-apply').click()
     spec = spec.layerwise_decay("blocks", 0.5)
@@ -98,10 +97,10 @@ def test_a_factor_and_a_layerwise_decay_clicked_reach_the_counts_rows_and_code(
 
     # A Step: each badge's tooltip has its leaf's factor and update norm.
     w.locator(".eqxe-step").click()
-    head = f"{ROOT}.querySelector('{row('head.weight')} .eqxe-badge')"
+    head = f"{ROOT}.querySelector('{row_in('head.weight')} .eqxe-badge')"
     wait_js(page, f"{head}.dataset.status === 'updated'")
     assert "lr × 0.1  ‖grad‖" in page.evaluate(f"() => {head}.title")
-    first = f"{ROOT}.querySelector('{row('blocks[0].attn.query_proj.weight')} .eqxe-badge')"
+    first = f"{ROOT}.querySelector('{row_in('blocks[0].attn.query_proj.weight')} .eqxe-badge')"
     assert "lr × 0.25  ‖grad‖" in page.evaluate(f"() => {first}.title")
     assert "‖update‖ " in page.evaluate(f"() => {first}.title")
     shot(page, "lr-groups")

@@ -18,8 +18,7 @@ from eqx_explorer._examples import TinyTransformer
 from eqx_explorer._select import match_nodes
 from eqx_explorer._tree import ModelTree
 
-from .conftest import ACTION_MS, PANEL, open_and_run_all, shot
-from .test_steps_browser import SETUP, notebook, wait_js
+from .conftest import ACTION_MS, PANEL, SETUP, notebook, open_and_run_all, shot, wait_js
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -8,27 +8,22 @@ a toggle answered while steps run, Stop to report) go to test-artifacts/steps-ti
 from __future__ import annotations
 
 import json
-import time
 
-import nbformat
 import pytest
 
-from .conftest import ACTION_MS, ARTIFACTS, PANEL, open_and_run_all, shot
+from .conftest import (
+    ARTIFACTS,
+    PANEL,
+    SETUP,
+    notebook,
+    open_and_run_all,
+    row_in,
+    shot,
+    wait_js,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-SETUP = """\
-import warnings
-
-import equinox as eqx
-import jax
-import jax.numpy as jnp
-import optax
-
-import eqx_explorer as ex
-from eqx_explorer._examples import TinyTransformer, example_batch, mse_loss
-
-warnings.filterwarnings("ignore", message="When `eqx.nn.BatchNorm")"""
 
 # A model whose first step compiles for a few seconds on 2 cores.
 SLOW = """\
@@ -50,33 +45,6 @@ bn"""
 ROOT = "document.querySelector('.eqxe-root')"
 PROGRESS = f"{ROOT}.querySelector('.eqxe-progress')"
 STATE_PATHS = ["bn.ema_first_time_index", "bn.ema_state_index[0]", "bn.ema_state_index[1]"]
-
-
-def notebook(server, name: str, *cells: str) -> str:
-    """Write a notebook of `cells` into the server's root; its URL in JupyterLab."""
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(c) for c in cells]
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3",
-        "language": "python",
-    }
-    path = server.root / "steps" / f"{name}.ipynb"
-    path.parent.mkdir(exist_ok=True)
-    nbformat.write(nb, path)
-    # its own workspace: the default one would reopen the other tests' notebooks
-    return server.page_url(f"lab/workspaces/{name}/tree/steps/{name}.ipynb")
-
-
-def row(path: str) -> str:
-    return f'.eqxe-row[data-path="{path}"]'
-
-
-def wait_js(page, condition: str, timeout: float = ACTION_MS) -> float:
-    """Wait for a JS condition (an expression); the seconds it took."""
-    t0 = time.monotonic()
-    page.wait_for_function(f"() => {condition}", timeout=timeout, polling=50)
-    return time.monotonic() - t0
 
 
 def record(timings: dict) -> None:
@@ -115,8 +83,8 @@ def test_progress_stop_and_a_toggle_while_steps_run(page, jupyter_server):
     shot(page, "steps-1-running")
 
     # The kernel answers the page while steps run: a toggle comes back at once.
-    w.locator(f"{row('head')} .eqxe-check").click()
-    toggle = wait_js(page, f"{ROOT}.querySelector('{row('head')}').dataset.state === 'frozen'")
+    w.locator(f"{row_in('head')} .eqxe-check").click()
+    toggle = wait_js(page, f"{ROOT}.querySelector('{row_in('head')}').dataset.state === 'frozen'")
     # A second Step is refused with a message; the run goes on.
     w.locator(".eqxe-step").click()
     refused = wait_js(
@@ -136,7 +104,8 @@ def test_progress_stop_and_a_toggle_while_steps_run(page, jupyter_server):
     assert "eqxe-busy" not in w.get_attribute("class")
     assert w.locator(".eqxe-loss-caption").inner_text().startswith(f"{done:,} steps")
     # The report covers the steps that ran, taken before the toggle: its badges are stale.
-    assert w.locator(f"{row('head.weight')} .eqxe-badge").get_attribute("data-status") == "updated"
+    head_badge = w.locator(f"{row_in('head.weight')} .eqxe-badge")
+    assert head_badge.get_attribute("data-status") == "updated"
     assert "eqxe-stale" in (w.get_attribute("class") or "")
     texts = page.evaluate("() => window.eqxeTexts")
     assert texts[0].startswith(("starting", "compiling"))
@@ -179,35 +148,36 @@ def test_state_rows_and_inference_mode(page, jupyter_server):
 
     def state_badges():
         return [
-            w.locator(f"{row(p)} .eqxe-badge").get_attribute("data-status") for p in STATE_PATHS
+            w.locator(f"{row_in(p)} .eqxe-badge").get_attribute("data-status") for p in STATE_PATHS
         ]
 
     w.locator(".eqxe-step").click()
-    wait_js(page, f"{ROOT}.querySelector('{row(STATE_PATHS[1])} .eqxe-badge').dataset.status")
+    wait_js(page, f"{ROOT}.querySelector('{row_in(STATE_PATHS[1])} .eqxe-badge').dataset.status")
     assert state_badges() == ["updated"] * 3
     shot(page, "state-1-updated")
 
     # Frozen is not enough: the statistics still move, and the step pane's notes say so.
-    w.locator(f"{row('bn')} .eqxe-check").click()
-    wait_js(page, f"{ROOT}.querySelector('{row('bn')}').dataset.state === 'frozen'")
+    w.locator(f"{row_in('bn')} .eqxe-check").click()
+    wait_js(page, f"{ROOT}.querySelector('{row_in('bn')}').dataset.state === 'frozen'")
     w.locator(".eqxe-step").click()
     wait_js(page, f"/frozen layer `bn`/.test({ROOT}.querySelector('.eqxe-notes').textContent)")
     assert state_badges()[1:] == ["updated"] * 2
     assert "inference mode" in w.locator(".eqxe-notes").inner_text()
     shot(page, "state-2-frozen-note")
     # Inference mode from the row menu.
-    w.locator(f"{row('bn')} .eqxe-mode-menu").click()
+    w.locator(f"{row_in('bn')} .eqxe-mode-menu").click()
     w.locator(".eqxe-mode-pop .eqxe-mode-pick[data-on=true]").click()
-    wait_js(page, f"{ROOT}.querySelector('{row('bn')}').dataset.mode === 'eval'")
-    assert w.locator(f"{row('bn')} .eqxe-mode").inner_text() == "eval"
+    wait_js(page, f"{ROOT}.querySelector('{row_in('bn')}').dataset.mode === 'eval'")
+    assert w.locator(f"{row_in('bn')} .eqxe-mode").inner_text() == "eval"
     assert w.locator(".eqxe-mode-pop").count() == 0  # closed once Python accepted
     w.locator(".eqxe-step").click()
     wait_js(
         page,
-        f"{ROOT}.querySelector('{row(STATE_PATHS[1])} .eqxe-badge').dataset.status === 'unchanged'",
+        f"{ROOT}.querySelector('{row_in(STATE_PATHS[1])} .eqxe-badge').dataset.status"
+        " === 'unchanged'",
     )
     assert state_badges() == ["unchanged"] * 3
-    w.locator(f"{row(STATE_PATHS[1])} .eqxe-name").click()
+    w.locator(f"{row_in(STATE_PATHS[1])} .eqxe-name").click()
     wait_js(
         page,
         f"{ROOT}.querySelector('.eqxe-detail .eqxe-title')?.textContent === '{STATE_PATHS[1]}'",
