@@ -13,6 +13,7 @@ fails on the proxy and is traced over the whole model instead; one given a label
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -37,7 +38,9 @@ def _state_bytes(optimizer: Any, params: Any) -> int:
     return _nbytes(jax.eval_shape(optimizer.init, params))
 
 
-def optimizer_slots(model: Any, optimizer: Any = None, leaves: list | None = None) -> float:
+def optimizer_slots(
+    model: Any, optimizer: Any = None, leaves: Sequence[Any] | None = None
+) -> float:
     """Optimizer-state bytes per float-parameter byte of `optimizer` on `model`.
 
     Nothing is allocated (`jax.eval_shape`); `None` is the runner's default Adam,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -1020,7 +1021,7 @@ class FilterSpec:
             if on and not tree.leaves[i]
         )
 
-    def _check_inference_leaves(self, leaves: list) -> None:
+    def _check_inference_leaves(self, leaves: Sequence[Any]) -> None:
         tree = self._model_tree
         for i in self._inference:
             if not isinstance(leaves[i], bool):

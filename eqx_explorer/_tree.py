@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import sys
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
 
 import equinox as eqx
@@ -151,7 +153,7 @@ class _Marker:
         self.leaf = leaf
 
 
-def _depends_on(get: Any, pytree: Any, leaves: list, groups: int | None) -> list[set[int]]:
+def _depends_on(get: Any, pytree: Any, leaves: Sequence[Any], groups: int | None) -> list[set[int]]:
     """For each value `get(pytree)` returns (`groups` of them, or one if None), the positions
     in `leaves` (the leaves of `pytree`) of the arrays it is computed from.
 
@@ -334,10 +336,10 @@ class ModelTree:
         self._cum_inexact = np.concatenate([[0], np.cumsum(self.inexact)])
         self._cum_params = np.concatenate([[0], np.cumsum(np.where(self.inexact, self.size, 0))])
         # Leaf index of each tied place -> its Tie, in leaf order.
-        self.ties: dict[int, Tie] = dict(
-            sorted(tie for node in shared for tie in _shared_ties(self, node))
+        self.ties: Mapping[int, Tie] = MappingProxyType(
+            dict(sorted(tie for node in shared for tie in _shared_ties(self, node)))
         )
-        # Specs, runners and widgets share one tree: its tables are read-only.
+        # Specs, runners and widgets share one tree: its arrays are read-only.
         for table in (self.lo, self.hi, self.leaf_node, self.is_array, self.inexact, self.size):
             table.setflags(write=False)
         for table in (self.nbytes, self._cum_inexact, self._cum_params):
