@@ -48,6 +48,7 @@ in the caller's thread. One lock orders the widget's own updates between the two
 from __future__ import annotations
 
 import math
+import numbers
 import pathlib
 import textwrap
 import threading
@@ -490,6 +491,20 @@ class Explorer(anywidget.AnyWidget):
     def _valid_method(self, proposal):
         _check_method(proposal["value"])
         return proposal["value"]
+
+    @t.validate("losses")
+    def _valid_losses(self, proposal):
+        # The page draws these as a curve: anything else would break the chart.
+        values = proposal["value"]
+        for x in values:
+            if x is not None and not (
+                isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+            ):
+                raise ExplorerError(
+                    f"losses must be finite numbers (None for a non-finite loss), got "
+                    f"{short_repr(x)}; set w.losses = [] to clear the curve"
+                )
+        return [None if x is None else float(x) for x in values]
 
     @t.observe("code_style")
     def _style_changed(self, change):

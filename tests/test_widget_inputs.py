@@ -195,3 +195,12 @@ def test_no_message_from_the_page_is_an_internal_error(widget, kind, fields):
     widget._handle_message({"type": kind, **fields})
     assert not widget.error.startswith("internal error"), widget.error
     assert len(widget.error) < 500
+
+
+@pytest.mark.parametrize("bad", [["a"], [float("nan")], [True], [[1.0]]])
+def test_losses_trait_takes_finite_numbers_only(bad):
+    w = Explorer(eqx.nn.MLP(2, 1, 3, 1, key=jax.random.key(0)))
+    with pytest.raises(ExplorerError, match="losses must be finite numbers"):
+        w.losses = bad
+    w.losses = [1, 0.5, None]
+    assert w.losses == [1.0, 0.5, None]
