@@ -22,7 +22,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from tests.helpers import NOTEBOOKS, ROOT, record_time, run_notebook
+from tests.notebook_helpers import NOTEBOOKS, ROOT, record_time, run_notebook
 
 BINDER = ROOT / "binder"
 IN_CI = bool(os.environ.get("CI"))

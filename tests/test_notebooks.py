@@ -28,7 +28,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tests.helpers import (
+from tests.notebook_helpers import (
     CELL_TIMEOUT_S,
     NOTEBOOK_DIR,
     NOTEBOOKS,
