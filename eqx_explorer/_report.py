@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from typing import Any, Final, Literal, get_args
 
 from ._errors import ExplorerError
@@ -150,7 +151,7 @@ class StepReport:
         """
         return self.error is None and not any(leaf.status in BAD_STATUSES for leaf in self.leaves)
 
-    def by_status(self, status: str) -> list[str]:
+    def by_status(self, status: Status) -> list[str]:
         """The paths of the leaves with `status`.
 
         **Arguments:**
@@ -251,7 +252,7 @@ class StepReport:
             "stopped": self.stopped,
         }
 
-    def table(self, only: Any = None) -> str:
+    def table(self, only: Status | Collection[Status] | None = None) -> str:
         """A readable table, parameters then state.
 
         **Arguments:**

@@ -108,6 +108,8 @@ CHUNK_SECONDS = 0.25  # a chunk's wall time when someone watches (`progress`)
 QUIET_CHUNK_SECONDS = 2.0  # without `progress`: fewer audits, `stop()` still answers
 SPECIALISE_AFTER = 16  # steps on one (spec, method) before a specialised program pays
 
+Phase = Literal["compiling", "running"]
+
 
 class StepProgress(NamedTuple):
     """What a running `StepRunner.step` reports to its `progress` callback.
@@ -121,7 +123,7 @@ class StepProgress(NamedTuple):
     '2/10'
     """
 
-    phase: str
+    phase: Phase
     done: int
     total: int
     loss: float | None
@@ -1348,7 +1350,7 @@ class StepRunner:
         begin = self._arrays_of(layout)
         compiles, t0 = self._counter[0], time.perf_counter()
 
-        def tell(phase: str, done: int, loss: float | None) -> None:
+        def tell(phase: Phase, done: int, loss: float | None) -> None:
             if progress is not None:
                 progress(StepProgress(phase, done, n, loss, time.perf_counter() - t0))
 
