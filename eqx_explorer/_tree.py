@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import sys
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -16,6 +17,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from equinox.nn._shared import SharedNode  # not exported; what `Shared` leaves in place
@@ -84,9 +86,21 @@ class Tie(NamedTuple):
     sources: tuple[int, ...] | None  # leaf indices `get` reads; None if it could not be traced
 
 
+@functools.lru_cache(maxsize=4096)
+def _summary_of(dtype: Any, shape: tuple) -> str:
+    return f"{np.dtype(dtype).name}{list(shape)}"
+
+
 def array_summary(x: Any) -> str:
     """An array's dtype and shape as a row shows them: `float32[4, 3]`."""
-    return f"{np.dtype(x.dtype).name}{list(np.shape(x))}"
+    # Cached by (dtype, shape): a model repeats a few of them over thousands of leaves.
+    return _summary_of(x.dtype, tuple(np.shape(x)))
+
+
+@functools.lru_cache(maxsize=256)
+def _dtype_facts(dtype: Any) -> tuple[bool, int]:
+    """Whether arrays of `dtype` can train (float/complex), and its item size."""
+    return bool(jnp.issubdtype(dtype, jnp.inexact)), np.dtype(dtype).itemsize
 
 
 def _short_repr(x: Any, limit: int = 40) -> str:
@@ -318,20 +332,16 @@ class ModelTree:
 
         nl = len(leaves)
         self.is_array = np.fromiter((eqx.is_array(x) for x in leaves), bool, nl)
-        self.inexact = np.fromiter((eqx.is_inexact_array(x) for x in leaves), bool, nl)
-        self.size = np.fromiter(
-            (int(np.prod(np.shape(x))) if a else 0 for x, a in zip(leaves, self.is_array)),
-            np.int64,
-            nl,
-        )
-        self.nbytes = np.fromiter(
-            (
-                int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize if a else 0
-                for x, a in zip(leaves, self.is_array)
-            ),
-            np.int64,
-            nl,
-        )
+        # One pass over the arrays, dtype facts looked up once per dtype (as
+        # `eqx.is_inexact_array` decides, without its checks on every leaf).
+        facts = [(x, *_dtype_facts(x.dtype)) for x, a in zip(leaves, self.is_array) if a]
+        at = np.flatnonzero(self.is_array)
+        self.inexact = np.zeros(nl, bool)
+        self.size = np.zeros(nl, np.int64)
+        self.nbytes = np.zeros(nl, np.int64)
+        self.inexact[at] = [f for _, f, _ in facts]
+        self.size[at] = [np.size(x) for x, _, _ in facts]
+        self.nbytes[at] = self.size[at] * np.asarray([b for _, _, b in facts], np.int64)
         # Prefix sums over leaves: sub-tree totals in O(1).
         self._cum_inexact = np.concatenate([[0], np.cumsum(self.inexact)])
         self._cum_params = np.concatenate([[0], np.cumsum(np.where(self.inexact, self.size, 0))])
