@@ -215,7 +215,7 @@ def audit_step(
             f"audit_step(step_fn, model, ...) takes your step function first, got "
             f"{type(step_fn).__name__}; e.g. audit_step(train_step, model, opt_state, batch)"
         )
-    checked = check_spec(spec, model, "audit_step")
+    checked = check_spec(spec, model, "audit_step(step_fn, model, ..., spec=)")
     tree = checked.model_tree
     trainable = checked.mask
     try:

@@ -1253,15 +1253,15 @@ class FilterSpec:
         return spec
 
 
-def check_spec(spec: FilterSpec | None, model: Any, where: str) -> FilterSpec:
-    """`spec` over `model` itself (the default spec if `None`); raises on a wrong type or
-    structure."""
+def check_spec(spec: Any, model: Any, where: str) -> FilterSpec:
+    """`spec` over `model` itself (the default spec if `None`), for the entry point `where`
+    (e.g. `"summary(model, spec)"`); raises on a wrong type or structure."""
     if spec is None:
         return FilterSpec(model)
     if not isinstance(spec, FilterSpec):
         raise ExplorerError(
-            f"{where}: `spec` must be an eqx_explorer.FilterSpec, got {type(spec).__name__}; "
-            "build one with FilterSpec(model).freeze(...)"
+            f"{where} takes a FilterSpec (or None), got {type(spec).__name__} "
+            f"{short_repr(spec, 40)}; build one with FilterSpec(model).freeze(...)"
         )
     try:
         return spec.for_model(model)

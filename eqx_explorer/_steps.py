@@ -800,7 +800,7 @@ class StepRunner:
         layout: Layout = MASKED,
         specialise: bool = True,
     ) -> None:
-        spec = check_spec(spec, model, "StepRunner")
+        spec = check_spec(spec, model, "StepRunner(model, spec, ...)")
         tree = spec.model_tree
         check_method(method)
         self._kind = check_layout(layout)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._errors import ExplorerError, short_repr
-from ._spec import FilterSpec
+from ._spec import FilterSpec, check_spec
 from ._tree import CONTAINER_KINDS, MIXED
 
 __all__ = ["summary", "counts_line"]
@@ -110,15 +110,7 @@ def summary(model: Any, spec: FilterSpec | None = None, *, max_rows: int = 80) -
             f"summary(max_rows=) takes a positive int, got {short_repr(max_rows, 40)}; "
             "e.g. max_rows=80"
         )
-    if spec is None:
-        spec = FilterSpec(model)
-    elif isinstance(spec, FilterSpec):
-        spec = spec.for_model(model)
-    else:
-        raise ExplorerError(
-            f"summary(model, spec) takes a FilterSpec (or None), got {type(spec).__name__} "
-            f"{short_repr(spec, 40)}; e.g. summary(model, FilterSpec(model).freeze('encoder'))"
-        )
+    spec = check_spec(spec, model, "summary(model, spec)")
     tree = spec.model_tree
     rows, hidden = _rows(spec, max_rows)
     sharded = any(tree.sharding(i) for i in rows)
