@@ -28,6 +28,7 @@ import ast
 import inspect
 import keyword
 import math
+import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
@@ -281,6 +282,19 @@ def _flat(x: Any) -> str:
     return f"{x.open}{inner}{comma}{x.close}"
 
 
+def _width(text: str) -> int:
+    """`text`'s width in columns as ruff measures a line: wide (CJK) characters take two,
+    combining marks and format characters none."""
+    return sum(
+        0
+        if unicodedata.category(c) in ("Mn", "Me", "Cf")
+        else 2
+        if unicodedata.east_asian_width(c) in "WF"
+        else 1
+        for c in text
+    )
+
+
 def _layout(x: Any, indent: str, lead: str = "", tail: str = "") -> list[str]:
     """Lines of `lead + x + tail` as `ruff format` leaves them.
 
@@ -290,7 +304,7 @@ def _layout(x: Any, indent: str, lead: str = "", tail: str = "") -> list[str]:
     if isinstance(x, _Arg):
         return _layout(x.value, indent, lead + x.lead, tail)
     flat = _flat(x)
-    if isinstance(x, str) or len(indent) + len(lead) + len(flat) + len(tail) <= _WIDTH:
+    if isinstance(x, str) or _width(indent + lead + flat + tail) <= _WIDTH:
         return [f"{indent}{lead}{flat}{tail}"]
     lines = [f"{indent}{lead}{x.open}"]
     for item in x.items:
