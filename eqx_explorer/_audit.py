@@ -27,7 +27,6 @@ from ._report import (
     LEAKED,
     LOST,
     STALLED,
-    STATUSES,  # noqa: F401  TEMPORARY: _widget.py imports it from here
     UPDATED,
     LeafReport,
     Status,

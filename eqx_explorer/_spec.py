@@ -1267,6 +1267,3 @@ def check_spec(spec: Any, model: Any, where: str) -> FilterSpec:
         return spec.for_model(model)
     except ExplorerError as e:
         raise ExplorerError(f"{where}: {e}") from None
-
-
-_inference_leaves = inference_leaves  # TEMPORARY: _widget.py imports this name

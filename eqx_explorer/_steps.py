@@ -248,7 +248,7 @@ def _make_program(on_trace: Callable[[], None]) -> tuple[Callable, Callable]:
     dispatches it `n` times back to back). The masks (`_method_masks`) are data, one uint8
     code per leaf, and so are the learning-rate factors (one float32 per leaf, the update's
     multiplier), unless `st` bakes them in; then the leaves the masks keep unchanged are
-    `None` outputs (the caller keeps its arrays) and the gradients come back reduced.
+    `None` outputs (the caller keeps its arrays).
     """
 
     def program(
@@ -368,13 +368,10 @@ def _make_program(on_trace: Callable[[], None]) -> tuple[Callable, Callable]:
             p_out = [x if m[_TOUCH][j] else None for j, x in enumerate(new)]
             o_out = [y if c < 0 or m[_SLOT][c] else None for y, c in zip(o_out, cols)]
         s_out = _split(jtu.tree_leaves(new_state))[0] if st.state is not None else []
-        if st.masks is not None:
-            # Reduced here: returning the gradients of every step (to audit the last) would
-            # allocate them anew each step, 6% of a step on a 4M-parameter MLP.
-            g_out: Any = _grad_rows([g[j] for j in sorted(seen)])
-        else:  # returned, not reduced: hundreds of small reductions would make the masked
-            # program take a third longer to compile; the audit reduces the last ones
-            g_out = [x if j in seen else None for j, x in enumerate(g)]
+        # The gradients are returned, not reduced here: reductions (and the finite check's
+        # cond) made the first answer's program compile 1.6x as long as a hand-written
+        # step; the audit reduces the last step's.
+        g_out = [x if j in seen else None for j, x in enumerate(g)]
         return p_out, o_out, s_out, loss, g_out
 
     def donating(
@@ -391,10 +388,13 @@ def _make_program(on_trace: Callable[[], None]) -> tuple[Callable, Callable]:
         # A baked program whose written arrays are donated: XLA writes the new ones in
         # place instead of allocating them (a fifth of a step on a 4M-parameter MLP). Only
         # what the step writes is given; what it keeps unchanged stays the caller's.
+        # An inner step of a chunk is never audited: its gradients are no output, so it
+        # allocates none.
         assert st.masks is not None  # only baked programs donate
         params = _merge(p_give, p_keep, st.masks[_TOUCH])
         opt = _merge(o_give, o_keep, _slots_written(st))
-        return program(params, rest, opt, state, batch, None, None, st=st)
+        p_out, o_out, s_out, loss, _ = program(params, rest, opt, state, batch, None, None, st=st)
+        return p_out, o_out, s_out, loss, None
 
     return (
         jax.jit(program, static_argnames="st"),
@@ -1499,17 +1499,13 @@ class StepRunner:
         if self._stateful:
             state_tree = jtu.tree_unflatten(st.state[0], _join(state, st.state[1]))
         # Leaves a baked program never writes are the very same arrays: nothing to compare;
-        # gradients it never uses are zero: nothing to reduce.
-        if baked is not None:  # the program reduced the gradients it used
-            index = np.flatnonzero(layout.masks[_TOUCH])
-            seen = np.flatnonzero(layout.masks[_GRAD] | layout.masks[_SEEN]).tolist()
-            reduced, grads = grads, []
-        else:
-            index, reduced = None, None
-            seen = [j for j, g in enumerate(grads) if g is not None]
-            grads = [grads[j] for j in seen]
+        # gradients it never uses are zero: nothing to reduce. (The last step is never an
+        # in-place one: `grads` are its gradients.)
+        index = np.flatnonzero(layout.masks[_TOUCH]) if baked is not None else None
+        seen = [j for j, g in enumerate(grads) if g is not None]
+        grads = [grads[j] for j in seen]
         try:  # the one wait of the chunk
-            audit, grad_rows, state_audit = self._auditor(index, seen if baked is None else [])(
+            audit, grad_rows, state_audit = self._auditor(index, seen)(
                 _subset(begin[0], index),
                 _subset(before, index),
                 _subset(p_leaves, index),
@@ -1519,7 +1515,7 @@ class StepRunner:
                 np.bool_(first and n == 1),
             )
             losses, audit, grad_rows, state_audit = jax.device_get(
-                (losses, audit, grad_rows if reduced is None else reduced, state_audit)
+                (losses, audit, grad_rows, state_audit)
             )
         except Exception as e:
             raise _Ran() from e
@@ -1891,6 +1887,3 @@ class _Traced(Exception):
 
 class _Ran(Exception):
     """Running the program failed (e.g. `eqx.error_if`); `__cause__` says why."""
-
-
-_check_method, _check_layout = check_method, check_layout  # TEMPORARY: _widget.py imports these

@@ -61,22 +61,22 @@ import jax.tree_util as jtu
 import numpy as np
 import traitlets as t
 
-from ._audit import STATUSES
 from ._constraints import RULE_NAMES
 from ._errors import ExplorerError, short_repr
+from ._report import STATUSES, json_float
 from ._slots import optimizer_slots
-from ._spec import STATES, FilterSpec, _inference_leaves
+from ._spec import FilterSpec, inference_leaves
 from ._state import state_entries
 from ._steps import (
     DEFAULT_SLOTS,
     METHODS,
     STATE_ON_TRAINABLE,
     STRUCTURAL,
-    _check_layout,
-    _check_method,
+    check_layout,
+    check_method,
     opt_state_bytes,
 )
-from ._tree import array_summary
+from ._tree import STATES, array_summary
 
 __all__ = ["Explorer"]
 
@@ -120,13 +120,6 @@ _MESSAGES: dict[str, dict[str, Any]] = {
     "reset": {},
     "dismiss": {},
 }
-
-
-def _finite_or_none(x: Any) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def _node_table(tree, entries: list, state_leaves: list, modes: list[int]) -> dict:
@@ -290,7 +283,7 @@ class Explorer(anywidget.AnyWidget):
             spec = spec.for_model(model)
         self._styles = tuple(STYLES)
         self._check_style(code_style)
-        _check_method(method)
+        check_method(method)
         # Checked here, not at the first Step: the constructor measures the optimizer.
         if optimizer is not None and not (
             hasattr(optimizer, "init") and hasattr(optimizer, "update")
@@ -310,7 +303,7 @@ class Explorer(anywidget.AnyWidget):
         self._batch = batch
         self._optimizer = optimizer
         self._state = state
-        self._layout = _check_layout(layout)
+        self._layout = check_layout(layout)
         self._runner = None
         self._runner_spec: FilterSpec | None = None
         self._runner_method: str | None = None
@@ -330,7 +323,7 @@ class Explorer(anywidget.AnyWidget):
         # Modules with a bool `inference` field: module node -> the field's node.
         self._mode_fields = {
             tree.parent[tree.leaf_node[i]]: int(tree.leaf_node[i])
-            for i in np.flatnonzero(_inference_leaves(tree))
+            for i in np.flatnonzero(inference_leaves(tree))
         }
         nl = tree.num_leaves + len(entries)  # model leaves, then state arrays
         self._status = np.full(nl, NO_STATUS, np.uint8)
@@ -489,7 +482,7 @@ class Explorer(anywidget.AnyWidget):
 
     @t.validate("method")
     def _valid_method(self, proposal):
-        _check_method(proposal["value"])
+        check_method(proposal["value"])
         return proposal["value"]
 
     @t.validate("losses")
@@ -545,7 +538,7 @@ class Explorer(anywidget.AnyWidget):
         out = {}
         for path, rule in spec.constraints.items():
             bounds = (rule.lo, rule.hi) if rule.name == "interval" else ()
-            row = [rule.name, rule.label, *map(_finite_or_none, bounds)]
+            row = [rule.name, rule.label, *map(json_float, bounds)]
             out[str(self._tree.find(path))] = row
         return out
 
@@ -633,7 +626,7 @@ class Explorer(anywidget.AnyWidget):
                 "phase": progress.phase,
                 "done": progress.done,
                 "total": progress.total,
-                "loss": _finite_or_none(progress.loss),
+                "loss": json_float(progress.loss),
             }
 
     def _ready_runner(self):
@@ -677,7 +670,7 @@ class Explorer(anywidget.AnyWidget):
                 self._leaf_details[str(i)] = leaf.detail
         self._report = report
         with self.hold_sync():
-            self.losses = self.losses + [_finite_or_none(x) for x in report.loss]
+            self.losses = self.losses + [json_float(x) for x in report.loss]
             self.error = report.error or ""
             self._refresh_detail()
             self._stale = self._is_stale()
@@ -751,7 +744,7 @@ class Explorer(anywidget.AnyWidget):
         """`detail` plus the last step's status and norms at `slot`, values and change."""
         if self._status[slot] != NO_STATUS:
             detail["status"] = STATUSES[self._status[slot]]
-            detail["norms"] = [_finite_or_none(v) for v in self._norms[:, slot]]
+            detail["norms"] = [json_float(v) for v in self._norms[:, slot]]
             detail["note"] = self._leaf_details.get(str(slot), "")
         detail["value_html"] = self._render(value)
         if old is not None and getattr(old, "shape", None) == getattr(value, "shape", None):
