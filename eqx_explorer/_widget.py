@@ -47,20 +47,24 @@ in the caller's thread. One lock orders the widget's own updates between the two
 
 from __future__ import annotations
 
+import html
 import math
 import numbers
 import pathlib
 import textwrap
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import anywidget
 import equinox as eqx
+import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 import traitlets as t
 
+from ._codegen import STYLES, Style, to_code
 from ._constraints import RULE_NAMES
 from ._errors import ExplorerError, short_repr
 from ._report import STATUSES, json_float
@@ -72,11 +76,15 @@ from ._steps import (
     METHODS,
     STATE_ON_TRAINABLE,
     STRUCTURAL,
+    Layout,
+    Method,
+    StepRunner,
     check_layout,
     check_method,
     opt_state_bytes,
 )
-from ._tree import STATES, array_summary
+from ._summary import summary
+from ._tree import STATES, ModelTree, array_summary
 
 __all__ = ["Explorer"]
 
@@ -122,7 +130,7 @@ _MESSAGES: dict[str, dict[str, Any]] = {
 }
 
 
-def _node_table(tree, entries: list, state_leaves: list, modes: list[int]) -> dict:
+def _node_table(tree: ModelTree, entries: list, state_leaves: list, modes: list[int]) -> dict:
     """The columns the browser needs to draw every row, as compact JSON lists.
 
     Model nodes keep their `ModelTree` index. With a state (`entries` from `state_entries`),
@@ -139,7 +147,7 @@ def _node_table(tree, entries: list, state_leaves: list, modes: list[int]) -> di
     kind_code = {k: j for j, k in enumerate(KINDS)}
     leafish = ("array", "leaf", "none")
     summary_ids: dict[str, int] = {"": 0}
-    summary = [
+    texts = [
         summary_ids.setdefault(tree.summary(i), len(summary_ids)) if kinds[i] in leafish else 0
         for i in range(n)
     ]
@@ -172,7 +180,7 @@ def _node_table(tree, entries: list, state_leaves: list, modes: list[int]) -> di
         "kind": [kind_code[k] for k in kinds],
         "cls": cls,
         "classes": list(class_ids),
-        "summary": summary,
+        "summary": texts,
         "summaries": list(summary_ids),
         "params": params,
         "sharding": sharding,
@@ -189,10 +197,8 @@ def _export(spec: FilterSpec, style: str) -> str:
     A spec is always valid; only some export styles have limits (a `where` function cannot
     reach every key), so a click is never refused because of the selected style.
     """
-    from ._codegen import to_code
-
     try:
-        return to_code(spec, style)
+        return to_code(spec, cast(Style, style))  # checked when the trait was set
     except ExplorerError as e:
         lines = textwrap.wrap(f"Cannot export this spec in style {style!r}: {e}", 96)
         return "\n".join("# " + line for line in lines) + "\n"
@@ -207,13 +213,12 @@ def _factor_bytes(spec: FilterSpec) -> bytes:
 
 
 def _render_array_html(x: Any, *, around_zero: bool | str = "auto") -> str:
-    import jax
-    import treescope
+    import treescope  # its array renderer loads on the first array shown
 
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     figure = treescope.render_array(np.asarray(x), around_zero=around_zero, truncate=True)
-    return figure._repr_html_()
+    return str(figure._repr_html_())
 
 
 class Explorer(anywidget.AnyWidget):
@@ -245,7 +250,7 @@ class Explorer(anywidget.AnyWidget):
     code_style = t.Unicode("tree_at").tag(sync=True)
     method = t.Unicode("partition").tag(sync=True)
     error = t.Unicode("").tag(sync=True)
-    losses = t.List().tag(sync=True)
+    losses: t.List[float | None] = t.List().tag(sync=True)
     detail = t.Dict().tag(sync=True)
     _constraints = t.Dict().tag(sync=True)
     _modes = t.Dict().tag(sync=True)
@@ -266,12 +271,10 @@ class Explorer(anywidget.AnyWidget):
         spec: FilterSpec | None = None,
         state: Any = None,
         *,
-        code_style: str = "tree_at",
-        method: str = "partition",
-        layout: str = "masked",
+        code_style: Style = "tree_at",
+        method: Method = "partition",
+        layout: Layout = "masked",
     ):
-        from ._codegen import STYLES
-
         if spec is None:
             spec = FilterSpec(model)
         elif not isinstance(spec, FilterSpec):
@@ -304,7 +307,7 @@ class Explorer(anywidget.AnyWidget):
         self._optimizer = optimizer
         self._state = state
         self._layout = check_layout(layout)
-        self._runner = None
+        self._runner: StepRunner | None = None
         self._runner_spec: FilterSpec | None = None
         self._runner_method: str | None = None
         self._report = None
@@ -446,7 +449,7 @@ class Explorer(anywidget.AnyWidget):
         """End the steps started from the page after their current chunk, as Stop does; the
         report covers the steps that ran. Does nothing when no steps run."""
         with self._lock:
-            if self.progress and not self.progress.get("stopping"):
+            if self.progress and not self.progress.get("stopping") and self._runner:
                 self._runner.stop()
                 self.progress = {**self.progress, "stopping": True}
 
@@ -470,23 +473,21 @@ class Explorer(anywidget.AnyWidget):
                     self.set_trait(name, value)
 
     def __repr__(self) -> str:
-        from ._summary import summary
-
         return summary(self._spec.model, self._spec)
 
     # -- traits set from Python -----------------------------------------------
     @t.validate("code_style")
-    def _valid_style(self, proposal):
+    def _valid_style(self, proposal: Any) -> Any:
         self._check_style(proposal["value"])
         return proposal["value"]
 
     @t.validate("method")
-    def _valid_method(self, proposal):
+    def _valid_method(self, proposal: Any) -> Any:
         check_method(proposal["value"])
         return proposal["value"]
 
     @t.validate("losses")
-    def _valid_losses(self, proposal):
+    def _valid_losses(self, proposal: Any) -> list[float | None]:
         # The page draws these as a curve: anything else would break the chart.
         values = proposal["value"]
         for x in values:
@@ -500,11 +501,11 @@ class Explorer(anywidget.AnyWidget):
         return [None if x is None else float(x) for x in values]
 
     @t.observe("code_style")
-    def _style_changed(self, change):
+    def _style_changed(self, change: Any) -> None:
         self.code = _export(self._spec, change["new"])
 
     @t.observe("method")
-    def _method_changed(self, change):
+    def _method_changed(self, change: Any) -> None:
         with self.hold_sync():
             self.counts = self._counts(change["new"])
             self._stale = self._is_stale()
@@ -619,7 +620,7 @@ class Explorer(anywidget.AnyWidget):
     def _on_progress(self, progress: Any) -> None:
         """The runner's `StepProgress`, called from the thread that runs the steps."""
         with self._lock:
-            if self.progress["stopping"]:  # Stop came before the runner started: ask again
+            if self.progress["stopping"] and self._runner:  # Stop came before it started
                 self._runner.stop()
             self.progress = {
                 **self.progress,
@@ -629,27 +630,25 @@ class Explorer(anywidget.AnyWidget):
                 "loss": json_float(progress.loss),
             }
 
-    def _ready_runner(self):
+    def _ready_runner(self) -> StepRunner:
         if self._loss_fn is None:
             raise ExplorerError(
                 "no loss function: create the widget with Explorer(model, loss_fn=..., "
                 "batch=...) to run steps"
             )
         if self._runner is None:
-            from ._steps import StepRunner
-
             self._runner = StepRunner(
                 self._model,
                 self._spec,
                 self._loss_fn,
                 self._batch,
                 optimizer=self._optimizer,
-                method=self.method,
+                method=cast(Method, self.method),  # checked when the trait was set
                 state=self._state,
                 layout=self._layout,
             )
         elif self._runner_spec is not self._spec or self._runner_method != self.method:
-            self._runner.set_spec(self._spec, method=self.method)
+            self._runner.set_spec(self._spec, method=cast(Method, self.method))
         self._runner_spec, self._runner_method = self._spec, self.method
         return self._runner
 
@@ -679,7 +678,7 @@ class Explorer(anywidget.AnyWidget):
 
     def _report_traits(self) -> dict:
         """The traits that show the last report: statuses and norms as bytes, and its notes."""
-        notes = list(self._report.notes) if self._report is not None else []
+        notes: list[str] = list(self._report.notes) if self._report is not None else []
         return {
             "_leaf_status": self._status.tobytes(),
             "_leaf_norms": self._norms.astype("<f4").tobytes(),
@@ -757,8 +756,6 @@ class Explorer(anywidget.AnyWidget):
         try:
             return _render_array_html(x, around_zero=around_zero)
         except Exception as e:  # treescope has no adapter for some dtypes; show why instead
-            import html
-
             return f"<pre>treescope cannot render this array ({html.escape(str(e))})</pre>"
 
     # -- messages from the browser ------------------------------------------------------

@@ -793,9 +793,9 @@ def run_until(w, n, done):
 
 @pytest.fixture
 def gated(small, monkeypatch):
-    import eqx_explorer._steps as steps
+    import eqx_explorer._widget as widget
 
-    monkeypatch.setattr(steps, "StepRunner", GatedRunner)
+    monkeypatch.setattr(widget, "StepRunner", GatedRunner)  # the runner the widget builds
     w = Explorer(small, loss_fn=small_loss, batch=SMALL_BATCH, layout="structural")
     yield w
     if w._worker is not None:  # never leave a thread behind
