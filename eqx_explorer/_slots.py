@@ -39,13 +39,17 @@ def _state_bytes(optimizer: Any, params: Any) -> int:
 
 
 def optimizer_slots(
-    model: Any, optimizer: Any = None, leaves: Sequence[Any] | None = None
+    model: Any,
+    optimizer: Any = None,
+    leaves: Sequence[Any] | None = None,
+    inexact: Sequence[bool] | np.ndarray | None = None,
 ) -> float:
     """Optimizer-state bytes per float-parameter byte of `optimizer` on `model`.
 
     Nothing is allocated (`jax.eval_shape`); `None` is the runner's default Adam,
     `DEFAULT_SLOTS`. `leaves` are the model's leaves when the caller has them already
-    (`ModelTree.leaves`): flattening a big model costs more than the measurement.
+    (`ModelTree.leaves`): flattening a big model costs more than the measurement; `inexact`
+    (`ModelTree.inexact`) says which of them are float arrays, for the same reason.
 
     >>> import optax
     >>> from eqx_explorer._examples import example_model
@@ -56,7 +60,9 @@ def optimizer_slots(
         return DEFAULT_SLOTS
     if leaves is None:
         leaves = jtu.tree_leaves(model)
-    kinds = Counter((x.shape, x.dtype) for x in leaves if eqx.is_inexact_array(x))
+    if inexact is None:
+        inexact = [eqx.is_inexact_array(x) for x in leaves]
+    kinds = Counter((x.shape, x.dtype) for x, f in zip(leaves, inexact) if f)
     total = sum(n * _nbytes(jax.ShapeDtypeStruct(*kind)) for kind, n in kinds.items())
     if not total:
         return 0.0

@@ -317,7 +317,7 @@ class Explorer(anywidget.AnyWidget):
         self._lock = threading.RLock()
         self._worker: threading.Thread | None = None
         tree = self._tree
-        self._slots = optimizer_slots(model, optimizer, tree.leaves)
+        self._slots = optimizer_slots(model, optimizer, tree.leaves, tree.inexact)
         self._spec = spec
         self._codes = spec.state_codes()
         entries = state_entries(model, state) if state is not None else []
