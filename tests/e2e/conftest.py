@@ -57,6 +57,16 @@ def pytest_runtest_makereport(item, call):
         item.eqxe_failed = excinfo is not None and not excinfo.errisinstance(pytest.skip.Exception)
 
 
+def stop_process(proc: subprocess.Popen) -> None:
+    """Terminate a server process; kill it if it does not exit within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -146,12 +156,7 @@ def lab_server(base: Path, copy_tour: bool = True):
             time.sleep(0.25)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,16 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect
 
-from .conftest import ACTION_MS, ARTIFACTS, ROOT, SERVER_START_S, _free_port, row, shot
+from .conftest import (
+    ACTION_MS,
+    ARTIFACTS,
+    ROOT,
+    SERVER_START_S,
+    _free_port,
+    row,
+    shot,
+    stop_process,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -51,12 +60,7 @@ def marimo_url(tmp_path_factory):
         _wait_for_health(proc, url, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "marimo-server.log").write_bytes(log.read_bytes())
 
