@@ -159,7 +159,11 @@ def inference_leaves(tree: ModelTree) -> np.ndarray:
     return flags
 
 
-def _factor(value: Any, where: str, name: str, upper: float) -> float:
+_FACTOR_HINT = "0 freezes, 1 is the full learning rate, e.g. 0.1 trains at a tenth of it"
+_DECAY_HINT = "each layer trains at `decay` times the rate of the one above it, e.g. 0.8"
+
+
+def _factor(value: Any, where: str, name: str, upper: float, hint: str = _FACTOR_HINT) -> float:
     """`value` as a float in [0, upper], else an ExplorerError naming `where` it was passed."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ExplorerError(
@@ -169,10 +173,7 @@ def _factor(value: Any, where: str, name: str, upper: float) -> float:
     number = float(value)
     if not (math.isfinite(number) and 0 <= number <= upper):
         bounds = "a finite number >= 0" if math.isinf(upper) else f"a number in [0, {upper:g}]"
-        raise ExplorerError(
-            f"{where}: the {name} {number!r} is not {bounds}; 0 freezes, 1 is the full "
-            "learning rate, e.g. 0.1 trains at a tenth of it"
-        )
+        raise ExplorerError(f"{where}: the {name} {number!r} is not {bounds}; {hint}")
     return number
 
 
@@ -604,7 +605,7 @@ class FilterSpec:
         tree = self._model_tree
         node = self._sequence_node(target)
         where = f"layerwise_decay(`{tree.paths[node]}`, decay)"
-        decay = _factor(decay, where, "decay", upper=1.0)
+        decay = _factor(decay, where, "decay", upper=1.0, hint=_DECAY_HINT)
         kids = tree.children[node]
         if decay == 0 or decay ** (len(kids) - 1) == 0:
             raise ExplorerError(
