@@ -270,7 +270,7 @@ def open_and_run_all(page, url: str) -> None:
     page.wait_for_function(ALL_RAN, timeout=RUN_ALL_MS, polling=500)
     errors = page.evaluate(CELL_ERRORS)
     assert not errors, "a cell failed:\n" + "\n\n".join(errors)[-6000:]
-    page.wait_for_selector(".eqxe-root .eqxe-row", timeout=WIDGET_MS)
+    page.wait_for_selector(".eqxe-root .eqxe-row[data-path]", timeout=WIDGET_MS)
     page.locator(".eqxe-root").first.scroll_into_view_if_needed()
 
 

@@ -204,7 +204,7 @@ def test_html_export_shows_the_saved_tree_counts_code_and_badges(
         page.on("pageerror", lambda e: errors.append(str(e)))
         context.route("**/*", handle)
         page.goto(f"{STATIC_ORIGIN}/00_tour.html")
-        page.wait_for_selector(".eqxe-root .eqxe-row", timeout=WIDGET_MS)
+        page.wait_for_selector(".eqxe-root .eqxe-row[data-path]", timeout=WIDGET_MS)
         page.locator(".eqxe-root").first.scroll_into_view_if_needed()
         shot(page, "html-export")
         assert any("embed-amd.js" in u for u in requested), requested
@@ -228,7 +228,7 @@ def test_reopened_saved_notebook_shows_saved_state_before_any_cell_runs(
     # JupyterLab's widget manager reads a notebook's saved widgets once a (fresh) kernel is
     # connected; no cell runs here, so the rows can only come from the notebook's metadata.
     page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=250)
-    page.wait_for_selector(".eqxe-root .eqxe-row", timeout=WIDGET_MS)
+    page.wait_for_selector(".eqxe-root .eqxe-row[data-path]", timeout=WIDGET_MS)
     page.locator(".eqxe-root").first.scroll_into_view_if_needed()
     shot(page, "saved-notebook-reopened")
     assert page.evaluate(KERNEL_EXECUTIONS) == 0

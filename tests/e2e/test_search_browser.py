@@ -156,10 +156,10 @@ def test_search_keyboard_breadcrumb_and_virtual_rows(page, jupyter_server):
     page.keyboard.press("ArrowLeft")  # from a leaf to its parent
     page.keyboard.press("ArrowLeft")  # collapse it
     twisty = f"{DEEP_ROOT}.querySelector('{row('head')} .eqxe-twisty')"
-    wait_js(page, f"{twisty}.getAttribute('aria-expanded') === 'false'", timeout=5_000)
+    wait_js(page, f"{twisty}.getAttribute('aria-expanded') === 'false'")
     assert w.locator(row("head.weight")).count() == 0
     page.keyboard.press("ArrowRight")
-    wait_js(page, f"{twisty}.getAttribute('aria-expanded') === 'true'", timeout=5_000)
+    wait_js(page, f"{twisty}.getAttribute('aria-expanded') === 'true'")
     assert w.locator(row("head.weight")).count() == 1
     shot(page, "search-4-keyboard")
 
@@ -178,7 +178,7 @@ def test_search_keyboard_breadcrumb_and_virtual_rows(page, jupyter_server):
     assert w.locator(row("embed")).get_attribute("data-state") == "trainable"
     shot(page, "search-5-waiting")
     wait_js(page, f"{DEEP_ROOT}.querySelector('{row('embed')}').dataset.state === 'frozen'")
-    wait_js(page, f"{wait}.hidden", timeout=5_000)
+    wait_js(page, f"{wait}.hidden")
 
     # 7. 50,000 leaves fully expanded: the tree scrolls through every row, fewer than 500 exist.
     wide = page.locator(".eqxe-root").nth(1)
