@@ -420,18 +420,6 @@ def _merge(given: list, kept: list, flags: Any) -> list:
     return [next(g) if f else next(k) for f in flags]
 
 
-def _grad_rows(grads: list) -> jax.Array:
-    """Inside a jit: rows `_GRAD_NORM - 4` and `_GRAD_FINITE - 4` of `grads`, shape (2, k)."""
-    gsq = stack([sumsq(g) for g in grads], jnp.float32)
-    # A non-finite sum of squares is a NaN/inf element or an overflow: check which.
-    g_finite = jax.lax.cond(
-        jnp.all(jnp.isfinite(gsq)),
-        lambda: jnp.ones(len(grads), bool),
-        lambda: stack([jnp.all(jnp.isfinite(g)) for g in grads], bool),
-    )
-    return jnp.stack([jnp.sqrt(gsq), g_finite.astype(jnp.float32)]).reshape(2, len(grads))
-
-
 @jax.jit
 def _audit_call(
     begin: list, before: list, end: list, grads: list, state0: list, state: list, first: Any
@@ -463,12 +451,19 @@ def _audit_call(
             [~jnp.any(jnp.isfinite(a) & ~jnp.isfinite(b)) for a, b in zip(begin, end)], bool
         ),
     )
+    gsq = stack([sumsq(g) for g in grads], jnp.float32)
+    # A non-finite sum of squares is a NaN/inf element or an overflow: check which.
+    g_finite = jax.lax.cond(
+        jnp.all(jnp.isfinite(gsq)),
+        lambda: jnp.ones(len(grads), bool),
+        lambda: stack([jnp.all(jnp.isfinite(g)) for g in grads], bool),
+    )
     s_changed, s_d = compare(state0, state)
     return (
         jnp.stack(
             [r.astype(jnp.float32) for r in (changed, jnp.sqrt(d), jnp.sqrt(usq), finite)]
         ).reshape(4, len(end)),
-        _grad_rows(grads),
+        jnp.stack([jnp.sqrt(gsq), g_finite.astype(jnp.float32)]).reshape(2, len(grads)),
         jnp.stack([s_changed.astype(jnp.float32), jnp.sqrt(s_d)]).reshape(2, len(state)),
     )
 
