@@ -50,8 +50,13 @@ background) NumPy computes the same on the host, where CPU arrays already are.
 
 A failure (an exception, a non-scalar or non-finite loss, NaN/inf parameters) keeps the last
 good step: a chunk that saw one is replayed one checked step at a time, with the same
-program. Nothing is mutated in place or donated, so rolling back is keeping references and
-the user's arrays stay valid. Weakly typed leaves
+program, from the chunk's first arrays, which no step overwrites. Once a spec has run
+`SPECIALISE_AFTER` steps, its program also gets a recycling variant (built in the
+background): a step writes its new arrays into the buffers of an earlier step that only the
+runner held (donated to XLA, so nothing is allocated), and a call of one step gets its audit
+from the same program. The user's arrays, and any array read from `model` or `opt_state`,
+are never written into. Between calls the runner keeps one such set of buffers (the
+trainable leaves and their optimizer slots). Weakly typed leaves
 (`jnp.full(shape, 0.05)`) are made strongly typed once, at construction: an optax update
 returns strong types, which would otherwise retrace.
 """
@@ -374,54 +379,58 @@ def _make_program(on_trace: Callable[[], None]) -> tuple[Callable, Callable]:
         g_out = [x if j in seen else None for j, x in enumerate(g)]
         return p_out, o_out, s_out, loss, g_out
 
-    def donating(
-        p_give: list,
-        p_keep: list,
+    def recycled(
+        scratch_p: list,
+        scratch_o: list,
+        params: list,
         rest: list,
-        o_give: list,
-        o_keep: list,
+        opt: list,
         state: list,
         batch: list,
+        audit: Any,
         *,
         st: _Static,
     ) -> tuple:
-        # A baked program whose written arrays are donated: XLA writes the new ones in
-        # place instead of allocating them (a fifth of a step on a 4M-parameter MLP). Only
-        # what the step writes is given; what it keeps unchanged stays the caller's.
-        # An inner step of a chunk is never audited: its gradients are no output, so it
-        # allocates none.
-        assert st.masks is not None  # only baked programs donate
-        params = _merge(p_give, p_keep, st.masks[_TOUCH])
-        opt = _merge(o_give, o_keep, _slots_written(st))
-        p_out, o_out, s_out, loss, _ = program(params, rest, opt, state, batch, None, None, st=st)
-        return p_out, o_out, s_out, loss, None
+        # A baked step that writes its new arrays into `scratch`, arrays of an earlier step
+        # that nothing holds any more, donated: no allocation (a fifth of a step on a
+        # 4M-parameter MLP), and its own inputs stay intact for a rollback. With `audit`
+        # (the step is a whole call) the audit's rows come out of the same program: one
+        # dispatch, and no gradients to return.
+        assert st.masks is not None  # only baked programs recycle
+        del scratch_p, scratch_o  # only their buffers serve: XLA writes the outputs there
+        p_out, o_out, s_out, loss, g = program(params, rest, opt, state, batch, None, None, st=st)
+        touched = [j for j, t in enumerate(st.masks[_TOUCH]) if t]
+        grads = [x for x in g if x is not None]
+        old, new = [params[j] for j in touched], [p_out[j] for j in touched]
+        rows = jax.lax.cond(
+            audit,
+            lambda: _audit_rows(old, old, new, grads, state, s_out, True),
+            lambda: (
+                jnp.zeros((4, len(old)), jnp.float32),
+                jnp.zeros((2, len(grads)), jnp.float32),
+                jnp.zeros((2, len(state)), jnp.float32),
+            ),
+        )
+        return p_out, o_out, s_out, loss, rows
 
     return (
         jax.jit(program, static_argnames="st"),
-        jax.jit(donating, static_argnames="st", donate_argnums=(0, 3)),
+        jax.jit(recycled, static_argnames="st", donate_argnums=(0, 1), keep_unused=True),
     )
 
 
-def _slots_written(st: _Static) -> list[bool]:
-    """Per array of the optimizer state: whether a baked program writes it (shared state,
-    or a slot of a leaf whose slots advance)."""
-    cols = [c for c, x in zip(st.slot_cols, st.opt[1]) if x is None]
-    return [c < 0 or bool(st.masks[_SLOT][c]) for c in cols]  # type: ignore[index]
+def _slots_written(slot_cols: tuple, opt_static: Any, slots: Any) -> list[bool]:
+    """Per array of the optimizer state: whether a program baked with the `_SLOT` mask row
+    `slots` writes it (shared state, e.g. Adam's count, or a slot of a leaf that advances)."""
+    cols = [c for c, x in zip(slot_cols, opt_static) if x is None]
+    return [c < 0 or bool(slots[c]) for c in cols]
 
 
-def _part(arrays: list, given: Any) -> tuple[list, list]:
-    """`arrays` split by the flags `given`: (given, kept)."""
-    return [x for x, g in zip(arrays, given) if g], [x for x, g in zip(arrays, given) if not g]
+def _picked(arrays: list, flags: Any) -> list:
+    return [x for x, f in zip(arrays, flags) if f]
 
 
-def _merge(given: list, kept: list, flags: Any) -> list:
-    """`_part` undone."""
-    g, k = iter(given), iter(kept)
-    return [next(g) if f else next(k) for f in flags]
-
-
-@jax.jit
-def _audit_call(
+def _audit_rows(
     begin: list, before: list, end: list, grads: list, state0: list, state: list, first: Any
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """What a call did to the leaves it optimized, and to the model's state.
@@ -432,7 +441,8 @@ def _audit_call(
     finite flag (no element that was finite at the start is NaN/inf at the end, so a frozen
     leaf that already holds an inf is not blamed). Then `_GRAD_NORM` and `_GRAD_FINITE` of
     `grads` (the last step's), and the state's changed flags and delta norms. A program of its
-    own: compiled once per runner, beside the step, not inside it.
+    own (`_audit_call`), compiled once per runner, beside the step, not inside it; or part of
+    a recycling step's program.
     """
     # A call's first step compares with its own inputs: one comparison serves both rows.
     changed, d, usq = jax.lax.cond(
@@ -466,6 +476,9 @@ def _audit_call(
         jnp.stack([jnp.sqrt(gsq), g_finite.astype(jnp.float32)]).reshape(2, len(grads)),
         jnp.stack([s_changed.astype(jnp.float32), jnp.sqrt(s_d)]).reshape(2, len(state)),
     )
+
+
+_audit_call = jax.jit(_audit_rows)
 
 
 def _host_audit(
@@ -825,10 +838,16 @@ class StepRunner:
         )
         self._counter = [0, 0]  # traces: [foreground, background (specialised)]
         self._local = threading.local()
-        self._program, self._donating = _make_program(self._on_trace)
+        self._program, self._recycled = _make_program(self._on_trace)
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-        # Baked masks -> "compiling" | True: the donating variant of its program is built.
+        # Baked masks -> "compiling" | True: the recycling variant of its program is built.
         self._donors: dict[bytes, Any] = {}
+        # Arrays a recycling step may write into: (masks, optimized leaves it writes, the
+        # optimizer state's), of an earlier step, held by nothing else. What the runner
+        # made and has not handed out: ids of current arrays (reading `model` or
+        # `opt_state` hands them out).
+        self._spare: tuple | None = None
+        self._mine: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._labelled: dict[bytes, Any] = {}  # mask -> optax.partition, reused on revisits
@@ -874,6 +893,7 @@ class StepRunner:
         >>> bool(eqx.tree_equal(runner.model, model))
         False
         """
+        self._mine.clear()  # the caller may keep these arrays: never write into them
         return jtu.tree_unflatten(self._treedef, self._leaves)
 
     @property
@@ -901,6 +921,7 @@ class StepRunner:
         >>> type(runner.opt_state)
         <class 'tuple'>
         """
+        self._mine.clear()  # the caller may keep these arrays: never write into them
         if self._opt_tree is None:  # held flat between steps: built when read
             self._opt_tree = jtu.tree_unflatten(self._opt[0], _join(self._opt_arrays, self._opt[1]))
         return self._opt_tree
@@ -1260,8 +1281,10 @@ class StepRunner:
                 self._slot_cols = _slot_cols(self.opt_state, self._params(new))
             if not np.array_equal(new.masks, self._layout.masks):
                 self._steps_on_layout = 0
+                self._spare = None  # shaped for the old masks
             self._set_inference(spec)
             self._layout = new
+            self._mine.clear()  # the carry may have replaced arrays: start the count again
 
     def reset(self) -> None:
         """Back to the initial model and state, with a fresh optimizer state (compilations kept).
@@ -1283,6 +1306,7 @@ class StepRunner:
             self._set_opt_state(self._fresh_opt_state(self._layout))
             self._notes = ["reset: initial model, fresh optimizer state"]
             self._fresh = set()
+            self._spare, self._mine = None, set()
 
     def _exclusive(self, what: str) -> Any:
         if not self._lock.acquire(blocking=False):
@@ -1403,6 +1427,8 @@ class StepRunner:
 
         self._steps_on_layout += len(losses)
         params, opt_arrays, self._state = current
+        if losses:
+            self._retire(layout, begin, params, opt_arrays)
         self._set_opt_arrays(opt_arrays)
         for i, x, touched in zip(layout.diff_index, params, layout.masks[_TOUCH]):
             if touched:  # an untouched leaf comes back bit-identical: keep the very object
@@ -1465,28 +1491,40 @@ class StepRunner:
         p_leaves, o_leaves, state_tree = arrays
         st, rest, state, batch = self._static_for(layout, baked, p_leaves, o_leaves, state_tree)
         masks, factors = (None, None) if baked is not None else self._codes(layout)
-        # Steps between the chunk's first (its inputs are the runner's, maybe the user's)
-        # and its last (the audit compares its inputs) write in place, once that is built.
-        donate = baked is not None and self._donors.get(self._special_key(layout)) is True
-        if donate:
-            o_written = _slots_written(st)
-        losses, before, grads = [], p_leaves, []
+        key = self._special_key(layout)
+        # Once its recycling variant is built, a baked step writes into the arrays of an
+        # earlier step that nothing holds any more (`_spare`): never into the chunk's inputs
+        # (a replay starts from them), nor before the audit has read the last step's.
+        recycle = (
+            baked is not None
+            and self._donors.get(key) is True
+            and not any(t.is_alive() for t in self._threads)  # may read a spare array
+        )
+        touched, written = layout.masks[_TOUCH], self._written(layout)
+        losses, before, grads, audited = [], p_leaves, [], False
+        rows: Any = None
         for k in range(n):
-            before = p_leaves
+            before, o_before = p_leaves, o_leaves
+            scratch = None
+            if recycle and (k < n - 1 or (n == 1 and first)):
+                scratch = self._take_spare(key, p_leaves, o_leaves)
+            # A call of one step on a recycling program: its audit comes out of it.
+            audited = scratch is not None and n == 1 and first
             try:
-                if donate and 0 < k < n - 1:
-                    p_give, p_keep = _part(p_leaves, layout.masks[_TOUCH])
-                    o_give, o_keep = _part(o_leaves, o_written)
-                    out = self._donating(p_give, p_keep, rest, o_give, o_keep, state, batch, st=st)
+                if scratch is not None:
+                    p_out, o_out, state, loss, rows = self._recycled(
+                        *scratch, p_leaves, rest, o_leaves, state, batch, np.bool_(audited), st=st
+                    )
                 else:
-                    out = self._program(
+                    p_out, o_out, state, loss, grads = self._program(
                         p_leaves, rest, o_leaves, state, batch, masks, factors, st=st
                     )
-                p_out, o_out, state, loss, grads = out
             except Exception as e:
                 if k:  # the program was built: this is the run failing
                     raise _Ran() from e
                 raise _Traced() from e
+            if recycle and k > 0:  # made by this chunk's previous step; only this one read them
+                self._spare = (key, _picked(before, touched), _picked(o_before, written))
             # `None`: a leaf the baked program knows unchanged; the very same array stays.
             p_leaves = [x if y is None else y for x, y in zip(p_leaves, p_out)]
             o_leaves = [x if y is None else y for x, y in zip(o_leaves, o_out)]
@@ -1494,21 +1532,26 @@ class StepRunner:
         if self._stateful:
             state_tree = jtu.tree_unflatten(st.state[0], _join(state, st.state[1]))
         # Leaves a baked program never writes are the very same arrays: nothing to compare;
-        # gradients it never uses are zero: nothing to reduce. (The last step is never an
-        # in-place one: `grads` are its gradients.)
-        index = np.flatnonzero(layout.masks[_TOUCH]) if baked is not None else None
-        seen = [j for j, g in enumerate(grads) if g is not None]
-        grads = [grads[j] for j in seen]
+        # gradients it never uses are zero: nothing to reduce. (The last step of a chunk of
+        # several returns its gradients.)
+        index = np.flatnonzero(touched) if baked is not None else None
+        if audited:
+            seen = np.flatnonzero(layout.masks[_GRAD] | layout.masks[_SEEN]).tolist()
+        else:
+            seen = [j for j, g in enumerate(grads) if g is not None]
         try:  # the one wait of the chunk
-            audit, grad_rows, state_audit = self._auditor(index, seen)(
-                _subset(begin[0], index),
-                _subset(before, index),
-                _subset(p_leaves, index),
-                grads,
-                _arrays(begin[2]),
-                state,
-                np.bool_(first and n == 1),
-            )
+            if audited:
+                audit, grad_rows, state_audit = rows
+            else:
+                audit, grad_rows, state_audit = self._auditor(index, seen)(
+                    _subset(begin[0], index),
+                    _subset(before, index),
+                    _subset(p_leaves, index),
+                    [grads[j] for j in seen],
+                    _arrays(begin[2]),
+                    state,
+                    np.bool_(first and n == 1),
+                )
             losses, audit, grad_rows, state_audit = jax.device_get(
                 (losses, audit, grad_rows, state_audit)
             )
@@ -1672,8 +1715,10 @@ class StepRunner:
         leaves = _subset(optimized, index)
         grads = [optimized[j] for j in seen]
         state = _arrays(self._state)
-        try:
-            _audit_call(leaves, leaves, leaves, grads, state, state, np.bool_(True))
+        try:  # waited for: a spare array is never written while a program reads it
+            jax.block_until_ready(
+                _audit_call(leaves, leaves, leaves, grads, state, state, np.bool_(True))
+            )
         except Exception:  # noqa: BLE001 - the foreground will report any real problem
             pass
         finally:
@@ -1713,23 +1758,52 @@ class StepRunner:
                     return
                 self._special[key] = time.perf_counter() - start
             try:
-                self._warm_donating(layout, baked, arrays)
-            except Exception:  # noqa: BLE001 - long runs then stay on the plain program
+                self._warm_recycled(layout, baked, arrays)
+            except Exception:  # noqa: BLE001 - steps then stay on the plain program
                 return
             self._donors[key] = True
 
         self._background(work, "specialise")
 
-    def _warm_donating(self, layout: _Layout, baked: tuple, arrays: tuple) -> None:
-        # Compiles the donating variant by running it on copies: the runner's arrays (and
-        # the user's) are never given away.
+    def _warm_recycled(self, layout: _Layout, baked: tuple, arrays: tuple) -> None:
+        # Compiles the recycling variant by running it with copies as its scratch: the
+        # runner's arrays (and the user's) are never given away.
         p_leaves, o_leaves, state_tree = arrays
         st, rest, state, batch = self._static_for(layout, baked, p_leaves, o_leaves, state_tree)
-        p_give, p_keep = _part(p_leaves, layout.masks[_TOUCH])
-        o_give, o_keep = _part(o_leaves, _slots_written(st))
-        copy = lambda xs: [jnp.copy(x) for x in xs]  # noqa: E731
-        out = self._donating(copy(p_give), p_keep, rest, copy(o_give), o_keep, state, batch, st=st)
+        scratch = [
+            [jnp.copy(x) for x in _picked(p_leaves, layout.masks[_TOUCH])],
+            [jnp.copy(x) for x in _picked(o_leaves, self._written(layout))],
+        ]
+        out = self._recycled(
+            *scratch, p_leaves, rest, o_leaves, state, batch, np.bool_(True), st=st
+        )
         jax.block_until_ready(out)
+
+    def _written(self, layout: _Layout) -> list[bool]:
+        return _slots_written(self._slot_cols, self._opt[1], layout.masks[_SLOT])
+
+    def _take_spare(self, key: bytes, p_leaves: list, o_leaves: list) -> tuple | None:
+        """The spare arrays, if they fit this program and none is one of its inputs."""
+        spare, self._spare = self._spare, None
+        if spare is None or spare[0] != key:
+            return None
+        inputs = {id(x) for x in p_leaves} | {id(x) for x in o_leaves}
+        if any(id(x) in inputs for x in spare[1] + spare[2]):
+            return None
+        return spare[1], spare[2]
+
+    def _retire(self, layout: _Layout, begin: tuple, params: list, opt_arrays: list) -> None:
+        """After a call that committed steps: which arrays the runner made and holds alone
+        (`_mine`), and the call's first arrays as the next call's scratch if they were such."""
+        old, new = begin[0] + begin[1], params + opt_arrays
+        if self._spare is None and self._donors.get(self._special_key(layout)) is True:
+            flags = [*layout.masks[_TOUCH], *self._written(layout)]
+            pairs = [(x, y) for x, y, f in zip(old, new, flags) if f]
+            if all(id(x) in self._mine and x is not y for x, y in pairs):
+                k = int(layout.masks[_TOUCH].sum())
+                given = [x for x, _ in pairs]
+                self._spare = (self._special_key(layout), given[:k], given[k:])
+        self._mine = {id(y) for x, y in zip(old, new) if x is not y or id(x) in self._mine}
 
     # -- the report -------------------------------------------------------------------------
     def _message(

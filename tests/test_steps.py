@@ -724,9 +724,9 @@ def test_a_dead_parameter_moved_by_weight_decay_is_flagged():
     assert "zero gradient" in dead.detail and "zero gradient" not in alive.detail
 
 
-def test_long_runs_write_in_place_and_keep_the_users_arrays():
-    # A spec run long gets a specialised program whose inner steps donate the arrays they
-    # rewrite; the user's model, and a model read from the runner earlier, stay readable.
+def test_long_runs_recycle_buffers_and_keep_the_users_arrays():
+    # A spec run long gets a specialised program whose steps write into the buffers of an
+    # earlier step; the user's model, and a model read from the runner earlier, stay intact.
     spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
     runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adamw"])
     runner.step(SPECIALISE_AFTER)
@@ -743,3 +743,81 @@ def test_long_runs_write_in_place_and_keep_the_users_arrays():
     for x, y in zip(arrays(earlier), snapshot):  # not donated away
         np.testing.assert_array_equal(np.asarray(x), y)
     assert all(np.isfinite(np.asarray(x)).all() for x in arrays(EQ_MODEL))
+
+
+def _counting_recycled(runner: StepRunner) -> list:
+    calls: list = []
+    recycled = runner._recycled
+    runner._recycled = lambda *a, **k: calls.append(1) or recycled(*a, **k)
+    return calls
+
+
+def _arrays(tree) -> list:
+    return jtu.tree_leaves(eqx.filter(tree, eqx.is_array))
+
+
+def test_single_steps_recycle_the_buffers_of_the_step_before():
+    # A call of one step writes into the buffers of the call before (which only the runner
+    # held) and audits in the same program: same steps and same report as without.
+    spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
+    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adam"])
+    plain = StepRunner(
+        EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adam"], specialise=False
+    )
+    runner.step(SPECIALISE_AFTER)
+    plain.step(SPECIALISE_AFTER)
+    assert runner.wait_ready(timeout=300)
+    calls = _counting_recycled(runner)
+    for _ in range(4):
+        got, want = runner.step(1), plain.step(1)
+        assert [r.status for r in got.leaves] == [r.status for r in want.leaves]
+        for a, b in zip(got.leaves, want.leaves):
+            for field in ("delta_norm", "update_norm", "grad_norm"):
+                x, y = getattr(a, field), getattr(b, field)
+                assert x == y or x == pytest.approx(y, rel=1e-4, abs=1e-7), (a.path, field)
+    assert len(calls) == 3  # the first call's own arrays are the second's scratch, ...
+    assert runner.compile_count == 1
+    for x, y in zip(_arrays(runner.model), _arrays(plain.model)):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+
+
+def test_arrays_read_from_the_runner_are_never_recycled():
+    spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
+    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adam"])
+    runner.step(SPECIALISE_AFTER)
+    assert runner.wait_ready(timeout=300)
+    calls = _counting_recycled(runner)
+    for _ in range(3):
+        runner.step(1)
+    held, opt_held = runner.model, runner.opt_state
+    snapshot = [np.array(x) for x in _arrays((held, opt_held))]
+    for _ in range(3):
+        runner.step(1)
+    assert len(calls) == 2 + 2  # the call after each read wrote into older buffers
+    for x, y in zip(_arrays((held, opt_held)), snapshot):
+        assert not x.is_deleted()
+        np.testing.assert_array_equal(np.asarray(x), y)
+    assert all(not x.is_deleted() for x in _arrays(EQ_MODEL))
+    expected = hand_written(spec, "partition", EQ_OPTIMIZERS["adam"], SPECIALISE_AFTER + 6)
+    for x, y in zip(_arrays(runner.model), _arrays(expected)):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+
+
+def test_a_failed_recycled_step_keeps_the_last_good_arrays():
+    spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
+    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adam"])
+    runner.step(SPECIALISE_AFTER)
+    assert runner.wait_ready(timeout=300)
+    runner.step(1)
+    calls = _counting_recycled(runner)
+    good = [np.array(x) for x in runner._leaves if eqx.is_array(x)]  # not handed out
+    runner.batch = (EQ_BATCH[0] * jnp.nan, EQ_BATCH[1])
+    report = runner.step(1)
+    assert calls and not report.ok and report.steps == 0
+    for x, y in zip([x for x in runner._leaves if eqx.is_array(x)], good):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    runner.batch = EQ_BATCH
+    assert runner.step(2).ok
+    expected = hand_written(spec, "partition", EQ_OPTIMIZERS["adam"], SPECIALISE_AFTER + 3)
+    for x, y in zip(_arrays(runner.model), _arrays(expected)):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
