@@ -67,6 +67,7 @@ import atexit
 import dataclasses
 import functools
 import inspect
+import math
 import threading
 import time
 import traceback
@@ -709,6 +710,8 @@ class _Layout(NamedTuple):
     rules: tuple  # per optimized leaf: its update rule or None
     rest_index: list  # the other model leaves, in order
     diff_key: tuple  # `diff_index` as a tuple of ints (hashable, for the program)
+    baked: tuple  # `masks` as nested tuples of bools, to bake into a program
+    key: bytes  # masks and factors: names the program specialised to this layout
 
 
 def _slot_cols(opt_state: Any, params: Any) -> tuple:
@@ -1097,6 +1100,8 @@ class StepRunner:
             rules,
             np.flatnonzero(~diff).tolist(),
             tuple(diff_index.tolist()),
+            tuple(tuple(bool(b) for b in row) for row in masks),
+            masks.tobytes() + factors.tobytes(),
         )
 
     def _labelled_optimizer(self, mask: np.ndarray) -> Any:
@@ -1391,14 +1396,14 @@ class StepRunner:
                 chunk = self._run(layout, baked, begin, current, size, first=not losses)
             except _Traced as e:  # the program could not be built: nothing ran
                 if baked is not None and self._kind == MASKED:  # the masked one may build
-                    self._special[self._special_key(layout)] = _Unbuilt(_explain(e.__cause__ or e))
+                    self._special[layout.key] = _Unbuilt(_explain(e.__cause__ or e))
                     swapped = None
                     continue
                 failure = _Failure(message=_explain(e.__cause__ or e))
                 break
             except _Ran:  # an error at run time (e.g. eqx.error_if): find the step
                 chunk = None
-            key = self._special_key(layout)
+            key = layout.key
             if baked is not None and not isinstance(self._special.get(key), float):
                 self._special[key] = time.perf_counter() - tc  # built here, for a first answer
             if chunk is not None and np.isfinite(chunk.losses).all() and chunk.audit[_FINITE].all():
@@ -1433,7 +1438,7 @@ class StepRunner:
         for i, x, touched in zip(layout.diff_index, params, layout.masks[_TOUCH]):
             if touched:  # an untouched leaf comes back bit-identical: keep the very object
                 self._leaves[i] = x
-        key = self._special_key(layout)
+        key = layout.key
         if swapped is not None and losses and key not in self._announced:
             self._announced.add(key)
             self._notes.append(
@@ -1441,7 +1446,7 @@ class StepRunner:
                 f"(masks compiled in, frozen leaves not differentiated; compiled in "
                 f"{self._special[key]:.1f} s)"
             )
-        unbuilt = self._special.get(self._special_key(layout))
+        unbuilt = self._special.get(layout.key)
         if isinstance(unbuilt, _Unbuilt) and not unbuilt.told:
             unbuilt.told = True
             self._notes.append(
@@ -1491,7 +1496,7 @@ class StepRunner:
         p_leaves, o_leaves, state_tree = arrays
         st, rest, state, batch = self._static_for(layout, baked, p_leaves, o_leaves, state_tree)
         masks, factors = (None, None) if baked is not None else self._codes(layout)
-        key = self._special_key(layout)
+        key = layout.key
         # Once its recycling variant is built, a baked step writes into the arrays of an
         # earlier step that nothing holds any more (`_spare`): never into the chunk's inputs
         # (a replay starts from them), nor before the audit has read the last step's.
@@ -1500,7 +1505,7 @@ class StepRunner:
             and self._donors.get(key) is True
             and not any(t.is_alive() for t in self._threads)  # may read a spare array
         )
-        touched, written = layout.masks[_TOUCH], self._written(layout)
+        touched, written = layout.masks[_TOUCH], self._written(layout) if recycle else []
         losses, before, grads, audited = [], p_leaves, [], False
         rows: Any = None
         for k in range(n):
@@ -1656,9 +1661,6 @@ class StepRunner:
         return audit
 
     # -- specialised programs ---------------------------------------------------------------
-    def _special_key(self, layout: _Layout) -> bytes:
-        return layout.masks.tobytes() + layout.factors.tobytes()
-
     def _pick(self, layout: _Layout, waiting: Callable[[], None]) -> tuple | None:
         """The masks to bake into the next chunk's program, or None for the masked one.
 
@@ -1668,10 +1670,10 @@ class StepRunner:
         masked one then builds in the background for the clicks that follow, and a spec
         without its own program waits for it (`waiting` reports that).
         """
-        baked = tuple(tuple(bool(b) for b in row) for row in layout.masks)
+        baked = layout.baked
         if self._kind == STRUCTURAL:
             return baked
-        entry = self._special.get(self._special_key(layout))
+        entry = self._special.get(layout.key)
         if isinstance(entry, float):
             return baked
         if self._masked_started and not self._masked_ready.is_set():
@@ -1738,14 +1740,14 @@ class StepRunner:
     def _specialise(self, layout: _Layout) -> None:
         """Build, in the background, the program specialised to `layout` (unless the first
         answer built it) and its donating variant, for long runs."""
-        key = self._special_key(layout)
+        key = layout.key
         if key in self._donors or isinstance(self._special.get(key), _Unbuilt | str):
             return
         self._donors[key] = "compiling"
         build = key not in self._special
         if build:
             self._special[key] = "compiling"
-        baked = tuple(tuple(bool(b) for b in row) for row in layout.masks)
+        baked = layout.baked
         arrays = self._arrays_of(layout)
 
         def work() -> None:
@@ -1796,13 +1798,13 @@ class StepRunner:
         """After a call that committed steps: which arrays the runner made and holds alone
         (`_mine`), and the call's first arrays as the next call's scratch if they were such."""
         old, new = begin[0] + begin[1], params + opt_arrays
-        if self._spare is None and self._donors.get(self._special_key(layout)) is True:
+        if self._spare is None and self._donors.get(layout.key) is True:
             flags = [*layout.masks[_TOUCH], *self._written(layout)]
             pairs = [(x, y) for x, y, f in zip(old, new, flags) if f]
             if all(id(x) in self._mine and x is not y for x, y in pairs):
                 k = int(layout.masks[_TOUCH].sum())
                 given = [x for x, _ in pairs]
-                self._spare = (self._special_key(layout), given[:k], given[k:])
+                self._spare = (layout.key, given[:k], given[k:])
         self._mine = {id(y) for x, y in zip(old, new) if x is not y or id(x) in self._mine}
 
     # -- the report -------------------------------------------------------------------------
@@ -1829,52 +1831,53 @@ class StepRunner:
 
     def _leaf_reports(self, layout: _Layout, audit: Any, broken: Any) -> list[LeafReport]:
         column = {int(i): j for j, i in enumerate(layout.diff_index)}
-        masks, spec = layout.masks, layout.spec
+        spec = layout.spec
+        # Plain lists: a report is built after every call, element by element.
+        active: list = np.asarray(layout.masks.any(0)).tolist()
+        seen_row: list = layout.masks[_SEEN].tolist()
+        rows = None if audit is None else audit.tolist()
+        fine: list | None = None if broken is None else np.asarray(broken, bool).tolist()
+        trainable = layout.trainable.tolist()
         lr = np.where(layout.trainable, np.where(spec.mask, spec.lr_factors, 1.0), 0.0).tolist()
         reports = []
         for i, path in enumerate(self._paths):
             detail = "optimizer state started fresh" if i in self._fresh else ""
-            if not self._is_array[i]:
-                # Non-array leaves live in the static part: the same objects by construction.
+            if not self._is_array[i] or not self._inexact[i]:
+                # Non-array leaves live in the static part, and int/bool arrays are never
+                # optimized: the same objects by construction.
                 reports.append(LeafReport(path, KEPT, detail=detail))
                 continue
-            train = bool(layout.trainable[i])
-            factor = lr[i] if self._inexact[i] else None
-            if not self._inexact[i]:  # an int/bool array: never optimized, the same object
-                reports.append(LeafReport(path, KEPT, detail=detail))
-                continue
+            train, factor = trainable[i], lr[i]
             j = column.get(i)
-            if j is None or not masks[:, j].any():
-                # Never optimized (a partition's frozen leaf, an int array): the runner keeps
-                # the very same array object, so it is bit-identical by construction.
+            if j is None or not active[j]:
+                # Never optimized (a partition's frozen leaf): the runner keeps the very
+                # same array object, so it is bit-identical by construction.
                 reports.append(
                     LeafReport(path, FROZEN, trainable=train, detail=detail, lr_factor=factor)
                 )
                 continue
-            if audit is None:  # no step ran
+            if rows is None:  # no step ran
                 status = array_status(train, False)
                 reports.append(
                     LeafReport(path, status, trainable=train, detail=detail, lr_factor=factor)
                 )
                 continue
-            status = array_status(train, bool(audit[_CHANGED, j]))
+            status = array_status(train, bool(rows[_CHANGED][j]))
             if status == LEAKED:
                 detail = "frozen but changed" + (f"; {detail}" if detail else "")
-            seen = bool(masks[_SEEN, j])  # else the optimizer saw a zero gradient
-            grad = float(audit[_GRAD_NORM, j]) if seen else 0.0
+            seen = seen_row[j]  # else the optimizer saw a zero gradient
+            grad = rows[_GRAD_NORM][j] if seen else 0.0
             if status == UPDATED and grad == 0.0:  # e.g. an unused layer under weight decay
                 note = "zero gradient: moved by the optimizer alone (weight decay?), not the loss"
                 detail = note + (f"; {detail}" if detail else "")
-            finite = (not seen or bool(audit[_GRAD_FINITE, j])) and (
-                broken is None or bool(broken[j])
-            )
+            finite = (not seen or bool(rows[_GRAD_FINITE][j])) and (fine is None or fine[j])
             reports.append(
                 LeafReport(
                     path,
                     status,
-                    grad_norm=None if np.isnan(grad) and finite else grad,
-                    update_norm=float(audit[_UPDATE, j]),
-                    delta_norm=float(audit[_DELTA, j]),
+                    grad_norm=None if math.isnan(grad) and finite else grad,
+                    update_norm=rows[_UPDATE][j],
+                    delta_norm=rows[_DELTA][j],
                     trainable=train,
                     finite=finite,
                     detail=detail,
