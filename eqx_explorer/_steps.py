@@ -712,6 +712,8 @@ class _Layout(NamedTuple):
     diff_key: tuple  # `diff_index` as a tuple of ints (hashable, for the program)
     baked: tuple  # `masks` as nested tuples of bools, to bake into a program
     key: bytes  # masks and factors: names the program specialised to this layout
+    touched: np.ndarray  # the optimized leaves a baked program writes (their columns)
+    seen: list  # the optimized leaves whose gradient a baked program returns
 
 
 def _slot_cols(opt_state: Any, params: Any) -> tuple:
@@ -851,6 +853,7 @@ class StepRunner:
         # `opt_state` hands them out).
         self._spare: tuple | None = None
         self._mine: set[int] = set()
+        self._written_of: dict[tuple, list[bool]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._labelled: dict[bytes, Any] = {}  # mask -> optax.partition, reused on revisits
@@ -1102,6 +1105,8 @@ class StepRunner:
             tuple(diff_index.tolist()),
             tuple(tuple(bool(b) for b in row) for row in masks),
             masks.tobytes() + factors.tobytes(),
+            np.flatnonzero(masks[_TOUCH]),
+            np.flatnonzero(masks[_GRAD] | masks[_SEEN]).tolist(),
         )
 
     def _labelled_optimizer(self, mask: np.ndarray) -> Any:
@@ -1539,11 +1544,8 @@ class StepRunner:
         # Leaves a baked program never writes are the very same arrays: nothing to compare;
         # gradients it never uses are zero: nothing to reduce. (The last step of a chunk of
         # several returns its gradients.)
-        index = np.flatnonzero(touched) if baked is not None else None
-        if audited:
-            seen = np.flatnonzero(layout.masks[_GRAD] | layout.masks[_SEEN]).tolist()
-        else:
-            seen = [j for j, g in enumerate(grads) if g is not None]
+        index = layout.touched if baked is not None else None
+        seen = layout.seen if audited else [j for j, g in enumerate(grads) if g is not None]
         try:  # the one wait of the chunk
             if audited:
                 audit, grad_rows, state_audit = rows
@@ -1782,7 +1784,13 @@ class StepRunner:
         jax.block_until_ready(out)
 
     def _written(self, layout: _Layout) -> list[bool]:
-        return _slots_written(self._slot_cols, self._opt[1], layout.masks[_SLOT])
+        """Per optimizer-state array: whether the program baked for `layout` writes it."""
+        key = (layout.key, self._slot_cols)
+        if key not in self._written_of:
+            self._written_of[key] = _slots_written(
+                self._slot_cols, self._opt[1], layout.masks[_SLOT]
+            )
+        return self._written_of[key]
 
     def _take_spare(self, key: bytes, p_leaves: list, o_leaves: list) -> tuple | None:
         """The spare arrays, if they fit this program and none is one of its inputs."""
@@ -1802,7 +1810,7 @@ class StepRunner:
             flags = [*layout.masks[_TOUCH], *self._written(layout)]
             pairs = [(x, y) for x, y, f in zip(old, new, flags) if f]
             if all(id(x) in self._mine and x is not y for x, y in pairs):
-                k = int(layout.masks[_TOUCH].sum())
+                k = len(layout.touched)
                 given = [x for x, _ in pairs]
                 self._spare = (layout.key, given[:k], given[k:])
         self._mine = {id(y) for x, y in zip(old, new) if x is not y or id(x) in self._mine}
