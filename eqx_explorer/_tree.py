@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import functools
 import sys
+import weakref
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
@@ -123,10 +124,39 @@ def _describe_sharding(x: Any) -> str | None:
     return type(sharding).__name__
 
 
+# Per Module class: its children's fields as (name, key), read from the instance's
+# `__dict__` (a generic one-level flatten goes through Module.__getattribute__ per field);
+# None for a class whose flatten is not exactly its fields.
+_MODULE_FIELDS: weakref.WeakKeyDictionary[type, tuple | None] = weakref.WeakKeyDictionary()
+
+
+def _module_fields(obj: Any, children: list) -> tuple | None:
+    """`(name, key)` per child if `children` (the flatten of `obj`) are its `__dict__` fields."""
+    values = getattr(obj, "__dict__", {})
+    if all(
+        isinstance(k, jtu.GetAttrKey) and k.name in values and values[k.name] is c
+        for k, c in children
+    ):
+        return tuple((k.name, k) for k, _ in children)
+    return None
+
+
 def _kind_of(obj: Any) -> tuple[str, list | None]:
     """Kind of `obj` and, for containers, its `(key, child)` pairs."""
     if obj is None:
         return NONE, None
+    cls = type(obj)
+    fields = _MODULE_FIELDS.get(cls)
+    if fields is not None:
+        values = obj.__dict__
+        try:
+            return MODULE, [(key, values[name]) for name, key in fields]
+        except KeyError:  # a field this instance does not hold: the generic path decides
+            pass
+    if cls is list or cls is tuple:  # exactly, as JAX flattens them (not subclasses)
+        return (LIST if cls is list else TUPLE), [
+            (jtu.SequenceKey(i), x) for i, x in enumerate(obj)
+        ]
     if isinstance(obj, _ATOMS) and not isinstance(obj, tuple):
         return (ARRAY if eqx.is_array(obj) else LEAF), None
     try:
@@ -135,6 +165,8 @@ def _kind_of(obj: Any) -> tuple[str, list | None]:
         return (ARRAY if eqx.is_array(obj) else LEAF), None
     if isinstance(obj, eqx.Module):
         kind = MODULE
+        if cls not in _MODULE_FIELDS:
+            _MODULE_FIELDS[cls] = _module_fields(obj, children)
     elif isinstance(obj, tuple) and hasattr(obj, "_fields"):
         kind = NAMEDTUPLE
         # jax 0.10's one-level flatten repeats the first field's key for namedtuples.
@@ -150,14 +182,15 @@ def _kind_of(obj: Any) -> tuple[str, list | None]:
     return kind, list(children)
 
 
+@functools.lru_cache(maxsize=1024)
+def _static_names(cls: type) -> tuple[str, ...]:
+    if not dataclasses.is_dataclass(cls):
+        return ()
+    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("static", False))
+
+
 def _static_fields(obj: Any) -> dict:
-    if not dataclasses.is_dataclass(obj):
-        return {}
-    return {
-        f.name: _short_repr(getattr(obj, f.name, None))
-        for f in dataclasses.fields(obj)
-        if f.metadata.get("static", False)
-    }
+    return {name: _short_repr(getattr(obj, name, None)) for name in _static_names(type(obj))}
 
 
 class _Marker:
