@@ -49,6 +49,8 @@ MIXED: Final = "mixed"
 STATIC: Final = "static"  # no float array below
 STATES: tuple[State, ...] = (STATIC, TRAINABLE, FROZEN, MIXED)  # `FilterSpec.state_codes()`
 
+_NO_STATIC: Mapping[str, str] = MappingProxyType({})
+
 # Types that are always leaves: skip the (raising) one-level flatten for them.
 _ATOMS = (jax.Array, np.ndarray, np.generic, int, float, complex, str, bytes, bool)
 
@@ -71,7 +73,7 @@ class Node:
     nbytes: int
     sharding: str | None
     trainable: bool
-    static: dict
+    static: Mapping[str, str]
     summary: str
     tied: str | None  # a tied leaf (`eqx.nn.Shared`): the path of its source
 
@@ -182,15 +184,16 @@ def _kind_of(obj: Any) -> tuple[str, list | None]:
     return kind, list(children)
 
 
-@functools.lru_cache(maxsize=1024)
-def _static_names(cls: type) -> tuple[str, ...]:
-    if not dataclasses.is_dataclass(cls):
-        return ()
-    return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("static", False))
+_STATIC_NAMES: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
 
 
 def _static_fields(obj: Any) -> dict:
-    return {name: _short_repr(getattr(obj, name, None)) for name in _static_names(type(obj))}
+    cls = type(obj)
+    names = _STATIC_NAMES.get(cls)
+    if names is None:
+        fields = dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ()
+        names = _STATIC_NAMES[cls] = tuple(f.name for f in fields if f.metadata.get("static"))
+    return {name: _short_repr(getattr(obj, name, None)) for name in names}
 
 
 class _Marker:
@@ -342,18 +345,21 @@ class ModelTree:
             elif children[i]:
                 hi[i] = hi[children[i][-1]]
 
-        self.paths = paths
-        self.keys = keys
-        self.parent = parent
-        self.kind = kinds
-        self.cls = classes
-        self.depth = depth
+        # Columns: tuples and read-only arrays (specs, runners and widgets share one tree).
+        self.paths: tuple[str, ...] = tuple(paths)
+        self.keys: tuple[tuple, ...] = tuple(keys)
+        self.parent: tuple[int, ...] = tuple(parent)
+        self.kind: tuple[str, ...] = tuple(kinds)
+        self.cls: tuple[str, ...] = tuple(classes)
+        self.depth: tuple[int, ...] = tuple(depth)
         self.lo = np.asarray(lo, dtype=np.int64)
         self.hi = np.asarray(hi, dtype=np.int64)
-        self.static = statics
-        self.objects = objects
-        self.children = children
-        self.leaves = leaves
+        self.static: tuple[Mapping[str, str], ...] = tuple(
+            MappingProxyType(s) if s else _NO_STATIC for s in statics
+        )
+        self.objects: tuple[Any, ...] = tuple(objects)
+        self.children: tuple[tuple[int, ...], ...] = tuple(map(tuple, children))
+        self.leaves: tuple[Any, ...] = tuple(leaves)
         self.leaf_node = np.asarray(leaf_node, dtype=np.int64)
         self._index = {p: i for i, p in enumerate(paths)}
         self._steps: dict[int, dict[str, int]] = {}  # node -> {child's key text: child}
@@ -387,6 +393,14 @@ class ModelTree:
             table.setflags(write=False)
         for table in (self.nbytes, self._cum_inexact, self._cum_params):
             table.setflags(write=False)
+        self._built = True
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if getattr(self, "_built", False) and not name.startswith("_"):
+            raise AttributeError(
+                f"ModelTree is read-only: build a new ModelTree(model) instead of setting {name!r}"
+            )
+        object.__setattr__(self, name, value)
 
     @property
     def cum_inexact(self) -> np.ndarray:

@@ -252,3 +252,36 @@ def test_lookup_reads_each_key_once(monkeypatch):
     with pytest.raises(ExplorerError, match=unknown):
         tree.find("[0][1]" + "[0]" * 1998)
     assert len(calls) <= 4
+
+
+def test_the_tree_is_read_only():
+    tree = ModelTree(eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0)))
+    with pytest.raises(AttributeError, match="read-only"):
+        tree.paths = ()
+    with pytest.raises(TypeError):
+        tree.static[tree.find("")]["activation"] = "x"  # type: ignore[index]
+    with pytest.raises(ValueError):
+        tree.lo[0] = 1
+    columns = (tree.paths, tree.keys, tree.parent, tree.kind, tree.cls, tree.depth)
+    assert all(isinstance(c, tuple) for c in (*columns, tree.objects, tree.leaves))
+    assert all(isinstance(c, tuple) for c in tree.children)
+
+
+def test_module_children_match_jax_flattening_for_each_instance():
+    # A Module class's fields are read from the first instance's flatten, then from each
+    # instance's fields; a subclass and an instance holding other values agree with JAX too.
+    class Block(eqx.Module):
+        w: jax.Array
+        act: object
+        n: int = eqx.field(static=True)
+
+    class Wider(Block):
+        extra: jax.Array
+
+    blocks = [Block(jnp.ones(2), jax.nn.relu, 1), Block(jnp.zeros(3), None, 2)]
+    model = [*blocks, Wider(jnp.ones(1), jnp.tanh, 3, jnp.ones(4)), (1.0, [jnp.ones(2)])]
+    tree = ModelTree(model)
+    flat, _ = jtu.tree_flatten_with_path(model)
+    assert tree.leaf_paths == [jtu.keystr(p).removeprefix(".") for p, _ in flat]
+    assert tree.kind[tree.find("[1].act")] == "none"
+    assert tree.static[tree.find("[2]")] == {"n": "3"}

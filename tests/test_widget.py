@@ -88,9 +88,9 @@ def widget(model):
 def test_table_rebuilds_every_row(widget):
     tree = widget.spec.model_tree
     table = widget._table
-    assert table_paths(table) == tree.paths
-    assert [KINDS[k] for k in table["kind"]] == tree.kind
-    assert [table["classes"][c] for c in table["cls"]] == tree.cls
+    assert table_paths(table) == list(tree.paths)
+    assert [KINDS[k] for k in table["kind"]] == list(tree.kind)
+    assert [table["classes"][c] for c in table["cls"]] == list(tree.cls)
     assert table["params"] == [tree.params(i) for i in range(len(tree))]
     for i in range(len(tree)):
         text = table["summaries"][table["summary"][i]]
@@ -119,7 +119,7 @@ def test_paths_rebuilt_by_the_browser_address_the_same_nodes(model, data):
     w = Explorer(model)
     tree = w.spec.model_tree
     paths = table_paths(w._table)
-    assert paths == tree.paths
+    assert paths == list(tree.paths)
     spec = w.spec
     for action, path in data.draw(random_edits(tree)):
         node = paths.index(path)
