@@ -1,10 +1,15 @@
-"""Running the notebooks, shared by tests/test_notebooks.py and tests/test_binder.py (the latter
-in a venv made from binder/requirements.txt). Apart from tests/helpers.py because the Jupyter
+"""Running the notebooks (tests/test_notebooks.py), in a venv made only from
+binder/requirements.txt, as Binder makes it. Apart from tests/helpers.py because the Jupyter
 client stack takes about 2 s to import, which the unit tests should not pay."""
 
 from __future__ import annotations
 
+import atexit
+import functools
 import json
+import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +27,52 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 ARTIFACTS = ROOT / "test-artifacts"
 BUDGET_S = 60.0  # the issue's per-notebook budget on 2 cores
 CELL_TIMEOUT_S = 300
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without its venv, for another interpreter."""
+    return {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
+
+
+def uv() -> str:
+    """The uv executable beside this interpreter (the test extras install it), or on PATH."""
+    exe = Path(sys.executable).parent / "uv"
+    found = str(exe) if exe.exists() else shutil.which("uv")
+    if found is None:
+        raise RuntimeError("uv is not installed: add uv to the test extras")
+    return found
+
+
+@functools.cache
+def binder_python() -> str:
+    """The Python of a new venv with binder/requirements.txt installed from the repo root, as
+    repo2docker runs pip there (so its `.` line installs this repository, not in editable mode).
+
+    Made once per test process, by uv: every line but `.` is pinned, so it resolves exactly
+    what repo2docker's pip does, in seconds rather than a minute.
+    """
+    root = Path(tempfile.mkdtemp(prefix="eqxe-binder-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    venv, start = root / "venv", time.perf_counter()
+    steps = [  # on this interpreter (tests/test_binder.py checks it suits the pins)
+        [uv(), "venv", "-q", "--python", sys.executable, str(venv)],
+        [uv(), "pip", "install", "-q", "--python", str(venv / "bin" / "python")]
+        + ["-r", "binder/requirements.txt"],
+    ]
+    for argv in steps:
+        done = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env={**clean_env(), "UV_PYTHON_DOWNLOADS": "never"},
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        if done.returncode:
+            output = done.stdout[-3000:] + done.stderr[-3000:]
+            raise RuntimeError(f"{' '.join(argv)} failed:\n{output}")
+    record_time("install binder/requirements.txt", time.perf_counter() - start, "binder")
+    return str(venv / "bin" / "python")
 
 
 def run_notebook(path: Path, python: str = sys.executable) -> tuple[nbformat.NotebookNode, float]:

@@ -3,8 +3,9 @@
 1. `repo2docker --no-build` reads the repository as Binder would: it must pick binder/, the
    Python version of binder/runtime.txt (its default is too old for current JAX) and install
    binder/requirements.txt after copying the repository (the `.` line is the repo itself).
-2. A fresh venv made only from binder/requirements.txt, with pip run from the repository root
-   as repo2docker runs it, executes every notebook.
+2. Its pins are this venv's versions. tests/test_notebooks.py runs every notebook in a fresh
+   venv made only from binder/requirements.txt, installed from the repository root as
+   repo2docker runs pip (`notebook_helpers.binder_python`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from tests.notebook_helpers import NOTEBOOKS, ROOT, record_time, run_notebook
+from tests.notebook_helpers import ROOT
 
 BINDER = ROOT / "binder"
 IN_CI = bool(os.environ.get("CI"))
@@ -128,69 +128,3 @@ def test_repo2docker_accepts_the_binder_folder():
     assert install in dockerfile
     assert dockerfile.index("COPY --chown=0:0 src/ ${REPO_DIR}/") < dockerfile.index(install)
     assert "pip install --no-cache-dir ." not in dockerfile.replace(install, "")
-
-
-def _uv() -> str:
-    exe = Path(sys.executable).parent / "uv"
-    found = str(exe) if exe.exists() else shutil.which("uv")
-    if found:
-        return found
-    message = "uv is not installed: add uv to the test extras"
-    if IN_CI:
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-@pytest.mark.slow
-def test_fresh_binder_venv_runs_every_notebook(tmp_path: Path):
-    """Install binder/requirements.txt into a new venv from the repo root, as repo2docker does,
-    and run every notebook with that venv's Python as the kernel.
-
-    uv installs it: every line but `.` is pinned, so it resolves exactly what repo2docker's
-    pip does, in seconds rather than a minute.
-    """
-    venv = tmp_path / "binder-venv"
-    start = time.perf_counter()
-    env = {k: v for k, v in os.environ.items() if k not in {"VIRTUAL_ENV", "PYTHONPATH"}}
-    made = subprocess.run(  # on this interpreter (test_runtime_python_suits_the_pins)
-        [_uv(), "venv", "-q", "--python", sys.executable, str(venv)],
-        env={**env, "UV_PYTHON_DOWNLOADS": "never"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert made.returncode == 0, made.stderr[-5000:]
-    python = str(venv / "bin" / "python")
-    pip = subprocess.run(
-        [_uv(), "pip", "install", "-q", "--python", python, "-r", "binder/requirements.txt"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert pip.returncode == 0, pip.stdout[-5000:] + pip.stderr[-5000:]
-    record_time("install binder/requirements.txt", time.perf_counter() - start, "binder")
-
-    # the kernel imports the freshly installed package, not the repo's working tree
-    probe = subprocess.run(
-        [python, "-c", "import eqx_explorer, jax; print(eqx_explorer.__file__, jax.__version__)"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert probe.returncode == 0, probe.stderr
-    assert str(venv) in probe.stdout, probe.stdout
-
-    failures = []
-    for path in NOTEBOOKS:
-        try:
-            _, seconds = run_notebook(path, python=python)
-        except Exception as e:  # report every failing notebook, not only the first
-            text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # drop the traceback's colours
-            failures.append(f"{path.name}: {type(e).__name__}: {text[-2000:]}")
-            continue
-        record_time(path.name, seconds, "binder")
-    assert not failures, "\n\n".join(failures)
