@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import functools
 import sys
-import weakref
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, Final, Literal, NamedTuple
@@ -126,10 +125,12 @@ def _describe_sharding(x: Any) -> str | None:
     return type(sharding).__name__
 
 
-# Per Module class: its children's fields as (name, key), read from the instance's
-# `__dict__` (a generic one-level flatten goes through Module.__getattribute__ per field);
-# None for a class whose flatten is not exactly its fields.
-_MODULE_FIELDS: weakref.WeakKeyDictionary[type, tuple | None] = weakref.WeakKeyDictionary()
+# Per class seen (plain dicts: a lookup per node must cost nanoseconds):
+# a Module class's children as (name, key) fields, read from the instance's `__dict__` (a
+# generic one-level flatten goes through Module.__getattribute__ per field), or None when its
+# flatten is not exactly its fields; the kind of a class whose instances are always leaves.
+_MODULE_FIELDS: dict[type, tuple | None] = {}
+_ATOM_KIND: dict[type, str] = {}
 
 
 def _module_fields(obj: Any, children: list) -> tuple | None:
@@ -148,6 +149,9 @@ def _kind_of(obj: Any) -> tuple[str, list | None]:
     if obj is None:
         return NONE, None
     cls = type(obj)
+    atom = _ATOM_KIND.get(cls)
+    if atom is not None:
+        return atom, None
     fields = _MODULE_FIELDS.get(cls)
     if fields is not None:
         values = obj.__dict__
@@ -160,7 +164,8 @@ def _kind_of(obj: Any) -> tuple[str, list | None]:
             (jtu.SequenceKey(i), x) for i, x in enumerate(obj)
         ]
     if isinstance(obj, _ATOMS) and not isinstance(obj, tuple):
-        return (ARRAY if eqx.is_array(obj) else LEAF), None
+        kind = _ATOM_KIND[cls] = ARRAY if eqx.is_array(obj) else LEAF
+        return kind, None
     try:
         children, _ = jtu.flatten_one_level_with_keys(obj)
     except ValueError:
@@ -184,7 +189,7 @@ def _kind_of(obj: Any) -> tuple[str, list | None]:
     return kind, list(children)
 
 
-_STATIC_NAMES: weakref.WeakKeyDictionary[type, tuple[str, ...]] = weakref.WeakKeyDictionary()
+_STATIC_NAMES: dict[type, tuple[str, ...]] = {}  # per dataclass: its static fields
 
 
 def _static_fields(obj: Any) -> dict:
@@ -317,7 +322,9 @@ class ModelTree:
             keys.append(key_path)
             parent.append(par)
             kinds.append(kind)
-            classes.append("Array" if isinstance(obj, jax.Array) else type(obj).__name__)
+            classes.append(
+                "Array" if kind == ARRAY and isinstance(obj, jax.Array) else type(obj).__name__
+            )
             depth.append(d)
             lo.append(len(leaves))
             statics.append(_static_fields(obj) if kind == MODULE else {})
@@ -379,7 +386,7 @@ class ModelTree:
         self.size = np.zeros(nl, np.int64)
         self.nbytes = np.zeros(nl, np.int64)
         self.inexact[at] = [f for _, f, _ in facts]
-        self.size[at] = [np.size(x) for x, _, _ in facts]
+        self.size[at] = [x.size for x, _, _ in facts]
         self.nbytes[at] = self.size[at] * np.asarray([b for _, _, b in facts], np.int64)
         # Prefix sums over leaves: sub-tree totals in O(1).
         self._cum_inexact = np.concatenate([[0], np.cumsum(self.inexact)])

@@ -145,18 +145,26 @@ def _node_table(tree: ModelTree, entries: list, state_leaves: list, modes: list[
     class_ids: dict[str, int] = {}
     cls = [class_ids.setdefault(c, len(class_ids)) for c in tree.cls]
     kind_code = {k: j for j, k in enumerate(KINDS)}
-    leafish = ("array", "leaf", "none")
     summary_ids: dict[str, int] = {"": 0}
-    texts = [
-        summary_ids.setdefault(tree.summary(i), len(summary_ids)) if kinds[i] in leafish else 0
-        for i in range(n)
-    ]
+    texts, sharding = [0] * n, {}
+    by_type: dict[tuple, str] = {}  # (dtype, shape) -> text: thousands of arrays, few types
+    objects = tree.objects
+    for i, kind in enumerate(kinds):
+        if kind == "array":
+            x = objects[i]
+            key = (x.dtype, x.shape)
+            text = by_type.get(key)
+            if text is None:
+                text = by_type[key] = tree.summary(i)
+            placed = tree.sharding(i)
+            if placed:
+                sharding[str(i)] = placed
+        elif kind in ("leaf", "none"):
+            text = tree.summary(i)
+        else:
+            continue
+        texts[i] = summary_ids.setdefault(text, len(summary_ids))
     params = tree.all_params().tolist()
-    sharding = {}
-    for i in np.flatnonzero(np.asarray([k == "array" for k in kinds], bool)):
-        text = tree.sharding(int(i))
-        if text:
-            sharding[str(i)] = text
     static = {
         str(i): ", ".join(f"{k}={v}" for k, v in s.items()) for i, s in enumerate(tree.static) if s
     }
@@ -608,6 +616,7 @@ class Explorer(anywidget.AnyWidget):
                     "compiles": report.compiles,
                 }
                 self._apply_report(report)
+                self.progress = {}  # in the report's message: the page never shows both
         finally:
             with self._lock:
                 self.progress = {}
