@@ -2,10 +2,12 @@
 
 One anywidget model per explorer, not one widget per node. What goes over the wire:
 
-- `_table` (trait, sent once, never changed): the node table as compact columns: `step` (each
-  node's last path key; the browser rebuilds paths, depths and leaf ranges from it and
-  `parent`), codes into `KINDS`, `classes` and `summaries` (short text of leaves), `params`,
-  and sparse `sharding` / `static` maps.
+- `_table` and `_table_columns` (traits, sent once, never changed): the node table. `_table`
+  holds `step` (each node's last path key; the browser rebuilds paths, depths and leaf ranges
+  from it and the parents), the texts `classes` and `summaries` (short text of leaves) that
+  codes point into, and sparse `sharding` / `static` maps; `_table_columns` (bytes) the
+  numeric columns, one value per node: int32 `parent`, `kind` (into `KINDS`), `cls` and
+  `summary` codes, then float64 `params` (`_COLUMNS`, `table_columns` reads them back).
 - `_options` (trait, constant): code styles, step methods, and the names behind the codes.
 - `counts`, `code`, `code_style`, `method`, `error`, `losses`, `detail`: small traits, sent
   whole on change.
@@ -130,8 +132,23 @@ _MESSAGES: dict[str, dict[str, Any]] = {
 }
 
 
-def _node_table(tree: ModelTree, entries: list, state_leaves: list, modes: list[int]) -> dict:
-    """The columns the browser needs to draw every row, as compact JSON lists.
+_COLUMNS = ("parent", "kind", "cls", "summary")  # int32 rows of `_table_columns`; then params
+
+
+def table_columns(table: dict, columns: bytes) -> dict[str, list]:
+    """The numeric columns of the node table (`_table_columns`), as lists by name."""
+    n = table["n"]
+    ints = np.frombuffer(columns, "<i4", len(_COLUMNS) * n).reshape(len(_COLUMNS), n)
+    out = {name: row.tolist() for name, row in zip(_COLUMNS, ints)}
+    out["params"] = np.frombuffer(columns, "<f8", n, 4 * len(_COLUMNS) * n).tolist()
+    return out
+
+
+def _node_table(
+    tree: ModelTree, entries: list, state_leaves: list, modes: list[int]
+) -> tuple[dict, bytes]:
+    """The columns the browser needs to draw every row: text and sparse maps as JSON, the
+    numeric columns as bytes (a list per column would cost the kernel more than building it).
 
     Model nodes keep their `ModelTree` index. With a state (`entries` from `state_entries`),
     the state arrays follow as rows `n, n + 1, ...` under the layers that own them (`state`:
@@ -164,7 +181,6 @@ def _node_table(tree: ModelTree, entries: list, state_leaves: list, modes: list[
         else:
             continue
         texts[i] = summary_ids.setdefault(text, len(summary_ids))
-    params = tree.all_params().tolist()
     static = {
         str(i): ", ".join(f"{k}={v}" for k, v in s.items()) for i, s in enumerate(tree.static) if s
     }
@@ -181,22 +197,19 @@ def _node_table(tree: ModelTree, entries: list, state_leaves: list, modes: list[
         for i in range(n)
         if entries and isinstance(tree.objects[i], eqx.nn.StateIndex) and tree.lo[i] == tree.hi[i]
     ]
+    numbers = np.asarray([parent, [kind_code[k] for k in kinds], cls, texts], "<i4")
+    columns = numbers.tobytes() + tree.all_params().astype("<f8").tobytes()
     return {
         "n": n,
         "step": steps,
-        "parent": list(parent),
-        "kind": [kind_code[k] for k in kinds],
-        "cls": cls,
         "classes": list(class_ids),
-        "summary": texts,
         "summaries": list(summary_ids),
-        "params": params,
         "sharding": sharding,
         "static": static,
         "state": state,
         "hidden": hidden,
         "inference": modes,
-    }
+    }, columns
 
 
 def _export(spec: FilterSpec, style: str) -> str:
@@ -252,6 +265,7 @@ class Explorer(anywidget.AnyWidget):
     _css = _STATIC / "widget.css"
 
     _table = t.Dict().tag(sync=True)
+    _table_columns = t.Bytes(b"").tag(sync=True)
     _options = t.Dict().tag(sync=True)
     counts = t.Dict().tag(sync=True)
     code = t.Unicode("").tag(sync=True)
@@ -340,8 +354,10 @@ class Explorer(anywidget.AnyWidget):
         self._status = np.full(nl, NO_STATUS, np.uint8)
         self._norms = np.full((4, nl), np.nan, np.float32)
         self._leaf_details: dict[str, str] = {}
+        table, columns = _node_table(tree, entries, jtu.tree_leaves(state), list(self._mode_fields))
         super().__init__(
-            _table=_node_table(tree, entries, jtu.tree_leaves(state), list(self._mode_fields)),
+            _table=table,
+            _table_columns=columns,
             _options={
                 "styles": list(self._styles),
                 "methods": list(METHODS),

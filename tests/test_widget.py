@@ -24,7 +24,15 @@ from eqx_explorer._examples import StatefulNet, example_model, stateful_loss
 from eqx_explorer._select import match_nodes
 from eqx_explorer._slots import optimizer_slots
 from eqx_explorer._steps import StepProgress
-from eqx_explorer._widget import KINDS, METHODS, NO_STATUS, STATES, STATUSES, Explorer
+from eqx_explorer._widget import (
+    KINDS,
+    METHODS,
+    NO_STATUS,
+    STATES,
+    STATUSES,
+    Explorer,
+    table_columns,
+)
 from tests.strategies import models, random_edits
 
 
@@ -67,6 +75,11 @@ def expected_codes(spec):
     return np.array([STATES.index(spec.node_state(i)) for i in range(len(spec.model_tree))])
 
 
+def full_table(w) -> dict:
+    """The node table as the page reads it: `_table` with the columns of `_table_columns`."""
+    return {**w._table, **table_columns(w._table, w._table_columns)}
+
+
 def table_paths(table):
     paths = [""]
     for i in range(1, table["n"]):
@@ -87,7 +100,7 @@ def widget(model):
 # -- the node table ----------------------------------------------------------------------------
 def test_table_rebuilds_every_row(widget):
     tree = widget.spec.model_tree
-    table = widget._table
+    table = full_table(widget)
     assert table_paths(table) == list(tree.paths)
     assert [KINDS[k] for k in table["kind"]] == list(tree.kind)
     assert [table["classes"][c] for c in table["cls"]] == list(tree.cls)
@@ -118,7 +131,7 @@ def test_paths_rebuilt_by_the_browser_address_the_same_nodes(model, data):
     # (quotes, newlines, "**") must survive the round trip and toggle exactly that node.
     w = Explorer(model)
     tree = w.spec.model_tree
-    paths = table_paths(w._table)
+    paths = table_paths(full_table(w))
     assert paths == list(tree.paths)
     spec = w.spec
     for action, path in data.draw(random_edits(tree)):
@@ -590,7 +603,7 @@ def test_10k_leaf_table_is_compact_and_a_toggle_syncs_one_byte_per_node():
     w = Explorer(model)
     tree = w.spec.model_tree
     assert tree.num_leaves == 10_000
-    payload = len(json.dumps(w._table, separators=(",", ":")))
+    payload = len(json.dumps(w._table, separators=(",", ":"))) + len(w._table_columns)
     assert payload / len(tree) < 40  # bytes per node: columns, not HTML
     w._handle_message({"type": "toggle", "path": "['group7'][3]", "frozen": True})
     state = w.get_state()
@@ -959,7 +972,7 @@ def state_paths(table):
 def test_state_arrays_are_rows_under_their_layer(stateful):
     w = stateful
     tree = w.spec.model_tree
-    table = w._table
+    table = full_table(w)
     bn = tree.find("bn")
     assert state_paths(table) == [
         "bn.ema_first_time_index",

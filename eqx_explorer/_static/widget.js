@@ -314,11 +314,23 @@ function matchNodes(tree, pattern) {
 }
 
 /**
+ * The numeric columns of the node table (`_table_columns`): int32 parent, kind, class and
+ * summary codes per model node, then float64 parameter counts; as plain arrays.
+ */
+function tableColumns(bytes, n) {
+  const buffer = bytesOf(bytes).slice().buffer; // an aligned copy
+  const row = (r) => Array.from(new Int32Array(buffer, 4 * r * n, n));
+  const params = Array.from(new Float64Array(buffer, 16 * n, n));
+  return { parent: row(0), kind: row(1), cls: row(2), summary: row(3), params };
+}
+
+/**
  * The rows from Python's columns: paths, depths, children and each row's slot in the status
  * buffers. Model nodes keep their index (0..table.n-1); the state arrays follow as rows
  * table.n.. under their layers; hidden nodes (StateIndex markers) get no parent link.
  */
-function buildTree(table, options) {
+function buildTree(text, columns, options) {
+  const table = { ...text, ...tableColumns(columns, text.n) };
   const state = table.state;
   const n = table.n + state.parent.length;
   const kind = [...table.kind.map((k) => options.kinds[k]), ...state.parent.map(() => "state")];
@@ -350,7 +362,7 @@ class ExplorerView {
   constructor(model, el) {
     this.model = model;
     this.options = model.get("_options");
-    this.tree = buildTree(model.get("_table"), this.options);
+    this.tree = buildTree(model.get("_table"), model.get("_table_columns"), this.options);
     const { n, leaves } = this.tree;
     // Everything drawn comes from traits, so a saved notebook or an HTML export draws the
     // same state with no kernel: node state codes, and the last report's statuses and norms.

@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 from nbformat.sign import NotebookNotary
 
-from eqx_explorer._widget import STATES, STATUSES
+from eqx_explorer._widget import STATES, STATUSES, table_columns
 
 from .conftest import KERNEL_IDLE, KERNEL_IDLE_MS, PANEL, ROOT, WIDGET_MS, shot
 
@@ -125,7 +125,7 @@ def saved_explorers(notebook: Path) -> list[dict]:
 
 def expected_view(state: dict) -> dict:
     """What the first rows must show, from the saved state: path -> (state, badge)."""
-    table = state["_table"]
+    table = {**state["_table"], **table_columns(state["_table"], state["_table_columns"])}
     paths = [""]
     for i in range(1, table["n"]):
         paths.append(paths[table["parent"][i]] + table["step"][i])
