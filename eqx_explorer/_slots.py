@@ -12,8 +12,6 @@ fails on the proxy and is traced over the whole model instead; one given a label
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
@@ -21,9 +19,16 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._steps import DEFAULT_SLOTS
+from ._spec import FilterSpec
+from ._steps import MASKED, OPTAX_MASK, PARTITION, check_layout, check_method
+from ._tree import ModelTree
 
-__all__ = ["optimizer_slots"]
+__all__ = ["optimizer_slots", "opt_state_bytes", "DEFAULT_SLOTS", "STATE_ON_TRAINABLE"]
+
+# Methods whose optimizer state covers only the trainable leaves (structural layout).
+STATE_ON_TRAINABLE = (PARTITION, OPTAX_MASK)
+# Optimizer-state bytes per float byte of the default optimizer, Adam (mu and nu).
+DEFAULT_SLOTS = 2.0
 
 
 def _nbytes(tree: Any) -> int:
@@ -38,18 +43,12 @@ def _state_bytes(optimizer: Any, params: Any) -> int:
     return _nbytes(jax.eval_shape(optimizer.init, params))
 
 
-def optimizer_slots(
-    model: Any,
-    optimizer: Any = None,
-    leaves: Sequence[Any] | None = None,
-    inexact: Sequence[bool] | np.ndarray | None = None,
-) -> float:
+def optimizer_slots(model: Any, optimizer: Any = None, tree: ModelTree | None = None) -> float:
     """Optimizer-state bytes per float-parameter byte of `optimizer` on `model`.
 
     Nothing is allocated (`jax.eval_shape`); `None` is the runner's default Adam,
-    `DEFAULT_SLOTS`. `leaves` are the model's leaves when the caller has them already
-    (`ModelTree.leaves`): flattening a big model costs more than the measurement; `inexact`
-    (`ModelTree.inexact`) says which of them are float arrays, for the same reason.
+    `DEFAULT_SLOTS`. `tree` is the model's `ModelTree` when the caller has it already: its
+    array types give the proxy without another pass over the leaves.
 
     >>> import optax
     >>> from eqx_explorer._examples import example_model
@@ -58,11 +57,9 @@ def optimizer_slots(
     """
     if optimizer is None:
         return DEFAULT_SLOTS
-    if leaves is None:
-        leaves = jtu.tree_leaves(model)
-    if inexact is None:
-        inexact = [eqx.is_inexact_array(x) for x in leaves]
-    kinds = Counter((x.shape, x.dtype) for x, f in zip(leaves, inexact) if f)
+    tree = ModelTree(model) if tree is None else tree
+    count = np.bincount(tree.array_type[tree.inexact], minlength=len(tree.array_types))
+    kinds = {tree.array_types[t]: int(n) for t, n in enumerate(count) if n}
     total = sum(n * _nbytes(jax.ShapeDtypeStruct(*kind)) for kind, n in kinds.items())
     if not total:
         return 0.0
@@ -75,3 +72,21 @@ def optimizer_slots(
     except Exception:  # an init that needs the model's structure: trace the model itself
         state = _state_bytes(optimizer, eqx.filter(model, eqx.is_inexact_array))
     return state / total
+
+
+def opt_state_bytes(spec: FilterSpec, method: str, slots: float, layout: str = MASKED) -> int:
+    """Estimated optimizer-state bytes of a `StepRunner` (`slots` from `optimizer_slots`).
+
+    The masked layout holds state for every float leaf; the structural one, under
+    `"partition"` and `"optax_mask"`, only for the trainable ones.
+
+    >>> from eqx_explorer._examples import example_model
+    >>> spec = ex.FilterSpec(example_model()).freeze("embed")
+    >>> opt_state_bytes(spec, "partition", 2.0, "structural") == 2 * spec.counts["trainable_bytes"]
+    True
+    """
+    c = spec.counts
+    covered = c["trainable_bytes"]
+    if check_layout(layout) == MASKED or check_method(method) not in STATE_ON_TRAINABLE:
+        covered += c["frozen_bytes"]
+    return int(round(slots * covered))

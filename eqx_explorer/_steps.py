@@ -615,25 +615,6 @@ def check_layout(layout: Any) -> Layout:
     return layout
 
 
-# Methods whose optimizer state covers only the trainable leaves (structural layout).
-STATE_ON_TRAINABLE = (PARTITION, OPTAX_MASK)
-# Optimizer-state bytes per float byte of the default optimizer, Adam (mu and nu).
-DEFAULT_SLOTS = 2.0
-
-
-def opt_state_bytes(spec: FilterSpec, method: str, slots: float, layout: str = MASKED) -> int:
-    """Estimated optimizer-state bytes of a `StepRunner` (see `_slots.optimizer_slots`).
-
-    The masked layout holds state for every float leaf; the structural one, under
-    `"partition"` and `"optax_mask"`, only for the trainable ones.
-    """
-    c = spec.counts
-    covered = c["trainable_bytes"]
-    if check_layout(layout) == MASKED or check_method(method) not in STATE_ON_TRAINABLE:
-        covered += c["frozen_bytes"]
-    return int(round(slots * covered))
-
-
 def _check_loss_fn(loss_fn: Callable, model: Any, state: Any, batch: Any) -> None:
     if not callable(loss_fn):
         raise ExplorerError(f"loss_fn must be callable, got {type(loss_fn).__name__}")

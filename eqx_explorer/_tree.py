@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import sys
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
@@ -279,8 +280,10 @@ class ModelTree:
     Static fields (`eqx.field(static=True)`) are listed in `node.static` of their module,
     not as leaves. `None` fields are nodes of kind `"none"` with no leaves. A place tied by
     `eqx.nn.Shared` is a `SharedNode` leaf: `ties` maps its leaf index to the leaves its
-    `get` reads, and its row says `tied to <source path>`. The model is only read, never
-    copied or changed.
+    `get` reads, and its row says `tied to <source path>`. Each array leaf has a type,
+    `array_types[array_type[leaf]]` (its shape and dtype; -1 for a non-array), so per-type
+    work (row texts, an optimizer's state on a proxy) runs once per type. The model is only
+    read, never copied or changed.
     """
 
     def __init__(self, model: Any):
@@ -377,17 +380,26 @@ class ModelTree:
             )
 
         nl = len(leaves)
-        self.is_array = np.fromiter((eqx.is_array(x) for x in leaves), bool, nl)
-        # One pass over the arrays, dtype facts looked up once per dtype (as
-        # `eqx.is_inexact_array` decides, without its checks on every leaf).
-        facts = [(x, *_dtype_facts(x.dtype)) for x, a in zip(leaves, self.is_array) if a]
+        # A leaf's kind is ARRAY exactly when `eqx.is_array` holds (`_kind_of`).
+        self.is_array = np.fromiter((kinds[i] == ARRAY for i in leaf_node), bool, nl)
         at = np.flatnonzero(self.is_array)
+        # One pass over the arrays: each gets its type, (shape, dtype); the facts of a type
+        # (float or not, as `eqx.is_inexact_array` decides; size; bytes) are looked up once.
+        types: dict[tuple, int] = {}
+        type_of = [
+            types.setdefault((x.shape, x.dtype), len(types)) for x in map(leaves.__getitem__, at)
+        ]
+        self.array_types: tuple[tuple[tuple[int, ...], Any], ...] = tuple(types)
+        self.array_type = np.full(nl, -1, np.int32)
+        self.array_type[at] = type_of
+        facts = [(*_dtype_facts(dtype), math.prod(shape)) for shape, dtype in types]
+        per_type = np.asarray(facts, np.int64).reshape(len(facts), 3)
         self.inexact = np.zeros(nl, bool)
         self.size = np.zeros(nl, np.int64)
         self.nbytes = np.zeros(nl, np.int64)
-        self.inexact[at] = [f for _, f, _ in facts]
-        self.size[at] = [x.size for x, _, _ in facts]
-        self.nbytes[at] = self.size[at] * np.asarray([b for _, _, b in facts], np.int64)
+        self.inexact[at] = per_type[type_of, 0]
+        self.size[at] = per_type[type_of, 2]
+        self.nbytes[at] = per_type[type_of, 1] * per_type[type_of, 2]
         # Prefix sums over leaves: sub-tree totals in O(1).
         self._cum_inexact = np.concatenate([[0], np.cumsum(self.inexact)])
         self._cum_params = np.concatenate([[0], np.cumsum(np.where(self.inexact, self.size, 0))])
@@ -398,6 +410,7 @@ class ModelTree:
         # Specs, runners and widgets share one tree: its arrays are read-only.
         for table in (self.lo, self.hi, self.leaf_node, self.is_array, self.inexact, self.size):
             table.setflags(write=False)
+        self.array_type.setflags(write=False)
         for table in (self.nbytes, self._cum_inexact, self._cum_params):
             table.setflags(write=False)
         self._built = True

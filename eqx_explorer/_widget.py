@@ -70,20 +70,17 @@ from ._codegen import STYLES, Style, to_code
 from ._constraints import RULE_NAMES
 from ._errors import ExplorerError, short_repr
 from ._report import STATUSES, json_float
-from ._slots import optimizer_slots
+from ._slots import DEFAULT_SLOTS, STATE_ON_TRAINABLE, opt_state_bytes, optimizer_slots
 from ._spec import FilterSpec, inference_leaves
 from ._state import state_entries
 from ._steps import (
-    DEFAULT_SLOTS,
     METHODS,
-    STATE_ON_TRAINABLE,
     STRUCTURAL,
     Layout,
     Method,
     StepRunner,
     check_layout,
     check_method,
-    opt_state_bytes,
 )
 from ._summary import summary
 from ._tree import STATES, ModelTree, array_summary
@@ -164,23 +161,20 @@ def _node_table(
     kind_code = {k: j for j, k in enumerate(KINDS)}
     summary_ids: dict[str, int] = {"": 0}
     texts, sharding = [0] * n, {}
-    by_type: dict[tuple, str] = {}  # (dtype, shape) -> text: thousands of arrays, few types
-    objects = tree.objects
+    # An array's text is its type's (thousands of arrays, a few (shape, dtype) types).
+    type_text = [
+        summary_ids.setdefault(array_summary(jax.ShapeDtypeStruct(*kind)), len(summary_ids))
+        for kind in tree.array_types
+    ]
+    arrays = np.flatnonzero(tree.is_array)
+    for i, k in zip(tree.leaf_node[arrays].tolist(), tree.array_type[arrays].tolist()):
+        texts[i] = type_text[k]
+        placed = tree.sharding(i)
+        if placed:
+            sharding[str(i)] = placed
     for i, kind in enumerate(kinds):
-        if kind == "array":
-            x = objects[i]
-            key = (x.dtype, x.shape)
-            text = by_type.get(key)
-            if text is None:
-                text = by_type[key] = tree.summary(i)
-            placed = tree.sharding(i)
-            if placed:
-                sharding[str(i)] = placed
-        elif kind in ("leaf", "none"):
-            text = tree.summary(i)
-        else:
-            continue
-        texts[i] = summary_ids.setdefault(text, len(summary_ids))
+        if kind in ("leaf", "none"):
+            texts[i] = summary_ids.setdefault(tree.summary(i), len(summary_ids))
     static = {
         str(i): ", ".join(f"{k}={v}" for k, v in s.items()) for i, s in enumerate(tree.static) if s
     }
@@ -339,7 +333,7 @@ class Explorer(anywidget.AnyWidget):
         self._lock = threading.RLock()
         self._worker: threading.Thread | None = None
         tree = self._tree
-        self._slots = optimizer_slots(model, optimizer, tree.leaves, tree.inexact)
+        self._slots = optimizer_slots(model, optimizer, tree)
         self._spec = spec
         self._codes = spec.state_codes()
         entries = state_entries(model, state) if state is not None else []

@@ -524,8 +524,7 @@ def test_runner_trains_the_model_it_is_given_not_the_specs():
 def test_optimizer_state_estimate_is_headless_and_matches_the_runner():
     from eqx_explorer import FilterSpec, StepRunner
     from eqx_explorer._examples import example_batch, example_model, mse_loss
-    from eqx_explorer._slots import optimizer_slots
-    from eqx_explorer._steps import opt_state_bytes
+    from eqx_explorer._slots import opt_state_bytes, optimizer_slots
 
     model = example_model()
     spec = FilterSpec(model).freeze("blocks")
