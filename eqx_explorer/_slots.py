@@ -43,6 +43,12 @@ def _state_bytes(optimizer: Any, params: Any) -> int:
     return _nbytes(jax.eval_shape(optimizer.init, params))
 
 
+def _states_bytes(optimizer: Any, proxies: list) -> list[int]:
+    """`_state_bytes` of each of `proxies`, traced together (one `eval_shape`, not one each)."""
+    states = jax.eval_shape(lambda ps: [optimizer.init(p) for p in ps], proxies)
+    return [_nbytes(state) for state in states]
+
+
 def optimizer_slots(model: Any, optimizer: Any = None, tree: ModelTree | None = None) -> float:
     """Optimizer-state bytes per float-parameter byte of `optimizer` on `model`.
 
@@ -63,12 +69,11 @@ def optimizer_slots(model: Any, optimizer: Any = None, tree: ModelTree | None = 
     total = sum(n * _nbytes(jax.ShapeDtypeStruct(*kind)) for kind, n in kinds.items())
     if not total:
         return 0.0
-    try:
-        shared = _state_bytes(optimizer, [])
-        state = shared + sum(
-            n * (_state_bytes(optimizer, [jax.ShapeDtypeStruct(*kind)]) - shared)
-            for kind, n in kinds.items()
+    try:  # the shared state (no leaf), then one leaf of each kind
+        shared, *each = _states_bytes(
+            optimizer, [[], *([jax.ShapeDtypeStruct(*kind)] for kind in kinds)]
         )
+        state = shared + sum(n * (b - shared) for n, b in zip(kinds.values(), each))
     except Exception:  # an init that needs the model's structure: trace the model itself
         state = _state_bytes(optimizer, eqx.filter(model, eqx.is_inexact_array))
     return state / total
