@@ -38,7 +38,7 @@ import numpy as np
 from ._constraints import retract
 from ._errors import ExplorerError
 from ._state import has_state
-from ._tree import FROZEN, LIST, MIXED, TRAINABLE, TUPLE, ModelTree
+from ._tree import FROZEN, LIST, MIXED, STATES, TRAINABLE, TUPLE, ModelTree
 
 if TYPE_CHECKING:  # for annotations only: `FilterSpec.to_code` calls this module
     from ._spec import FilterSpec
@@ -79,15 +79,17 @@ def _plan(spec: FilterSpec) -> _Plan:
     tree = spec.model_tree
     trainable: list[int] = []
     frozen: list[int] = []
+    codes = spec.state_codes().tolist()  # every node's state in one pass, as `STATES` codes
+    on, off, mixed = (STATES.index(s) for s in (TRAINABLE, FROZEN, MIXED))
     stack = [0]
     while stack:
         node = stack.pop()
-        state = spec.node_state(node)
-        if state == TRAINABLE:
+        code = codes[node]
+        if code == on:
             trainable.append(node)
-        elif state == FROZEN:
+        elif code == off:
             frozen.append(node)
-        elif state == MIXED:
+        elif code == mixed:
             stack.extend(reversed(tree.children[node]))
         # STATIC: no float array below, `False` from either start; never targeted.
     return _Plan(spec, trainable, frozen)
