@@ -44,8 +44,10 @@ def loss_fn(m, x):
 
 
 spec = ex.FilterSpec(model).freeze("layers[0]")
-report = ex.StepRunner(model, spec, loss_fn, batch).step(1)
+runner = ex.StepRunner(model, spec, loss_fn, batch)
+report = runner.step(1)
 assert report.ok, report.error
+runner.wait_ready()  # the programs built in the background are written too
 out = {{"hits": events.count({HIT!r}), "writes": events.count({WRITE!r}), "loss": report.loss}}
 print(json.dumps(out))
 """
