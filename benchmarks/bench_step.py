@@ -10,9 +10,10 @@ with ~4.2M parameters, half frozen, Adam, on the default masked layout:
 4. `step(30)` on the masked program vs the loop: the price of one program for every spec
    (frozen leaves' gradients are computed, then masked). Informational.
 5. `step(30)` on the program specialised to the spec (masks compiled in; the first answer
-   builds it; a spec run long also gets a variant whose inner steps write in place, built in
-   the background), vs the loop (<= 1.05).
-6. 30 x `step(1)` vs the loop (<= 1.15), on the specialised program.
+   builds it; a spec run long also gets a variant that writes into the buffers of an earlier
+   step, built in the background), vs the loop (<= 1.05).
+6. 30 x `step(1)` vs the loop (<= 1.15), on the specialised program (each call writes into
+   the previous call's buffers and audits in the same program).
 7. Seconds until the masked program (built in the background after the first answer) is
    ready, vs the first answer: until then a click waits for it instead of recompiling.
 8. Optimizer-state bytes of the masked layout vs 2x all float bytes (Adam's mu and nu over
@@ -163,7 +164,7 @@ def main() -> list[dict]:
     rows.append(_row(f"step({STEPS}) masked program vs the loop", t, b, "info", r))
 
     runner.step(STEPS)
-    runner.wait_ready()  # the in-place variant for long runs, built in the background
+    runner.wait_ready()  # the recycling variant, built in the background
     t, b, r = _paired(lambda: runner.step(STEPS), lambda: baseline(STEPS))
     assert runner.program == "specialised"
     rows.append(_row(f"step({STEPS}) specialised program vs the loop", t, b, "<= 1.05", r))

@@ -17,8 +17,13 @@ from hypothesis import strategies as st
 from eqx_explorer import ExplorerError, FilterSpec, StepRunner
 from eqx_explorer._codegen import STYLES, _literal, to_code
 from eqx_explorer._examples import Hypernet, TinyTransformer, example_batch, mse_loss
-from tests.helpers import assert_rebuilds, assert_ruff_clean
-from tests.strategies import models, random_edits, random_lr_factors
+from tests.helpers import (
+    assert_rebuilds,
+    assert_ruff_clean,
+    models,
+    random_edits,
+    random_lr_factors,
+)
 
 INJECTION = '"]; import os; os.system("x") #'
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from eqx_explorer import ExplorerError, FilterSpec, summary
 from eqx_explorer._examples import Hypernet, example_model
 from eqx_explorer._spec import STATES
-from tests.strategies import models, random_edits, random_lr_factors
+from tests.helpers import models, random_edits, random_lr_factors
 
 KEY = jax.random.key(0)
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from eqx_explorer import ExplorerError, ModelTree, _tree
 from eqx_explorer._examples import example_model
 from eqx_explorer._tree import array_summary
-from tests.strategies import models
+from tests.helpers import models
 
 KEY = jax.random.key(0)
 

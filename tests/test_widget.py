@@ -33,7 +33,7 @@ from eqx_explorer._widget import (
     Explorer,
     table_columns,
 )
-from tests.strategies import models, random_edits
+from tests.helpers import models, random_edits
 
 
 class Sent:
