@@ -723,27 +723,6 @@ def test_a_dead_parameter_moved_by_weight_decay_is_flagged():
     assert "zero gradient" in dead.detail and "zero gradient" not in alive.detail
 
 
-def test_long_runs_recycle_buffers_and_keep_the_users_arrays():
-    # A spec run long gets a specialised program whose steps write into the buffers of an
-    # earlier step; the user's model, and a model read from the runner earlier, stay intact.
-    spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
-    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adamw"])
-    runner.step(SPECIALISE_AFTER)
-    assert runner.wait_ready(timeout=300)
-    assert list(runner._donors.values()) == [True]
-    earlier = runner.model
-    snapshot = [np.asarray(x) for x in jtu.tree_leaves(eqx.filter(earlier, eqx.is_array))]
-    runner.step(5)
-    assert runner.compile_count == 1
-    expected = hand_written(spec, "partition", EQ_OPTIMIZERS["adamw"], SPECIALISE_AFTER + 5)
-    arrays = lambda m: jtu.tree_leaves(eqx.filter(m, eqx.is_array))  # noqa: E731
-    for got, want in zip(arrays(runner.model), arrays(expected)):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)
-    for x, y in zip(arrays(earlier), snapshot):  # not donated away
-        np.testing.assert_array_equal(np.asarray(x), y)
-    assert all(np.isfinite(np.asarray(x)).all() for x in arrays(EQ_MODEL))
-
-
 def _counting_recycled(runner: StepRunner) -> list:
     calls: list = []
     recycled = runner._recycled
@@ -755,17 +734,48 @@ def _arrays(tree) -> list:
     return jtu.tree_leaves(eqx.filter(tree, eqx.is_array))
 
 
+RECYCLED_SPEC = [1.0, 1.0, 0.0, 0.0, 0.5, 1.0]  # learning-rate factors; 0 = frozen
+
+
+def long_run(optimizer: str) -> tuple[FilterSpec, StepRunner]:
+    """A runner whose spec has run `SPECIALISE_AFTER` steps, its recycling program built."""
+    spec = eq_spec(RECYCLED_SPEC)
+    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS[optimizer])
+    runner.step(SPECIALISE_AFTER)
+    assert runner.wait_ready(timeout=300)
+    return spec, runner
+
+
+def assert_hand_written(runner: StepRunner, spec: FilterSpec, optimizer: str, n: int) -> None:
+    """The runner's model is the hand-written loop's after `n` steps."""
+    expected = hand_written(spec, "partition", EQ_OPTIMIZERS[optimizer], n)
+    for x, y in zip(_arrays(runner.model), _arrays(expected)):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+
+
+def test_long_runs_recycle_buffers_and_keep_the_users_arrays():
+    # A spec run long gets a specialised program whose steps write into the buffers of an
+    # earlier step; the user's model, and a model read from the runner earlier, stay intact.
+    spec, runner = long_run("adamw")
+    assert list(runner._donors.values()) == [True]
+    earlier = runner.model
+    snapshot = [np.asarray(x) for x in _arrays(earlier)]
+    runner.step(5)
+    assert runner.compile_count == 1
+    assert_hand_written(runner, spec, "adamw", SPECIALISE_AFTER + 5)
+    for x, y in zip(_arrays(earlier), snapshot):  # not donated away
+        np.testing.assert_array_equal(np.asarray(x), y)
+    assert all(np.isfinite(np.asarray(x)).all() for x in _arrays(EQ_MODEL))
+
+
 def test_single_steps_recycle_the_buffers_of_the_step_before():
     # A call of one step writes into the buffers of the call before (which only the runner
     # held) and audits in the same program: same steps and same report as without.
-    spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
-    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adam"])
+    spec, runner = long_run("adam")
     plain = StepRunner(
         EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adam"], specialise=False
     )
-    runner.step(SPECIALISE_AFTER)
     plain.step(SPECIALISE_AFTER)
-    assert runner.wait_ready(timeout=300)
     calls = _counting_recycled(runner)
     for _ in range(4):
         got, want = runner.step(1), plain.step(1)
@@ -781,10 +791,7 @@ def test_single_steps_recycle_the_buffers_of_the_step_before():
 
 
 def test_arrays_read_from_the_runner_are_never_recycled():
-    spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
-    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adam"])
-    runner.step(SPECIALISE_AFTER)
-    assert runner.wait_ready(timeout=300)
+    spec, runner = long_run("adam")
     calls = _counting_recycled(runner)
     for _ in range(3):
         runner.step(1)
@@ -797,16 +804,11 @@ def test_arrays_read_from_the_runner_are_never_recycled():
         assert not x.is_deleted()
         np.testing.assert_array_equal(np.asarray(x), y)
     assert all(not x.is_deleted() for x in _arrays(EQ_MODEL))
-    expected = hand_written(spec, "partition", EQ_OPTIMIZERS["adam"], SPECIALISE_AFTER + 6)
-    for x, y in zip(_arrays(runner.model), _arrays(expected)):
-        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+    assert_hand_written(runner, spec, "adam", SPECIALISE_AFTER + 6)
 
 
 def test_a_failed_recycled_step_keeps_the_last_good_arrays():
-    spec = eq_spec([1.0, 1.0, 0.0, 0.0, 0.5, 1.0])
-    runner = StepRunner(EQ_MODEL, spec, eq_loss, EQ_BATCH, optimizer=EQ_OPTIMIZERS["adam"])
-    runner.step(SPECIALISE_AFTER)
-    assert runner.wait_ready(timeout=300)
+    spec, runner = long_run("adam")
     runner.step(1)
     calls = _counting_recycled(runner)
     good = [np.array(x) for x in runner._leaves if eqx.is_array(x)]  # not handed out
@@ -817,6 +819,4 @@ def test_a_failed_recycled_step_keeps_the_last_good_arrays():
         np.testing.assert_array_equal(np.asarray(x), y)
     runner.batch = EQ_BATCH
     assert runner.step(2).ok
-    expected = hand_written(spec, "partition", EQ_OPTIMIZERS["adam"], SPECIALISE_AFTER + 3)
-    for x, y in zip(_arrays(runner.model), _arrays(expected)):
-        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+    assert_hand_written(runner, spec, "adam", SPECIALISE_AFTER + 3)
