@@ -2,6 +2,8 @@
 
 import ast
 import collections
+import functools
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -147,7 +149,9 @@ class TinyBlock(eqx.Module):
         self.mlp = eqx.nn.Linear(2, 2, key=k2)
 
 
-def example_specs() -> dict[str, FilterSpec]:
+@functools.cache
+def example_models() -> dict[str, Any]:
+    """The models the example specs are built on, on first use (their init compiles)."""
     tiny = TinyTransformer(jax.random.key(0))
     hyper = Hypernet(jax.random.key(0))
     stateful, state = eqx.nn.make_with_state(Stateful)(jax.random.key(4))
@@ -164,54 +168,103 @@ def example_specs() -> dict[str, FilterSpec]:
         lambda m: getattr(m["odd"], "class")["k"],
     )
     return {
-        "tiny_attn": FilterSpec(tiny).freeze("embed", "blocks[*].attn"),
-        "tiny_all_trainable": FilterSpec(tiny),
-        "tiny_all_frozen": FilterSpec(tiny).freeze("**"),
-        "tiny_head_only": FilterSpec(tiny).freeze("**").unfreeze("head"),
-        "hyper_only_hypernet": FilterSpec(hyper).freeze("**").unfreeze("hyper_net"),
-        "hyper_mixed": FilterSpec(hyper).freeze("target", "hyper_net.layers[0].bias"),
-        "odd_keys": odd_spec,
-        "odd_keys_trainable_few": FilterSpec(odd).freeze("**").unfreeze(odd_spec.frozen_paths()[0]),
-        "with_none": FilterSpec(with_none_model()).freeze("pair.right", "linear.bias"),
-        "stateful": FilterSpec(stateful).freeze("norm"),
-        "stateful_inference": FilterSpec(stateful).freeze("norm").inference("norm"),
-        "stateful_with_state": FilterSpec((stateful, state)).freeze("[1]", "[0].linear.bias"),
-        "stateful_with_state_inference": FilterSpec((stateful, state))
-        .freeze("[1]")
-        .inference("[0].norm"),
-        "hyper_training_mode": FilterSpec(hyper).inference("dropout", on=False),
-        "odd_inference": FilterSpec(odd_inference_model())
+        "tiny": tiny,
+        "hyper": hyper,
+        "stateful": stateful,
+        "state": state,
+        "scan": scan,
+        "odd": odd,
+        "odd_spec": odd_spec,
+    }
+
+
+# name -> the spec, built from `example_models()`.
+SPEC_BUILDERS: dict[str, Callable[[dict[str, Any]], FilterSpec]] = {
+    "tiny_attn": lambda built: FilterSpec(built["tiny"]).freeze("embed", "blocks[*].attn"),
+    "tiny_all_trainable": lambda built: FilterSpec(built["tiny"]),
+    "tiny_all_frozen": lambda built: FilterSpec(built["tiny"]).freeze("**"),
+    "tiny_head_only": lambda built: FilterSpec(built["tiny"]).freeze("**").unfreeze("head"),
+    "hyper_only_hypernet": lambda built: (
+        FilterSpec(built["hyper"]).freeze("**").unfreeze("hyper_net")
+    ),
+    "hyper_mixed": lambda built: FilterSpec(built["hyper"]).freeze(
+        "target", "hyper_net.layers[0].bias"
+    ),
+    "odd_keys": lambda built: built["odd_spec"],
+    "odd_keys_trainable_few": lambda built: (
+        FilterSpec(built["odd"]).freeze("**").unfreeze(built["odd_spec"].frozen_paths()[0])
+    ),
+    "with_none": lambda built: FilterSpec(with_none_model()).freeze("pair.right", "linear.bias"),
+    "stateful": lambda built: FilterSpec(built["stateful"]).freeze("norm"),
+    "stateful_inference": lambda built: (
+        FilterSpec(built["stateful"]).freeze("norm").inference("norm")
+    ),
+    "stateful_with_state": lambda built: FilterSpec((built["stateful"], built["state"])).freeze(
+        "[1]", "[0].linear.bias"
+    ),
+    "stateful_with_state_inference": lambda built: (
+        FilterSpec((built["stateful"], built["state"])).freeze("[1]").inference("[0].norm")
+    ),
+    "hyper_training_mode": lambda built: FilterSpec(built["hyper"]).inference("dropout", on=False),
+    "odd_inference": lambda built: (
+        FilterSpec(odd_inference_model())
         .freeze(lambda m: getattr(m["odd"], "class"))
         .inference(
             lambda m: m["text"][INJECTION],
             lambda m: getattr(m["odd"], "my field"),
             '["blocks"][*]',
         )
-        .inference("""["text"]["it's"]""", on=False),
-        "nan_key_inference": FilterSpec({"d": {float("nan"): eqx.nn.Dropout(0.1)}, "w": arr()})
+        .inference("""["text"]["it's"]""", on=False)
+    ),
+    "nan_key_inference": lambda built: (
+        FilterSpec({"d": {float("nan"): eqx.nn.Dropout(0.1)}, "w": arr()})
         .freeze('["w"]')
-        .inference("**"),
-        "shared": FilterSpec(shared_model()).freeze("pytree[0].bias"),
-        "scan_mlp": FilterSpec(scan).freeze("layers[1].weight"),  # all stacked hidden layers
-        "blocks_run": FilterSpec(blocks_model()).freeze(
-            *[f'["blocks"][{i}].attn' for i in range(2, 9)], '["blocks"][11]'
-        ),
-        "no_float_arrays": FilterSpec({"ids": jnp.arange(3), "act": jax.nn.relu}),
-        "tiny_llrd": FilterSpec(tiny)
+        .inference("**")
+    ),
+    "shared": lambda built: FilterSpec(shared_model()).freeze("pytree[0].bias"),
+    "scan_mlp": lambda built: FilterSpec(built["scan"]).freeze("layers[1].weight"),  # stacked
+    "blocks_run": lambda built: FilterSpec(blocks_model()).freeze(
+        *[f'["blocks"][{i}].attn' for i in range(2, 9)], '["blocks"][11]'
+    ),
+    "no_float_arrays": lambda built: FilterSpec({"ids": jnp.arange(3), "act": jax.nn.relu}),
+    "tiny_llrd": lambda built: (
+        FilterSpec(built["tiny"])
         .freeze("embed")
         .layerwise_decay("blocks", 0.5)
-        .scale_lr("head.bias", 2.0),
-        "blocks_llrd": FilterSpec(blocks_model()).layerwise_decay('["blocks"]', 0.9),
-        "odd_keys_groups": FilterSpec(odd)
+        .scale_lr("head.bias", 2.0)
+    ),
+    "blocks_llrd": lambda built: FilterSpec(blocks_model()).layerwise_decay('["blocks"]', 0.9),
+    "odd_keys_groups": lambda built: (
+        FilterSpec(built["odd"])
         .scale_lr(lambda m: m["text"][INJECTION], 0.5)
-        .scale_lr(lambda m: (m["floats"][1e16], getattr(m["odd"], "class")), 1e-05),
-        "stateful_with_state_groups": FilterSpec((stateful, state))
-        .freeze("[1]")
-        .scale_lr("[0].linear", 0.1),
-    }
+        .scale_lr(lambda m: (m["floats"][1e16], getattr(m["odd"], "class")), 1e-05)
+    ),
+    "stateful_with_state_groups": lambda built: (
+        FilterSpec((built["stateful"], built["state"])).freeze("[1]").scale_lr("[0].linear", 0.1)
+    ),
+}
 
 
-SPECS = example_specs()
+class _Specs(Mapping):
+    """`SPEC_BUILDERS` as a mapping name -> spec, each spec built on first use, so collecting
+    the tests (every worker imports this module) compiles nothing."""
+
+    def __getitem__(self, name: str) -> FilterSpec:
+        return _spec(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(SPEC_BUILDERS)
+
+    def __len__(self) -> int:
+        return len(SPEC_BUILDERS)
+
+
+@functools.cache
+def _spec(name: str) -> FilterSpec:
+    return SPEC_BUILDERS[name](example_models())
+
+
+SPECS = _Specs()
 
 
 # -- the contract -------------------------------------------------------------------------------
