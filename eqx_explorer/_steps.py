@@ -1722,7 +1722,7 @@ class StepRunner:
 
     def _specialise(self, layout: _Layout) -> None:
         """Build, in the background, the program specialised to `layout` (unless the first
-        answer built it) and its donating variant, for long runs."""
+        answer built it) and its recycling variant, for long runs."""
         key = layout.key
         if key in self._donors or isinstance(self._special.get(key), _Unbuilt | str):
             return
