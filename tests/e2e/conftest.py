@@ -80,6 +80,12 @@ class Server:
     def page_url(self, path: str) -> str:
         return f"{self.url}/{path.lstrip('/')}?token={self.token}"
 
+    def lab_url(self, notebook: str) -> str:
+        """JupyterLab opening `notebook` (a path in the root) in a workspace of its own: the
+        default workspace would reopen the notebooks other tests opened, beside it."""
+        workspace = notebook.removesuffix(".ipynb").replace("/", "-")
+        return self.page_url(f"lab/workspaces/{workspace}/tree/{notebook}")
+
     def log_tail(self, n: int = 4000) -> str:
         try:
             return self.log.read_text(errors="replace")[-n:]
@@ -305,8 +311,7 @@ def notebook(server, name: str, *cells: str) -> str:
     path = server.root / "steps" / f"{name}.ipynb"
     path.parent.mkdir(exist_ok=True)
     nbformat.write(nb, path)
-    # its own workspace: the default one would reopen the other tests' notebooks
-    return server.page_url(f"lab/workspaces/{name}/tree/steps/{name}.ipynb")
+    return server.lab_url(f"steps/{name}.ipynb")
 
 
 def wait_js(page, condition: str, timeout: float = ACTION_MS) -> float:

@@ -224,7 +224,7 @@ def test_reopened_saved_notebook_shows_saved_state_before_any_cell_runs(
     # Outputs a user ran and saved are trusted (the server shares this user's notary);
     # JupyterLab shows only the text fallback of an untrusted widget output.
     NotebookNotary().sign(nbformat.read(target, as_version=4))
-    page.goto(jupyter_server.page_url("lab/tree/saved/00_tour.ipynb"))
+    page.goto(jupyter_server.lab_url("saved/00_tour.ipynb"))
     # JupyterLab's widget manager reads a notebook's saved widgets once a (fresh) kernel is
     # connected; no cell runs here, so the rows can only come from the notebook's metadata.
     page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=250)

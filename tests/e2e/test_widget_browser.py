@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_tour_in_jupyterlab(page, jupyter_server):
-    open_and_run_all(page, jupyter_server.page_url("lab/tree/lab/00_tour.ipynb"))
+    open_and_run_all(page, jupyter_server.lab_url("lab/00_tour.ipynb"))
     root = page.locator(".eqxe-root").first
     shot(page, "lab-1-after-run-all")
 
