@@ -33,8 +33,12 @@ demo: $(STAMP)
 		--IdentityProvider.token=$(EQX_EXPLORER_TOKEN) --ServerApp.root_dir=$(CURDIR) \
 		notebooks/00_tour.ipynb
 
+# Bytecode is written even where the machine sets PYTHONDONTWRITEBYTECODE (this one does): the
+# run starts about 20 Python processes (workers, kernels, the Binder venv's notebooks), and each
+# would otherwise compile the same sources again (0.5 s for the package, 2-3 s for JAX in the
+# Binder venv, which uv installs without compiling, where pip, as Binder runs it, compiles).
 test: $(STAMP) chromium lint
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
