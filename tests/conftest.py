@@ -13,10 +13,15 @@ compiling them is most of their time (a sixth less with the flag). XLA's graph p
 decide what a program computes, still run. Kernels, notebooks and scripts the tests start run
 long loops, which the flag slows more than it speeds their compiles (a notebook of 300 steps
 took three times as long), so they, like `make bench`, compile at XLA's default level.
+
+Workers (`--dist loadfile`) take the browser tests as one unit, and first (a custom
+scheduler): one JupyterLab server and one Chromium then serve them all, where each worker
+started its own.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import shutil
 import tempfile
@@ -45,6 +50,29 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ["XLA_FLAGS"] = flags
     jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """With `--dist loadfile`, workers take whole files, so that module-level caches are
+    built once, and the browser tests (tests/e2e) as one unit, first: one JupyterLab server
+    and one Chromium serve them all, not one per worker, and the longest unit starts first."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class _Scheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            return "tests/e2e" if scope.startswith("tests/e2e/") else scope
+
+    config.option.loadscopereorder = False  # the order of `pytest_collection_modifyitems`
+    return _Scheduling(config, log)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The browser tests first, then the files with the most tests (xdist's own order).
+    counts = collections.Counter(item.path for item in items)
+    items.sort(key=lambda item: ("e2e" not in item.path.parts, -counts[item.path]))
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
