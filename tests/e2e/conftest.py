@@ -285,9 +285,9 @@ def shot(page, name: str) -> None:
 
 def open_and_run_all(page, url: str) -> None:
     page.goto(url)
-    page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=250)
+    page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=100)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
-    page.wait_for_function(ALL_RAN, timeout=RUN_ALL_MS, polling=500)
+    page.wait_for_function(ALL_RAN, timeout=RUN_ALL_MS, polling=100)
     errors = page.evaluate(CELL_ERRORS)
     assert not errors, "a cell failed:\n" + "\n\n".join(errors)[-6000:]
     page.wait_for_selector(".eqxe-root .eqxe-row[data-path]", timeout=WIDGET_MS)

@@ -227,7 +227,7 @@ def test_reopened_saved_notebook_shows_saved_state_before_any_cell_runs(
     page.goto(jupyter_server.lab_url("saved/00_tour.ipynb"))
     # JupyterLab's widget manager reads a notebook's saved widgets once a (fresh) kernel is
     # connected; no cell runs here, so the rows can only come from the notebook's metadata.
-    page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=250)
+    page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=100)
     page.wait_for_selector(".eqxe-root .eqxe-row[data-path]", timeout=WIDGET_MS)
     page.locator(".eqxe-root").first.scroll_into_view_if_needed()
     shot(page, "saved-notebook-reopened")
