@@ -114,10 +114,12 @@ def test_progress_stop_and_a_toggle_while_steps_run(page, jupyter_server):
     shot(page, "steps-3-stopped")
 
     # w.step(n) from Python blocks the kernel and shows the same progress (no Stop: the page
-    # cannot reach a busy kernel; interrupting it can).
+    # cannot reach a busy kernel; interrupting it can). Back on the spec the run started with,
+    # which has its own program: the toggled spec would wait for the masked program, which
+    # may still be building in the background (seconds this test does not need).
     page.evaluate(
         f"""() => ({PANEL})().sessionContext.session.kernel.requestExecute(
-              {{ code: 'report = slow.step(500)' }})"""
+              {{ code: 'slow.unfreeze("head"); report = slow.step(500)' }})"""
     )
     wait_js(page, f"/^step [\\d,]+ \\/ 500/.test({PROGRESS}.textContent)")
     assert w.locator(".eqxe-stop").is_hidden()
