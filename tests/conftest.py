@@ -52,6 +52,7 @@ def pytest_configure(config: pytest.Config) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown without it
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """With `--dist loadfile`, workers take whole files, so that module-level caches are
     built once, and the browser tests (tests/e2e) as one unit, first: one JupyterLab server
