@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import equinox as eqx
 import jax
@@ -732,6 +733,35 @@ def _counting_recycled(runner: StepRunner) -> list:
 
 def _arrays(tree) -> list:
     return jtu.tree_leaves(eqx.filter(tree, eqx.is_array))
+
+
+def test_a_toggle_before_the_masked_program_is_built_waits_for_it_and_says_so(monkeypatch):
+    # The first answer compiles its spec's own program; the masked one, which every other
+    # spec runs on, builds in the background after it. A spec changed before that build is
+    # done waits for it, reporting "compiling", and compiles nothing in the foreground.
+    runner = StepRunner(EQ_MODEL, eq_spec([1.0] * 6), eq_loss, EQ_BATCH)
+    gate, build = threading.Event(), runner._warm_masked
+    monkeypatch.setattr(runner, "_warm_masked", lambda: (gate.wait(60), build()))
+    assert runner.step(1).ok and runner.compile_count == 1
+    runner.set_spec(eq_spec(RECYCLED_SPEC))
+    phases: list[str] = []
+    told, reports = threading.Event(), []
+
+    def progress(p) -> None:
+        phases.append(p.phase)
+        told.set()
+
+    step = threading.Thread(target=lambda: reports.append(runner.step(1, progress=progress)))
+    step.start()
+    try:
+        assert told.wait(60) and phases[0] == "compiling"
+        step.join(1.0)  # compiling the masked program here would take well under a second
+        assert step.is_alive()  # still waiting for the background's build
+    finally:
+        gate.set()
+        step.join(60)
+    assert reports[0].ok and phases[-1] == "running" and runner.program == "masked"
+    assert runner.compile_count == 1 and runner.background_compile_count == 1
 
 
 RECYCLED_SPEC = [1.0, 1.0, 0.0, 0.0, 0.5, 1.0]  # learning-rate factors; 0 = frozen
