@@ -80,19 +80,6 @@ class Server:
     def page_url(self, path: str) -> str:
         return f"{self.url}/{path.lstrip('/')}?token={self.token}"
 
-    def shutdown_kernels(self) -> None:
-        """Stop every kernel: a test's kernel may still compile in the background (the
-        next program a Step would need), which only slows the tests after it."""
-        auth = {"Authorization": f"token {self.token}"}
-        request = urllib.request.Request(f"{self.url}/api/kernels", headers=auth)
-        with urllib.request.urlopen(request, timeout=30) as r:
-            kernels = json.load(r)
-        for kernel in kernels:
-            url = f"{self.url}/api/kernels/{kernel['id']}"
-            stop = urllib.request.Request(url, method="DELETE", headers=auth)
-            with urllib.request.urlopen(stop, timeout=30):
-                pass
-
     def lab_url(self, notebook: str) -> str:
         """JupyterLab opening `notebook` (a path in the root) in a workspace of its own: the
         default workspace would reopen the notebooks other tests opened, beside it."""
@@ -230,7 +217,6 @@ def page(browser, jupyter_server, request):
                 pass
             (ARTIFACTS / f"{name}-console.log").write_text("\n".join(console))
         context.close()
-        jupyter_server.shutdown_kernels()
 
 
 # -- helpers for the browser tests ----------------------------------------------------------
