@@ -11,8 +11,8 @@ In the test processes XLA compiles with LLVM's optimizations off
 (`--xla_backend_optimization_level=0`): these tests check what small programs compute, and
 compiling them is most of their time (a sixth less with the flag). XLA's graph passes, which
 decide what a program computes, still run. Kernels, notebooks and scripts the tests start run
-long loops, which the flag slows more than it speeds their compiles (a notebook of 300 steps
-took three times as long), so they, like `make bench`, compile at XLA's default level.
+long loops, which the flag slows more than it speeds their compiles (notebook 06 took three
+times as long), so they, like `make bench`, compile at XLA's default level.
 
 Workers (`--dist loadfile`) take the browser tests as one unit, and first (a custom
 scheduler): one JupyterLab server and one Chromium then serve them all, where each worker
@@ -66,7 +66,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
             scope = super()._split_scope(nodeid)
             return "tests/e2e" if scope.startswith("tests/e2e/") else scope
 
-    config.option.loadscopereorder = False  # the order of `pytest_collection_modifyitems`
+    config.option.loadscopereorder = False  # keep the order `pytest_collection_modifyitems` set
     return _Scheduling(config, log)
 
 
