@@ -12,8 +12,10 @@ import jax.tree_util as jtu
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from eqx_explorer import ExplorerError, FilterSpec
+from eqx_explorer import ExplorerError, FilterSpec, _steps
 from eqx_explorer._steps import SPECIALISE_AFTER, StepRunner
 
 
@@ -246,6 +248,67 @@ def test_structural_layout_compiles_once_per_spec_and_method():
     # The first visit of the full spec under optax_mask (its labels); partition saw it at
     # the start, and stop_gradient with nothing frozen and "none" are the same program.
     assert runner.compile_count == seen + 1
+
+
+def _reported(report) -> list:
+    """(path, status, grad, update and delta norms) of every row; NaN for no norm."""
+    rows = [*report.leaves, *report.state_leaves]
+    norms = [(r.grad_norm, r.update_norm, r.delta_norm) for r in rows]
+    return [
+        (r.path, r.status, *(np.nan if x is None else x for x in n)) for r, n in zip(rows, norms)
+    ]
+
+
+def test_small_audits_stay_on_numpy_and_large_ones_compile_to_the_same_report(
+    net, batch, monkeypatch
+):
+    def run() -> tuple[list, int]:
+        before = _steps._audit_call._cache_size()
+        runner = StepRunner(net, FilterSpec(net), mse, batch, layout="structural")
+        reports = []
+        for spec in (FilterSpec(net), FilterSpec(net).freeze("head"), FilterSpec(net)):
+            runner.set_spec(spec)
+            reports.append(_reported(runner.step(2)))
+            assert runner.wait_ready(timeout=120)
+            reports.append(_reported(runner.step(1)))
+        return reports, _steps._audit_call._cache_size() - before
+
+    on_host, compiled = run()
+    assert compiled == 0  # a few hundred elements: NumPy's audit, nothing built
+    monkeypatch.setattr(_steps, "AUDIT_COMPILE_ELEMENTS", 0)
+    on_device, compiled = run()
+    assert compiled == 2  # a program per set of leaves: all of them, and all but the head's
+    for host, device in zip(on_host, on_device):
+        assert [r[:2] for r in host] == [r[:2] for r in device]
+        np.testing.assert_allclose(
+            [r[2:] for r in host], [r[2:] for r in device], rtol=1e-6, equal_nan=True
+        )
+
+
+# Values where NumPy and XLA could disagree: signed zeros, NaN, infinities, overflow.
+_odd = st.sampled_from([0.0, -0.0, 1.5, -2.0, np.nan, np.inf, -np.inf, 3e38])
+
+
+def _floats(shape: tuple) -> st.SearchStrategy:
+    n = int(np.prod(shape))
+    return st.lists(_odd, min_size=n, max_size=n).map(
+        lambda v: jnp.asarray(np.reshape(np.asarray(v, np.float32), shape))
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(_floats((3,)), _floats((2, 2))), min_size=4, max_size=4),
+    st.lists(st.integers(-2, 2), min_size=2, max_size=2),
+    st.booleans(),
+)
+def test_host_audit_equals_the_compiled_audit(leaves, ints, first):
+    begin, before, end, grads = (list(pair) for pair in leaves)
+    state0 = [begin[0], jnp.zeros(2, jnp.int32)]
+    state = [end[0], jnp.asarray(ints, jnp.int32)]
+    args = (begin, before, end, grads, state0, state, np.bool_(first))
+    for host, device in zip(_steps._host_audit(*args), _steps._audit_call(*args)):
+        np.testing.assert_allclose(host, np.asarray(device), rtol=1e-6, equal_nan=True)
 
 
 class Scalar(eqx.Module):
@@ -544,8 +607,6 @@ def test_optimizer_state_estimate_is_headless_and_matches_the_runner():
 
 # -- the masked program equals the structural versions -----------------------------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 EQ_MODEL = eqx.nn.MLP(2, 2, 3, 2, key=jax.random.key(3))  # six float leaves
 EQ_BATCH = (jax.random.normal(jax.random.key(4), (5, 2)), jnp.ones((5, 2)))
