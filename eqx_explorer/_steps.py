@@ -31,8 +31,10 @@ What is compiled, and when (the `layout`):
   and every array is an output of each step. So the runner also uses the same program with
   a spec's masks baked in (XLA drops the frozen leaves' gradients; unchanged leaves are no
   outputs), which builds as fast as a hand-written step (`specialise=True`): the first
-  answer compiles it for the spec at hand, and the masked program then builds in the
-  background (`wait_ready()`; a click before then waits for it, with progress); a spec that
+  answer compiles it for the spec at hand. The masked program builds in the background
+  once the spec or method changes (`set_spec`), or at once after `warm()` (which the widget
+  calls after its first answer, as a click is likely); a step before it is built waits for
+  it, with progress. A script that never changes the spec never builds it. A spec that
   runs `SPECIALISE_AFTER` steps gets its own, built in the background and swapped in
   between chunks. `report.notes` says when a specialised program ran.
 - `"structural"`: the spec is the structure of the program's arguments, as in a
@@ -1021,10 +1023,9 @@ class StepRunner:
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Wait until the programs being built in the background are ready.
 
-        After a runner's first answer (on a program specialised to its spec) the masked
-        program, which serves every spec and method, builds in the background; a `step` on
-        another spec before then waits for it, with progress. A spec used for long runs gets its
-        own programs in the background too.
+        The masked program, which serves every spec and method, builds in the background
+        after `warm()` or a `set_spec`; a `step` on another spec before then waits for it,
+        with progress. A spec used for long runs gets its own programs in the background too.
 
         **Arguments:**
 
@@ -1065,6 +1066,40 @@ class StepRunner:
         """
         if self.busy:
             self._stop.set()
+
+    def warm(self) -> None:
+        """Start building, in the background, the program that serves every spec and method.
+
+        A runner answers its first `step` with a program compiled for its spec alone (as fast
+        to build as a hand-written step). Another spec or method needs the masked program,
+        which `set_spec` starts building; call `warm()` after a first answer to build it
+        while nobody waits, so the first step after a `set_spec` answers at the speed of a
+        warm step (the widget does, as a click is likely). Without effect once started, for
+        `layout="structural"` and for `specialise=False` (nothing to build apart). Raises
+        `ExplorerError` while a `step` call runs.
+
+        >>> model = eqx.nn.MLP(2, 1, 4, 1, key=jax.random.key(0))
+        >>> loss_fn = lambda m, batch: jnp.mean((jax.vmap(m)(batch[0]) - batch[1]) ** 2)
+        >>> batch = (jnp.ones((8, 2)), jnp.zeros((8, 1)))
+        >>> runner = ex.StepRunner(model, ex.FilterSpec(model), loss_fn, batch)
+        >>> _ = runner.step(1)  # on a program compiled for this spec
+        >>> runner.warm()
+        >>> runner.wait_ready(timeout=60)
+        True
+        >>> runner.set_spec(runner.spec.freeze("layers[0]"))
+        >>> _ = runner.step(1)  # at the speed of a warm step: nothing compiles
+        >>> runner.compile_count, runner.background_compile_count
+        (1, 1)
+        """
+        with self._exclusive("warm"):
+            self._start_masked()
+
+    def _start_masked(self) -> None:
+        # Called between steps, never beside one: tracing holds the GIL and XLA uses every
+        # core, so a parallel build would slow the step down.
+        if not self._masked_started:
+            self._masked_started = True
+            self._background(self._warm_masked, "masked")
 
     # -- layouts and optimizer state -----------------------------------------------------
     def _layout_for(self, spec: FilterSpec, method: Method) -> _Layout:
@@ -1287,9 +1322,12 @@ class StepRunner:
             if not np.array_equal(new.masks, self._layout.masks):
                 self._steps_on_layout = 0
                 self._spare = None  # shaped for the old masks
+            changed = new.key != self._layout.key or method != self._layout.method
             self._set_inference(spec)
             self._layout = new
             self._mine.clear()  # the carry may have replaced arrays: start the count again
+            if changed and self._answered:  # before an answer, the first one compiles its own
+                self._start_masked()
 
     def reset(self) -> None:
         """Back to the initial model and state, with a fresh optimizer state (compilations kept).
@@ -1468,11 +1506,6 @@ class StepRunner:
         )
         report.notes.extend(self._state_notes(layout, report))
         self._notes, self._fresh = [], set()
-        if self._answered and not self._masked_started:
-            # After the first answer, not beside it: tracing holds the GIL and XLA uses
-            # every core, so a parallel build would slow the first answer down.
-            self._masked_started = True
-            self._background(self._warm_masked, "masked")
         return report
 
     def _chunk_size(self, remaining: int, baked: bool, watched: bool) -> int:
@@ -1665,7 +1698,7 @@ class StepRunner:
         Structural layout: always baked. Masked layout: a program specialised to this spec
         once one is built; else the masked program. The first answer of a runner compiles
         this spec's specialised program (as fast to build as a hand-written step); the
-        masked one then builds in the background for the clicks that follow, and a spec
+        masked one builds in the background after `warm()` or a `set_spec`, and a spec
         without its own program waits for it (`waiting` reports that).
         """
         baked = layout.baked

@@ -616,6 +616,8 @@ class Explorer(anywidget.AnyWidget):
         started = time.monotonic()
         try:
             report = runner.step(n, progress=self._on_progress)
+            if report.steps:  # a click is likely next: its program builds while nobody waits
+                runner.warm()
             with self._lock, self.hold_sync():
                 self._before_last_step = before
                 self._run_info = {

@@ -828,6 +828,22 @@ def test_a_toggle_before_the_masked_program_is_built_waits_for_it_and_says_so(mo
 RECYCLED_SPEC = [1.0, 1.0, 0.0, 0.0, 0.5, 1.0]  # learning-rate factors; 0 = frozen
 
 
+def test_the_masked_program_builds_once_the_spec_changes_or_when_asked():
+    # A script that never changes the spec never builds the program for other specs.
+    runner = StepRunner(EQ_MODEL, eq_spec([1.0] * 6), eq_loss, EQ_BATCH)
+    runner.step(1), runner.step(3)
+    assert runner.wait_ready(timeout=60) and runner.background_compile_count == 0
+    runner.set_spec(eq_spec(RECYCLED_SPEC))
+    assert runner.wait_ready(timeout=120) and runner.background_compile_count == 1
+    assert runner.step(1).compiles == 0 and runner.program == "masked"
+    asked = StepRunner(EQ_MODEL, eq_spec([1.0] * 6), eq_loss, EQ_BATCH)
+    asked.step(1)
+    asked.warm()
+    assert asked.wait_ready(timeout=120) and asked.background_compile_count == 1
+    asked.warm()  # once started, nothing more
+    assert asked.wait_ready(timeout=120) and asked.background_compile_count == 1
+
+
 def long_run(optimizer: str) -> tuple[FilterSpec, StepRunner]:
     """A runner whose spec has run `SPECIALISE_AFTER` steps, its recycling program built."""
     spec = eq_spec(RECYCLED_SPEC)

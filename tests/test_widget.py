@@ -765,9 +765,13 @@ class GatedRunner:
         self.specs = [spec]
         self.gate = threading.Semaphore(0)
         self.stopped = threading.Event()
+        self.warmed = 0  # calls of warm(): when the widget asks for the program of any spec
 
     def set_spec(self, spec, method=None):
         self.specs.append(spec)
+
+    def warm(self):
+        self.warmed += 1
 
     def stop(self):
         self.stopped.set()
@@ -837,9 +841,11 @@ def test_page_step_runs_in_a_worker_and_the_kernel_keeps_answering(gated, small)
     w._handle_message({"type": "toggle", "path": "head", "frozen": True, "id": 6})
     assert w.spec == FilterSpec(small).freeze("head") and w.error == ""
     assert sent.of_type("ack")[-1][0]["ok"] and len(runner.specs) == 1
+    assert runner.warmed == 0  # not beside the steps: it would slow them down
     runner.gate.release(2)
     w._worker.join(timeout=10)
     assert w.progress == {} and w.report.steps == 3 and not w.report.stopped
+    assert runner.warmed == 1  # after the answer, for the click that may come next
     assert w.losses == [1.0, 0.5, pytest.approx(1 / 3)]
     assert [p.get("phase") for p in phases] == [
         "starting",
