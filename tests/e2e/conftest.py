@@ -21,7 +21,9 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import nbformat
@@ -196,27 +198,45 @@ def browser():
             browser.close()
 
 
+@pytest.fixture(scope="session")
+def _shared_page() -> Iterator[dict]:
+    """The page the tests on the server share (`page`), while no test fails on it."""
+    shared: dict = {}
+    yield shared
+    if shared:
+        shared["context"].close()
+
+
 @pytest.fixture
-def page(browser, jupyter_server, request):
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=jupyter_server.url)
-    page = context.new_page()
-    console: list[str] = []
-    page.on("console", lambda m: console.append(f"[{m.type}] {m.text}"))
-    page.on("pageerror", lambda e: console.append(f"[pageerror] {e}"))
-    page.eqxe_console = console
+def page(browser, jupyter_server, _shared_page, request):
+    """A page on the server, shared by the tests that pass: once it runs JupyterLab,
+    `open_notebook` opens the next test's notebook in it (loading JupyterLab costs Chromium
+    about 5 s of a core, opening a notebook in it about 1 s). A failed test's page is closed:
+    the next test starts on a new one."""
+    if not _shared_page:
+        context = browser.new_context(viewport={"width": 1400, "height": 1000})
+        context.grant_permissions(["clipboard-read", "clipboard-write"], origin=jupyter_server.url)
+        page = context.new_page()
+        console: list[str] = []
+        page.on("console", lambda m: console.append(f"[{m.type}] {m.text}"))
+        page.on("pageerror", lambda e: console.append(f"[pageerror] {e}"))
+        page.eqxe_console = console
+        _shared_page.update(context=context, page=page)
+    page = _shared_page["page"]
+    page.eqxe_console.clear()  # this test's messages only
     try:
         yield page
     finally:
-        ARTIFACTS.mkdir(exist_ok=True)
-        name = request.node.name.replace("/", "_")
         if getattr(request.node, "eqxe_failed", False):
+            ARTIFACTS.mkdir(exist_ok=True)
+            name = request.node.name.replace("/", "_")
             try:
                 page.screenshot(path=str(ARTIFACTS / f"{name}-failure.png"), full_page=True)
             except Exception:  # the page may be gone; the log still helps
                 pass
-            (ARTIFACTS / f"{name}-console.log").write_text("\n".join(console))
-        context.close()
+            (ARTIFACTS / f"{name}-console.log").write_text("\n".join(page.eqxe_console))
+            _shared_page.pop("context").close()
+            _shared_page.clear()
 
 
 # -- helpers for the browser tests ----------------------------------------------------------
@@ -269,9 +289,38 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=False)
 
 
-def open_and_run_all(page, url: str) -> None:
-    page.goto(url)
+# Closes the notebooks open in JupyterLab, unsaved (no "save your work?" dialog), and opens
+# the one at `path`.
+OPEN_IN_PLACE = """async (path) => {
+  const app = window.jupyterapp;
+  for (const w of Array.from(app.shell.widgets('main'))) {
+    if (w.context) w.context.model.dirty = false;
+    w.dispose();
+  }
+  await app.commands.execute('docmanager:open', {path});
+}"""
+SHOWS = f"""(path) => {{
+  const w = ({PANEL})();
+  return !!w && w.context.path === path;
+}}"""
+
+
+def open_notebook(page, url: str) -> None:
+    """Go to `url` and wait for its notebook's kernel. A JupyterLab URL (`Server.lab_url`) on
+    a page that already runs this server's JupyterLab opens the notebook in place."""
+    base, _, query = url.partition("?")
+    lab, _, path = base.partition("/lab/workspaces/")
+    path = urllib.parse.unquote(path.partition("/tree/")[2])
+    if path and page.url.startswith(f"{lab}/lab") and page.evaluate("!!window.jupyterapp"):
+        page.evaluate(OPEN_IN_PLACE, path)
+        page.wait_for_function(SHOWS, arg=path, timeout=WIDGET_MS, polling=100)
+    else:
+        page.goto(url)
     page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=100)
+
+
+def open_and_run_all(page, url: str) -> None:
+    open_notebook(page, url)
     page.evaluate("window.jupyterapp.commands.execute('notebook:run-all-cells')")
     page.wait_for_function(ALL_RAN, timeout=RUN_ALL_MS, polling=100)
     errors = page.evaluate(CELL_ERRORS)

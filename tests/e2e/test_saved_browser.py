@@ -35,7 +35,7 @@ from nbformat.sign import NotebookNotary
 
 from eqx_explorer._widget import STATES, STATUSES, table_columns
 
-from .conftest import KERNEL_IDLE, KERNEL_IDLE_MS, PANEL, ROOT, WIDGET_MS, shot
+from .conftest import PANEL, ROOT, WIDGET_MS, open_notebook, shot
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -224,10 +224,9 @@ def test_reopened_saved_notebook_shows_saved_state_before_any_cell_runs(
     # Outputs a user ran and saved are trusted (the server shares this user's notary);
     # JupyterLab shows only the text fallback of an untrusted widget output.
     NotebookNotary().sign(nbformat.read(target, as_version=4))
-    page.goto(jupyter_server.lab_url("saved/00_tour.ipynb"))
     # JupyterLab's widget manager reads a notebook's saved widgets once a (fresh) kernel is
     # connected; no cell runs here, so the rows can only come from the notebook's metadata.
-    page.wait_for_function(KERNEL_IDLE, timeout=KERNEL_IDLE_MS, polling=100)
+    open_notebook(page, jupyter_server.lab_url("saved/00_tour.ipynb"))
     page.wait_for_selector(".eqxe-root .eqxe-row[data-path]", timeout=WIDGET_MS)
     page.locator(".eqxe-root").first.scroll_into_view_if_needed()
     shot(page, "saved-notebook-reopened")
