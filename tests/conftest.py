@@ -71,9 +71,13 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | 
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # The browser tests first, then the files with the most tests (xdist's own order).
+    # Longest units first, so that none starts near the end: the browser tests, then the
+    # files with the most tests marked slow (the notebooks), then those with the most tests.
     counts = collections.Counter(item.path for item in items)
-    items.sort(key=lambda item: ("e2e" not in item.path.parts, -counts[item.path]))
+    slow = collections.Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(
+        key=lambda item: ("e2e" not in item.path.parts, -slow[item.path], -counts[item.path])
+    )
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
