@@ -14,8 +14,9 @@ with ~4.2M parameters, half frozen, Adam, on the default masked layout:
    step, built in the background), vs the loop (<= 1.05).
 6. 30 x `step(1)` vs the loop (<= 1.15), on the specialised program (each call writes into
    the previous call's buffers and audits in the same program).
-7. Seconds until the masked program (built in the background after the first answer) is
-   ready, vs the first answer: until then a click waits for it instead of recompiling.
+7. Seconds until the masked program (built in the background after the first answer, on
+   `warm()`, as the widget does) is ready, vs the first answer: until then a click waits for
+   it instead of recompiling.
 8. Optimizer-state bytes of the masked layout vs 2x all float bytes (Adam's mu and nu over
    every float leaf; the structural layout holds 2x the trainable bytes only).
 """
