@@ -308,8 +308,7 @@ SHOWS = f"""(path) => {{
 def open_notebook(page, url: str) -> None:
     """Go to `url` and wait for its notebook's kernel. A JupyterLab URL (`Server.lab_url`) on
     a page that already runs this server's JupyterLab opens the notebook in place."""
-    base, _, query = url.partition("?")
-    lab, _, path = base.partition("/lab/workspaces/")
+    lab, _, path = url.partition("?")[0].partition("/lab/workspaces/")
     path = urllib.parse.unquote(path.partition("/tree/")[2])
     if path and page.url.startswith(f"{lab}/lab") and page.evaluate("!!window.jupyterapp"):
         page.evaluate(OPEN_IN_PLACE, path)
