@@ -15,11 +15,14 @@ ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
 .PHONY: demo test lint format bench chromium clean
 
-# The virtual env is rebuilt only when pyproject.toml changes.
-$(STAMP): pyproject.toml
+# The virtual env is rebuilt only when pyproject.toml or Binder's pins change. It installs the
+# versions Binder pins (binder/requirements.txt less its `.` line, as pip constraints), so the
+# suite tests what Binder installs, not whatever PyPI released since the pins were written.
+$(STAMP): pyproject.toml binder/requirements.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	grep -v '^\.$$' binder/requirements.txt > $(VENV)/constraints.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/constraints.txt -e '.[test]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (eqx_explorer)" >/dev/null
 	@touch $(STAMP)
 
