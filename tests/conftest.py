@@ -10,9 +10,12 @@ in processes of its own. Kernels and servers the tests start keep their own cach
 In the test processes XLA compiles with LLVM's optimizations off
 (`--xla_backend_optimization_level=0`): these tests check what small programs compute, and
 compiling them is most of their time (a sixth less with the flag). XLA's graph passes, which
-decide what a program computes, still run. Kernels, notebooks and scripts the tests start run
-long loops, which the flag slows more than it speeds their compiles (notebook 06 took three
-times as long), so they, like `make bench`, compile at XLA's default level.
+decide what a program computes, still run. The browser tests' JupyterLab kernels compile with
+the flag too: they compile large programs and run short loops (in five runs with the flag and
+four without, those kernels spent 46-66 s of CPU against 68-78 s). The notebooks and scripts
+the tests run in the Binder venv run long loops, which the flag slows more than it speeds
+their compiles (notebook 06 took three times as long), so they, like `make bench`,
+compile at XLA's default level.
 
 Workers (`--dist loadfile`) take the browser tests as one unit, and first (a custom
 scheduler): one JupyterLab server and one Chromium then serve them all, where each worker
@@ -29,7 +32,7 @@ import tempfile
 import pytest
 
 _CACHE_VAR = "EQXE_TESTS_JAX_CACHE"  # set by the controller, inherited by its workers
-_FAST_COMPILE = "--xla_backend_optimization_level=0"
+FAST_COMPILE = "--xla_backend_optimization_level=0"  # also the browser tests' kernels
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -40,7 +43,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # XLA reads its flags once, when the backend starts: start it with the flag, then give
     # the environment back, so that processes started by the tests do not inherit it.
     flags = os.environ.get("XLA_FLAGS")
-    os.environ["XLA_FLAGS"] = f"{flags or ''} {_FAST_COMPILE}".strip()
+    os.environ["XLA_FLAGS"] = f"{flags or ''} {FAST_COMPILE}".strip()
     try:
         jax.devices()
     finally:

@@ -29,6 +29,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tests.conftest import FAST_COMPILE
+
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
@@ -96,8 +98,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def lab_server(base: Path, copy_tour: bool = True):
-    """A JupyterLab server rooted at `base / "root"` (used by the tests and bench_browser)."""
+def lab_server(base: Path, copy_tour: bool = True, kernel_env: dict[str, str] | None = None):
+    """A JupyterLab server rooted at `base / "root"` (used by the tests and bench_browser),
+    whose kernels get `kernel_env` on top of the server's environment."""
     root = base / "root"
     root.mkdir()
     if copy_tour:  # one copy per front end, so that each test gets its own kernel session
@@ -114,7 +117,12 @@ def lab_server(base: Path, copy_tour: bool = True):
     kernel_dir = base / "data" / "kernels" / "python3"
     kernel_dir.mkdir(parents=True)
     argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    kernel = {"argv": argv, "display_name": "Python 3", "language": "python"}
+    kernel = {
+        "argv": argv,
+        "display_name": "Python 3",
+        "language": "python",
+        "env": kernel_env or {},
+    }
     (kernel_dir / "kernel.json").write_text(json.dumps(kernel))
 
     env = dict(os.environ)
@@ -171,7 +179,10 @@ def lab_server(base: Path, copy_tour: bool = True):
 def jupyter_server(tmp_path_factory):
     base = tmp_path_factory.mktemp("lab")
     try:
-        with lab_server(base) as server:
+        with lab_server(
+            base,
+            kernel_env={"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()},
+        ) as server:
             yield server
     except RuntimeError as e:
         pytest.fail(str(e))
