@@ -25,10 +25,11 @@ from .conftest import (
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
-# A model whose first step compiles for a few seconds on 2 cores.
+# A model whose first step compiles for about a second on 2 cores: long enough to see
+# "compiling…", short enough that its background builds after the toggle cost little.
 SLOW = """\
 slow = ex.Explorer(
-    TinyTransformer(jax.random.key(0), dim=32, depth=3),
+    TinyTransformer(jax.random.key(0), dim=32, depth=1),
     loss_fn=mse_loss,
     batch=example_batch(n=8),
     optimizer=optax.adam(1e-3),
