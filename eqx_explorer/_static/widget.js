@@ -775,6 +775,10 @@ class ExplorerView {
     for (let k = 0; k < visible.length; k++) this.indexOf[visible[k]] = k;
     this.visible = visible;
     this.rowsEl.style.height = `${visible.length * ROW_H}px`;
+    // A shorter list (a collapse, a cleared search) can leave the scroll past its end until
+    // the browser clamps it after layout: painted at that scroll, the frame has no rows.
+    const end = Math.max(0, visible.length * ROW_H - (this.treeEl.clientHeight || TREE_H));
+    if (this.treeEl.scrollTop > end) this.treeEl.scrollTop = end;
     this.paintWindow(true);
   }
 
