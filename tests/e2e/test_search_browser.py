@@ -11,6 +11,7 @@ model, fully expanded, keeps fewer than 500 rows in the DOM.
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import pytest
 
@@ -45,7 +46,10 @@ def row(path: str) -> str:
 
 
 def deep_tree() -> ModelTree:
-    return ModelTree(TinyTransformer(jax.random.key(0), dim=8, depth=12))
+    # The kernel's model, traced for its structure (paths are all a search reads): building
+    # its arrays would compile the random initialisers here too (about 2 s).
+    model = eqx.filter_eval_shape(TinyTransformer, jax.random.key(0), dim=8, depth=12)
+    return ModelTree(model)
 
 
 def expected_paths(pattern: str) -> list[str]:
