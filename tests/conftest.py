@@ -27,9 +27,16 @@ from __future__ import annotations
 import collections
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
+
+# jsonschema (under nbformat) imports rfc3987_syntax when it is installed (jupyter-events asks
+# for it), and that module builds a lark grammar at import: 2.6 s of every test process that
+# reads a notebook. It serves only the "iri" formats, which no schema here uses; marked absent,
+# jsonschema skips those two format checkers. Servers and kernels the tests start keep it.
+sys.modules.setdefault("rfc3987_syntax", None)
 
 _CACHE_VAR = "EQXE_TESTS_JAX_CACHE"  # set by the controller, inherited by its workers
 FAST_COMPILE = "--xla_backend_optimization_level=0"  # also the browser tests' kernels
